@@ -1,0 +1,3 @@
+"""Bringing inspectray up: the ``inspectray`` command line, the local Redis server,
+the local Ray cluster and multi-node clusters on one host.
+"""

@@ -1,0 +1,3 @@
+"""Serving on Ray Serve: one deployment per model stage, the DAG that composes them,
+the request/response schemas and the clients other services use. Builds on ``models``.
+"""

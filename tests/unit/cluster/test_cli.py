@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.cli import main
+from models.artifacts import ArtifactRegistry
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict | None, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+def test_console_script_weights_check_end_to_end() -> None:
+    exe = shutil.which("inspectray") or str(Path(sys.executable).parent / "inspectray")
+    result = subprocess.run([exe, "weights", "check"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    top1 = json.loads(result.stdout)
+    assert top1["chelsea"] == 285 and top1["coffee"] == 967
+    assert set(top1) == {"astronaut", "chelsea", "coffee", "rocket"}
+
+
+def test_weights_check_fails_loudly_when_a_class_is_wrong(capsys, monkeypatch) -> None:
+    import cluster.cli as cli
+
+    monkeypatch.setattr(cli, "REQUIRED_CLASSES", {"chelsea": 281})  # tabby cat: wrong
+    code, top1, err = run_cli(capsys, "weights", "check")
+    assert code == 1 and top1["chelsea"] == 285
+    assert "chelsea: got class 285, expected 281" in err
+
+
+def test_config_show_applies_environment(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("INSPECTRAY_REGISTRY", str(tmp_path / "reg"))
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:7000/2")
+    code, config, _ = run_cli(capsys, "config", "show")
+    assert code == 0
+    assert config["registry"]["uri"] == str(tmp_path / "reg")
+    assert config["redis"]["url"] == "redis://127.0.0.1:7000/2"
+
+
+def test_bad_config_exits_2_naming_the_key(capsys, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("synth:\n  size: 5\n")
+    code, out, err = run_cli(capsys, "--config", str(path), "config", "show")
+    assert code == 2 and out is None
+    assert "synth.size" in err and "Traceback" not in err
+
+
+def test_registry_commands(capsys, tmp_path: Path) -> None:
+    registry = ArtifactRegistry(str(tmp_path))
+    for _ in range(2):
+        registry.save(
+            "painted_panel", "verifier", {"w": torch.ones(2)},
+            config={"family": "verifier"}, preprocessing={}, data={"n_samples": 3},
+        )  # fmt: skip
+    code, listing, _ = run_cli(capsys, "registry", "list", "--registry", str(tmp_path))
+    assert code == 0
+    assert listing["artifacts"] == {
+        "painted_panel": {"verifier": {"versions": ["v1", "v2"], "aliases": {}}}
+    }
+    code, promoted, _ = run_cli(
+        capsys, "registry", "promote", "painted_panel", "verifier", "v2", "--registry", str(tmp_path)
+    )
+    assert code == 0 and promoted["production"] == "v2"
+    code, manifest, _ = run_cli(
+        capsys, "registry", "show", "painted_panel", "verifier", "--registry", str(tmp_path)
+    )
+    assert code == 0 and manifest["version"] == "v2" and manifest["data"] == {"n_samples": 3}
+    code, _, err = run_cli(
+        capsys, "registry", "show", "painted_panel", "detector", "--registry", str(tmp_path)
+    )
+    assert code == 2 and "no artifacts for painted_panel/detector" in err
+
+
+def test_data_show_elpv(capsys) -> None:
+    code, summary, _ = run_cli(capsys, "data", "show", "--dataset", "elpv")
+    assert code == 0 and summary["dataset"] == "elpv"
+    cats = summary["categories"]
+    assert set(cats) == {"solar_cell_mono", "solar_cell_poly"}
+    total = sum(n for c in cats.values() for s in c.values() for n in s.values())
+    assert total == 2624
+    assert set(cats["solar_cell_mono"]) == {"train", "val", "test"}
+    assert set(cats["solar_cell_mono"]["test"]) == {"good", "defect_p33", "defect_p67", "defect_p100"}
+
+
+def test_data_show_missing_folder_is_a_user_error(capsys, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    code, out, err = run_cli(capsys, "data", "show", "--dataset", "mvtec-ad", "--root", str(missing))
+    assert code == 2 and out is None and str(missing) in err

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as photos
+
+from models.backbone import (
+    PRETRAINED,
+    Preprocessing,
+    WeightsError,
+    create_backbone,
+    imagenet_top1,
+    remap_state_dict,
+)
+
+
+@pytest.fixture(scope="module")
+def imagenet_model() -> tuple[torch.nn.Module, Preprocessing]:
+    return create_backbone("efficientnet_lite0", pretrained=True)
+
+
+def test_packaged_weights_classify_photos(imagenet_model) -> None:
+    model, preprocessing = imagenet_model
+    images = {n: Image.fromarray(getattr(photos, n)()) for n in ("chelsea", "coffee")}
+    assert imagenet_top1(model, preprocessing, images) == {"chelsea": 285, "coffee": 967}
+
+
+def test_pretrained_differs_from_random_init(imagenet_model) -> None:
+    model, _ = imagenet_model
+    random_model, _ = create_backbone(pretrained=False)
+    w = model.state_dict()["conv_stem.weight"]
+    assert not torch.equal(w, random_model.state_dict()["conv_stem.weight"])
+    source = PRETRAINED["efficientnet_lite0"].load()
+    assert torch.equal(w, source["_conv_stem.weight"])  # first tensor, same values
+    assert torch.equal(model.state_dict()["classifier.bias"], source["_fc.bias"])  # last
+
+
+def test_new_head_keeps_features_and_trains_every_parameter() -> None:
+    model, preprocessing = create_backbone(num_classes=2)
+    x = torch.randn(2, 3, preprocessing.input_size, preprocessing.input_size)
+    out = model(x)
+    assert out.shape == (2, 2) and torch.isfinite(out).all()
+    out.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert missing == []
+
+
+def test_remap_refuses_count_mismatch() -> None:
+    target = OrderedDict(a=torch.zeros(2), b=torch.zeros(3))
+    with pytest.raises(WeightsError, match="1 tensors, the architecture 2"):
+        remap_state_dict(OrderedDict(x=torch.zeros(2)), target)
+
+
+def test_remap_refuses_shape_mismatch_and_names_it() -> None:
+    target = OrderedDict([("conv.weight", torch.zeros(4, 3)), ("conv.bias", torch.zeros(4))])
+    source = OrderedDict([("_c.weight", torch.zeros(4, 3)), ("_c.bias", torch.zeros(5))])
+    with pytest.raises(WeightsError, match=r"_c.bias \(5,\) -> conv.bias \(4,\)"):
+        remap_state_dict(source, target)
+
+
+def test_remap_refuses_kind_mismatch_even_with_equal_shapes() -> None:
+    # A BN running_mean landing on a bias of the same shape would load silently.
+    target = OrderedDict([("bn.bias", torch.zeros(4)), ("bn.running_mean", torch.zeros(4))])
+    source = OrderedDict([("_bn.running_mean", torch.zeros(4)), ("_bn.bias", torch.zeros(4))])
+    with pytest.raises(WeightsError, match="2 tensor"):
+        remap_state_dict(source, target)
+
+
+def test_unknown_backbone_is_refused() -> None:
+    with pytest.raises(WeightsError, match="unknown backbone"):
+        create_backbone("resnet9000")
+
+
+def test_preprocessing_round_trip_and_output() -> None:
+    p = PRETRAINED["efficientnet_lite0"].preprocessing
+    assert Preprocessing.from_dict(p.to_dict()) == p
+    gray = Image.fromarray((np.arange(300 * 400) % 256).astype(np.uint8).reshape(300, 400))
+    x = p.transform()(gray)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    # Normalized: a mid-grey pixel maps near (0.5 - mean) / std.
+    mid = p.transform()(Image.new("RGB", (224, 224), (128, 128, 128)))
+    expected = (128 / 255 - torch.tensor(p.mean)) / torch.tensor(p.std)
+    assert torch.allclose(mid[:, 0, 0], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [{"interpolation": "nearest-ish"}, {"input_size": 300}])
+def test_preprocessing_validation(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        Preprocessing(**bad)

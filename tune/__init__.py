@@ -1,0 +1,3 @@
+"""Training and sweeps on Ray: one Ray Train ``TorchTrainer`` per model family and
+the Ray Tune sweeps over them. Builds on ``models``; writes artifacts to the registry.
+"""
