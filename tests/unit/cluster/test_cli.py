@@ -67,7 +67,14 @@ def test_registry_commands(capsys, tmp_path: Path) -> None:
         "painted_panel": {"verifier": {"versions": ["v1", "v2"], "aliases": {}}}
     }
     code, promoted, _ = run_cli(
-        capsys, "registry", "promote", "painted_panel", "verifier", "v2", "--registry", str(tmp_path)
+        capsys,
+        "registry",
+        "promote",
+        "painted_panel",
+        "verifier",
+        "v2",
+        "--registry",
+        str(tmp_path),
     )
     assert code == 0 and promoted["production"] == "v2"
     code, manifest, _ = run_cli(
@@ -88,10 +95,17 @@ def test_data_show_elpv(capsys) -> None:
     total = sum(n for c in cats.values() for s in c.values() for n in s.values())
     assert total == 2624
     assert set(cats["solar_cell_mono"]) == {"train", "val", "test"}
-    assert set(cats["solar_cell_mono"]["test"]) == {"good", "defect_p33", "defect_p67", "defect_p100"}
+    assert set(cats["solar_cell_mono"]["test"]) == {
+        "good",
+        "defect_p33",
+        "defect_p67",
+        "defect_p100",
+    }
 
 
 def test_data_show_missing_folder_is_a_user_error(capsys, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    code, out, err = run_cli(capsys, "data", "show", "--dataset", "mvtec-ad", "--root", str(missing))
+    code, out, err = run_cli(
+        capsys, "data", "show", "--dataset", "mvtec-ad", "--root", str(missing)
+    )
     assert code == 2 and out is None and str(missing) in err

@@ -45,9 +45,8 @@ def test_password_is_enforced() -> None:
 
 
 def test_occupied_port_is_a_clear_error() -> None:
-    with RedisServer() as first:
-        with pytest.raises(RedisServerError, match=str(first.port)):
-            RedisServer(port=first.port).start(timeout=5)
+    with RedisServer() as first, pytest.raises(RedisServerError, match=str(first.port)):
+        RedisServer(port=first.port).start(timeout=5)
 
 
 def test_missing_binary_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
