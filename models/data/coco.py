@@ -151,15 +151,21 @@ def _sample_id(root: Path, image_path: Path) -> str:
         return image_path.as_posix()
 
 
-def _read_split(root: Path, path: Path, split: str, default_category: str) -> list[Sample]:
-    """Samples of one COCO annotation file."""
-    payload = read_json(path)
+def read_categories(payload: dict[str, Any], path: Path) -> dict[int, str]:
+    """Category id → name from a COCO payload's ``categories`` (errors name ``path``)."""
     categories: dict[int, str] = {}
     for i, entry in enumerate(json_field(payload, "categories", "list", path)):
         where = f"categories[{i}]"
         categories[json_field(entry, "id", "int", path, where)] = json_field(
             entry, "name", "str", path, where
         )
+    return categories
+
+
+def _read_split(root: Path, path: Path, split: str, default_category: str) -> list[Sample]:
+    """Samples of one COCO annotation file."""
+    payload = read_json(path)
+    categories = read_categories(payload, path)
 
     images: dict[int, dict[str, Any]] = {}
     for i, entry in enumerate(json_field(payload, "images", "list", path)):

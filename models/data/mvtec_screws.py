@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data.coco import json_field, json_numbers, read_json
+from models.data.coco import json_field, json_numbers, read_categories, read_json
 from models.data.dataset import Dataset
 from models.data.sample import SPLITS, Box, DataError, Sample
 from models.data.splits import split_off_val
@@ -75,12 +75,7 @@ def crop_of(
 def _read_split(root: Path, path: Path, split: str) -> list[tuple[tuple[int, int, int], Sample]]:
     """``(sort key, sample)`` for every annotation of one split file."""
     payload = read_json(path)
-    categories: dict[int, str] = {}
-    for i, entry in enumerate(json_field(payload, "categories", "list", path)):
-        where = f"categories[{i}]"
-        categories[json_field(entry, "id", "int", path, where)] = json_field(
-            entry, "name", "str", path, where
-        )
+    categories = read_categories(payload, path)
     images: dict[int, tuple[Path, int, int]] = {}
     for i, entry in enumerate(json_field(payload, "images", "list", path)):
         where = f"images[{i}]"

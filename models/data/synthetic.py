@@ -164,6 +164,20 @@ def _local_grid(win: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
     return yy, xx
 
 
+def _ellipse_grid(
+    win: tuple[slice, slice], centre: np.ndarray, angle: float, radius: float, aspect: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Window pixel grid, offsets from ``centre`` and elliptic radius (1 on the rim).
+
+    The ellipse has semi-axes ``radius`` and ``radius * aspect``, rotated by ``angle``.
+    """
+    yy, xx = _local_grid(win)
+    dx, dy = xx - centre[0], yy - centre[1]
+    u = dx * math.cos(angle) + dy * math.sin(angle)
+    v = -dx * math.sin(angle) + dy * math.cos(angle)
+    return yy, xx, dx, dy, np.hypot(u / radius, v / (radius * aspect))
+
+
 def _resample_polyline(vertices: np.ndarray, spacing: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Points along a polyline every ``spacing`` px, and their arc-length parameter in [0, 1]."""
     seg = np.hypot(*np.diff(vertices, axis=0).T)
@@ -549,11 +563,7 @@ def _paint_perforation(
     win = _window(centre[0], centre[1], radius + rim + 5, radius + rim + 5, size)
     if win is None:
         return None
-    yy, xx = _local_grid(win)
-    dx, dy = xx - centre[0], yy - centre[1]
-    u = dx * math.cos(angle) + dy * math.sin(angle)
-    v = -dx * math.sin(angle) + dy * math.cos(angle)
-    rho = np.hypot(u / radius, v / (radius * aspect))
+    _, _, dx, dy, rho = _ellipse_grid(win, centre, angle, radius, aspect)
     phi = np.arctan2(dy, dx)
     wobble = np.ones_like(phi)
     for k in range(2, 6):  # an irregular punched or drilled outline
@@ -595,11 +605,7 @@ def _paint_contamination(
     win = _window(centre[0], centre[1], 1.4 * radius, 1.4 * radius, size)
     if win is None:
         return None
-    yy, xx = _local_grid(win)
-    dx, dy = xx - centre[0], yy - centre[1]
-    u = dx * math.cos(angle) + dy * math.sin(angle)
-    v = -dx * math.sin(angle) + dy * math.cos(angle)
-    rho = np.hypot(u / radius, v / (radius * aspect))
+    yy, xx, _, _, rho = _ellipse_grid(win, centre, angle, radius, aspect)
     shape = yy.shape
     lumpy = _zscore(ndimage.gaussian_filter(rng.standard_normal(shape, dtype=Float), radius / 5))
     mottle = _zscore(ndimage.gaussian_filter(rng.standard_normal(shape, dtype=Float), 1.5 * scale))
