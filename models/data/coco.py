@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from models.data.dataset import Dataset
+from models.data.dataset import Dataset, dataset_folder
 from models.data.sample import GOOD, SPLITS, Box, DataError, Sample
 from models.data.splits import split_off_val
 
@@ -244,11 +244,7 @@ def load_coco(root: Path | None, name: str = "coco") -> Dataset:
         DataError: no root, a missing folder, file or key, a bad annotation, or an
             image listed in two annotation files; the message names the file.
     """
-    if root is None:
-        raise DataError(f"the {name} dataset has no default location: pass --root FOLDER")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+    root = dataset_folder(name, root)
     annotations = root / "annotations"
     files = sorted(annotations.glob("*.json")) if annotations.is_dir() else []
     if not files:
@@ -281,11 +277,7 @@ def load_synthetic(root: Path | None) -> Dataset:
             with no images; plus everything :func:`load_coco` raises.
     """
     hint = "generate it with `inspectray data synth --out OUT`"
-    if root is None:
-        raise DataError(f"the synthetic dataset needs its folder: pass --root OUT ({hint})")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root} ({hint})")
+    root = dataset_folder("synthetic", root, hint)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         raise DataError(f"{root} is not a synthetic dataset: no {manifest_path}; {hint}")

@@ -5,8 +5,29 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from models.data.sample import SPLITS, DataError, Sample
+
+
+def dataset_folder(name: str, root: Path | str | None, hint: str = "") -> Path:
+    """The folder a loader reads, checked once for every format.
+
+    Args:
+        name: the dataset's name, for the message.
+        root: the folder the user gave (None: none given).
+        hint: appended to the message, e.g. how to create the dataset.
+
+    Raises:
+        DataError: no folder given (asks for ``--root``), or it does not exist.
+    """
+    suffix = f" ({hint})" if hint else ""
+    if root is None:
+        raise DataError(f"the {name} dataset has no default location: pass --root FOLDER{suffix}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}{suffix}")
+    return root
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from models.data.dataset import Dataset
+from models.data.dataset import Dataset, dataset_folder
 from models.data.sample import GOOD, DataError, Sample
 from models.data.splits import split_off_val, stratified_holdout
 
@@ -105,9 +105,7 @@ def load_elpv(root: Path | None = None) -> Dataset:
     Raises:
         DataError: a missing folder or image, or a bad CSV line (named).
     """
-    root = package_root() if root is None else Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+    root = dataset_folder("elpv", package_root() if root is None else root)
     samples = _read_labels(root)
     test = stratified_holdout(samples, TEST_FRACTION)
     samples = [dataclasses.replace(s, split="test") if s.sample_id in test else s for s in samples]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.data.dataset import Dataset
+from models.data.dataset import Dataset, dataset_folder
 from models.data.sample import GOOD, DataError, Sample
 from models.data.splits import split_off_val
 
@@ -83,11 +83,7 @@ def load_mvtec_ad(root: Path | None) -> Dataset:
         DataError: no root, a missing folder, no category, a category with no
             train or test images, or a defective test image without its mask.
     """
-    if root is None:
-        raise DataError("the mvtec-ad dataset has no default location: pass --root FOLDER")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+    root = dataset_folder("mvtec-ad", root)
     folders = sorted(
         p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir() and (p / "test").is_dir()
     )

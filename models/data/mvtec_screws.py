@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from models.data.coco import json_field, json_numbers, read_categories, read_json
-from models.data.dataset import Dataset
+from models.data.dataset import Dataset, dataset_folder
 from models.data.sample import SPLITS, Box, DataError, Sample
 from models.data.splits import split_off_val
 
@@ -139,11 +139,7 @@ def load_mvtec_screws(root: Path | None) -> Dataset:
         DataError: no root, a missing folder, split file or image, a bad
             annotation, or a box entirely outside its image (named).
     """
-    if root is None:
-        raise DataError("the mvtec-screws dataset has no default location: pass --root FOLDER")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+    root = dataset_folder("mvtec-screws", root)
     rows = []
     for split in SPLITS:
         path = split_file(root, split)

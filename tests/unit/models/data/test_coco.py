@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.data import Box, DataError, load_dataset
+from tests.unit.models.data.jsonfiles import rewrite_json
 
 
 def _by_id(root: Path) -> dict:
@@ -90,12 +90,6 @@ def coco_copy(coco_root: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(coco_root, tmp_path / "widgets"))
 
 
-def _rewrite(path: Path, edit) -> None:
-    payload = json.loads(path.read_text())
-    edit(payload)
-    path.write_text(json.dumps(payload))
-
-
 def test_missing_image_names_file_and_json(coco_copy: Path) -> None:
     (coco_copy / "images" / "c.png").unlink()
     train = coco_copy / "annotations" / "instances_train.json"
@@ -135,7 +129,7 @@ def test_not_json_is_named(coco_copy: Path) -> None:
 )
 def test_malformed_annotations_name_the_json(coco_copy: Path, edit, message: str) -> None:
     train = coco_copy / "annotations" / "instances_train.json"
-    _rewrite(train, edit)
+    rewrite_json(train, edit)
     with pytest.raises(DataError, match=message) as error:
         load_dataset("coco", coco_copy)
     assert str(train) in str(error.value)
@@ -150,7 +144,7 @@ def test_json_without_a_split_name_is_rejected(coco_copy: Path) -> None:
 
 
 def test_image_in_two_splits_is_rejected(coco_copy: Path) -> None:
-    _rewrite(
+    rewrite_json(
         coco_copy / "annotations" / "instances_test.json",
         lambda p: p["images"][0].update(file_name="a.png"),
     )
@@ -162,7 +156,7 @@ def test_image_in_two_splits_is_rejected(coco_copy: Path) -> None:
 
 def test_json_without_images_is_an_empty_category(coco_copy: Path) -> None:
     test = coco_copy / "annotations" / "instances_test.json"
-    _rewrite(test, lambda p: p.update(images=[], annotations=[]))
+    rewrite_json(test, lambda p: p.update(images=[], annotations=[]))
     with pytest.raises(DataError, match=rf"{re.escape(str(test))} lists no images"):
         load_dataset("coco", coco_copy)
 
@@ -218,13 +212,13 @@ def test_synthetic_needs_its_manifest(synthetic_copy: Path) -> None:
 
 
 def test_synthetic_rejects_a_foreign_manifest(synthetic_copy: Path) -> None:
-    _rewrite(synthetic_copy / "manifest.json", lambda p: p.update(generator="someone-else"))
+    rewrite_json(synthetic_copy / "manifest.json", lambda p: p.update(generator="someone-else"))
     with pytest.raises(DataError, match=r"'someone-else'.*inspectray data synth --out"):
         load_dataset("synthetic", synthetic_copy)
 
 
 def test_synthetic_surface_without_images_is_named(synthetic_copy: Path) -> None:
-    _rewrite(synthetic_copy / "manifest.json", lambda p: p["surfaces"].append("wood"))
+    rewrite_json(synthetic_copy / "manifest.json", lambda p: p["surfaces"].append("wood"))
     with pytest.raises(DataError, match=r"category 'wood' of .*manifest.json has no images"):
         load_dataset("synthetic", synthetic_copy)
 

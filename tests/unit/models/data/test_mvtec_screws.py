@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -13,6 +12,7 @@ import pytest
 
 from models.data import DataError, load_dataset
 from models.data.mvtec_screws import crop_of, rotated_corners
+from tests.unit.models.data.jsonfiles import rewrite_json
 
 # (row, col, width, height, phi) -> crop (x, y, w, h), worked out by hand.
 BY_HAND = {
@@ -102,12 +102,6 @@ def screws_copy(screws_root: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(screws_root, tmp_path / "screws"))
 
 
-def _rewrite(path: Path, edit) -> None:
-    payload = json.loads(path.read_text())
-    edit(payload)
-    path.write_text(json.dumps(payload))
-
-
 def test_missing_val_file_takes_ten_percent_of_train(screws_copy: Path) -> None:
     (screws_copy / "mvtec_screws_val.json").unlink()
     summary = load_dataset("mvtec-screws", screws_copy).summary()["categories"]["screws"]
@@ -131,7 +125,7 @@ def test_only_the_unsplit_file_says_so(screws_copy: Path) -> None:
 
 def test_box_outside_the_image_names_the_annotation(screws_copy: Path) -> None:
     train = screws_copy / "mvtec_screws_train.json"
-    _rewrite(train, lambda p: p["annotations"][2].update(bbox=[40.0, 130.0, 20.0, 10.0, 0.0]))
+    rewrite_json(train, lambda p: p["annotations"][2].update(bbox=[40.0, 130.0, 20.0, 10.0, 0.0]))
     with pytest.raises(
         DataError, match=rf"{re.escape(str(train))}: annotation id 103 .* empty crop"
     ):
@@ -156,7 +150,7 @@ def test_missing_image_names_file_and_json(screws_copy: Path) -> None:
 )
 def test_malformed_json_names_the_file(screws_copy: Path, edit, message: str) -> None:
     train = screws_copy / "mvtec_screws_train.json"
-    _rewrite(train, edit)
+    rewrite_json(train, edit)
     with pytest.raises(DataError, match=message) as error:
         load_dataset("mvtec-screws", screws_copy)
     assert str(train) in str(error.value)
