@@ -10,6 +10,7 @@ key, a truncated image) exit with status 2 and one clear line, not a traceback.
     inspectray registry list | show CATEGORY STAGE [REF] | promote CATEGORY STAGE VERSION
     inspectray config show
     inspectray walkthrough
+    inspectray train | tune | eval        (cluster/training_commands.py)
 """
 
 from __future__ import annotations
@@ -277,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(config, "show", cmd_config_show)
     add(commands, "walkthrough", cmd_walkthrough)
+
+    from cluster.training_commands import add_commands
+
+    add_commands(commands, add)
     return parser
 
 

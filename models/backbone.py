@@ -69,16 +69,30 @@ class Preprocessing:
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """The eval transform: PIL image (any mode) → float tensor (3, H, W)."""
+        return T.Compose([self.geometry(), self.normalize])
+
+    def geometry(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The first half of :meth:`transform`: PIL image → uint8 tensor (3, S, S).
+
+        Training caches this result and augments it (flips, synthetic anomalies)
+        before :meth:`normalize`, so both halves stay the serving transform.
+        """
         return T.Compose(
             [
                 T.Lambda(_to_rgb),
                 T.PILToTensor(),
                 T.Resize(self.resize, interpolation=_INTERPOLATION[self.interpolation]),
                 T.CenterCrop(self.input_size),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(self.mean, self.std),
             ]
         )
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The second half: uint8 (or float in [0, 1]) ``(..., 3, H, W)`` → normalized float."""
+        if images.dtype == torch.uint8:
+            images = images.to(torch.float32) / 255.0
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device)
+        return (images - mean[:, None, None]) / std[:, None, None]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored in artifacts."""

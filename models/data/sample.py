@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 GOOD = "good"
+# ELPV: a cell is defective from defect probability 1/2 up (Deitsch et al. 2019).
+ANOMALOUS_SEVERITY = 0.5
 """Label of a normal (defect-free) image in every dataset."""
 
 SPLITS = ("train", "val", "test")
@@ -75,7 +77,14 @@ class Sample:
 
     @property
     def is_anomalous(self) -> bool:
-        """Whether the sample shows a defect (its label is not ``good``)."""
+        """Whether the part counts as defective for the binary good/defective task.
+
+        With a graded severity (ELPV) a part is defective at severity >= 0.5, the
+        functional-vs-defective split of Deitsch et al. 2019; otherwise any label
+        other than ``good`` is a defect.
+        """
+        if self.severity is not None:
+            return self.severity >= ANOMALOUS_SEVERITY
         return self.label != GOOD
 
     def load_image(self) -> Image.Image:

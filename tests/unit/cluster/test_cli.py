@@ -109,3 +109,71 @@ def test_data_show_missing_folder_is_a_user_error(capsys, tmp_path: Path) -> Non
         capsys, "data", "show", "--dataset", "mvtec-ad", "--root", str(missing)
     )
     assert code == 2 and out is None and str(missing) in err
+
+
+def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys):
+    from cluster.cli import main
+
+    # An unknown category is a user error (exit 2) named in one line.
+    code = main(
+        [
+            "train",
+            "detector",
+            "--dataset",
+            "elpv",
+            "--category",
+            "solar_cell_cdte",
+            "--registry",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert code == 2
+    assert "solar_cell_cdte" in capsys.readouterr().err
+    # Evaluating an empty registry says what is missing.
+    code = main(
+        [
+            "eval",
+            "--dataset",
+            "elpv",
+            "--registry",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "m.json"),
+        ]
+    )
+    assert code == 2
+    assert "no category" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_training_commands_parse_the_documented_options():
+    from cluster.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "train",
+            "all",
+            "--dataset",
+            "synthetic",
+            "--root",
+            "d",
+            "--category",
+            "c",
+            "--epochs",
+            "3",
+            "--num-workers",
+            "2",
+            "--use-gpu",
+            "--registry",
+            "r",
+        ]
+    )
+    assert (args.stage, args.epochs, args.num_workers, args.use_gpu) == ("all", 3, 2, True)
+    args = build_parser().parse_args(
+        ["tune", "verifier", "--dataset", "elpv", "--num-samples", "4", "--max-epochs", "2"]
+    )
+    assert (args.stage, args.num_samples, args.max_epochs) == ("verifier", 4, 2)
+    args = build_parser().parse_args(
+        ["eval", "--dataset", "elpv", "--out", "m.json", "--report", "rep"]
+    )
+    assert (args.out, args.report, args.route) == ("m.json", "rep", False)

@@ -1,0 +1,95 @@
+"""CategoryRouter: names the product category of an image when a request gives none.
+
+A linear classifier on the frozen ImageNet backbone's pooled features: product lines
+differ in global appearance (material, texture, layout), which ImageNet features
+separate well, so only the head is trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from models.backbone import Preprocessing, create_backbone
+
+
+@dataclass(frozen=True)
+class CategoryRouterConfig:
+    """What builds a :class:`CategoryRouter`.
+
+    Attributes:
+        categories: the category names, in the order of the head's outputs.
+        backbone: backbone name.
+        input_size: side of the square model input in pixels.
+    """
+
+    categories: tuple[str, ...]
+    backbone: str = "efficientnet_lite0"
+    input_size: int = 224
+
+    def __post_init__(self) -> None:
+        if len(self.categories) < 1 or len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"need distinct categories, got {self.categories!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self) | {"categories": list(self.categories)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CategoryRouterConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**(dict(data) | {"categories": tuple(data["categories"])}))
+
+    def preprocessing(self) -> Preprocessing:
+        """The transform this model is trained and served with."""
+        return Preprocessing(input_size=self.input_size, resize=self.input_size)
+
+
+class RouterOutput(NamedTuple):
+    """Predicted category per image, and the probability of every category ``(B, C)``."""
+
+    categories: list[str]
+    probabilities: torch.Tensor
+
+
+class CategoryRouter(nn.Module):
+    """Frozen backbone, trained linear head over the categories."""
+
+    def __init__(self, config: CategoryRouterConfig, pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.preprocessing = config.preprocessing()
+        self.backbone, _ = create_backbone(config.backbone, pretrained=pretrained, num_classes=0)
+        self.backbone.requires_grad_(False)
+        self.head = nn.Linear(self.backbone.num_features, len(config.categories))
+
+    def train(self, mode: bool = True) -> CategoryRouter:
+        """Set the mode; the frozen backbone always runs in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """None: the backbone is frozen."""
+        return iter(())
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """The linear head."""
+        return self.head.parameters()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Category logits ``(B, C)``."""
+        with torch.no_grad():
+            features = self.backbone(images)  # (B, 1280)
+        return self.head(features)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> RouterOutput:
+        """The most probable category of each image."""
+        probabilities = torch.softmax(self(images).float(), dim=-1)
+        names = [self.config.categories[i] for i in probabilities.argmax(dim=-1).tolist()]
+        return RouterOutput(categories=names, probabilities=probabilities)

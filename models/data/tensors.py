@@ -1,0 +1,104 @@
+"""Samples as model-ready tensors, with training augmentation and synthetic anomalies.
+
+Each image goes through the serving transform's first half
+(:meth:`Preprocessing.geometry`) once and is kept as uint8; every epoch then only
+augments and normalizes, which keeps small CPU training runs from spending their
+time decoding PNGs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+from models.backbone import Preprocessing
+from models.data.sample import Sample
+from models.synth_anomalies import synthesize_anomaly
+
+# Synthesis modes for parts with only good training images.
+NONE, RANDOM, PAIRS = "none", "random", "pairs"
+
+
+class ImageTensorDataset(TorchDataset):
+    """``(image (3, S, S) normalized float, target float)`` pairs.
+
+    Args:
+        samples: the images.
+        targets: one number per sample (binary label or class index).
+        preprocessing: the model's transform.
+        augment: random flips and right-angle rotations (industrial parts have no
+            canonical orientation at this scale).
+        synthesis: ``"none"``; ``"random"``: each item becomes, with probability 1/2
+            and fresh randomness each epoch, a synthetic anomaly with target 1;
+            ``"pairs"``: the dataset is twice as long, the second half being a
+            fixed synthetic anomaly of each image (for validation).
+        seed: base of every random draw (with the epoch and index).
+        repeat: pass over the samples this many times per epoch, each time with
+            fresh augmentation (small categories still get enough steps per epoch).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        targets: Sequence[float],
+        preprocessing: Preprocessing,
+        augment: bool = False,
+        synthesis: str = NONE,
+        seed: int = 0,
+        repeat: int = 1,
+    ) -> None:
+        if len(samples) != len(targets):
+            raise ValueError(f"{len(samples)} samples but {len(targets)} targets")
+        if synthesis not in (NONE, RANDOM, PAIRS):
+            raise ValueError(f"synthesis must be none, random or pairs, got {synthesis!r}")
+        self.samples = list(samples)
+        self.targets = [float(t) for t in targets]
+        self.preprocessing = preprocessing
+        self.augment = augment
+        self.synthesis = synthesis
+        self.seed = seed
+        self.repeat = max(1, int(repeat))
+        self.epoch = 0
+        self._geometry = preprocessing.geometry()
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw fresh augmentations and anomalies for this epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples) * (2 if self.synthesis == PAIRS else self.repeat)
+
+    def image(self, index: int) -> torch.Tensor:
+        """The uint8 ``(3, S, S)`` image of sample ``index`` (cached)."""
+        if index not in self._cache:
+            self._cache[index] = self._geometry(self.samples[index].load_image())
+        return self._cache[index]
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = item % len(self.samples)
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, item)) % 2**63)
+        image = self.image(index)
+        if self.augment:
+            if torch.rand((), generator=generator) < 0.5:
+                image = image.flip(-1)
+            if torch.rand((), generator=generator) < 0.5:
+                image = image.flip(-2)
+            image = image.rot90(int(torch.randint(4, (), generator=generator)), dims=(-2, -1))
+        pixels = image.to(torch.float32) / 255.0
+        target = self.targets[index]
+        synthesize = self.synthesis == PAIRS and item >= len(self.samples)
+        if self.synthesis == RANDOM:
+            synthesize = bool(torch.rand((), generator=generator) < 0.5)
+        if synthesize:
+            pixels, _ = synthesize_anomaly(pixels, generator)
+            target = 1.0
+        return self.preprocessing.normalize(pixels), torch.tensor(target, dtype=torch.float32)
+
+    def all_targets(self) -> list[float]:
+        """Targets of every item, as :meth:`__getitem__` would return them (no RANDOM)."""
+        if self.synthesis == PAIRS:
+            return self.targets + [1.0] * len(self.samples)
+        return list(self.targets)

@@ -1,0 +1,150 @@
+"""The decision rule: the detector decides, except in its ambiguous band.
+
+Outside ``[lo, hi]`` the detector's probability ``p`` decides alone (``p >=
+threshold`` is defective). Inside, the verifier's calibrated score ``v`` is fused,
+``f = w·p + (1 - w)·v``, and ``f >= fused_threshold`` is defective. So that one
+score orders every image, an in-band image's final anomaly score is ``f`` mapped
+linearly into ``[lo, hi]``.
+
+The band, the weight and both thresholds are chosen on validation data
+(:func:`fit_decision_rule`) and stored in the ``decision`` artifact of the category.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+DETECTOR = "detector"
+VERIFIER = "verifier"
+
+
+class Decision(NamedTuple):
+    """The verdict on one part."""
+
+    defective: bool
+    anomaly_score: float
+    decided_by: str
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """Thresholds and band for one category.
+
+    Attributes:
+        threshold: the detector alone calls ``p >= threshold`` defective.
+        lo: lower edge of the ambiguous band (``lo == hi``: no band, no verifier).
+        hi: upper edge.
+        fusion_weight: the detector's weight ``w`` in the fused score.
+        fused_threshold: the fused score from which an in-band part is defective.
+    """
+
+    threshold: float = 0.5
+    lo: float = 0.5
+    hi: float = 0.5
+    fusion_weight: float = 1.0
+    fused_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lo <= self.threshold <= self.hi <= 1.0:
+            raise ValueError(f"need 0 <= lo <= threshold <= hi <= 1, got {self}")
+        if not 0.0 <= self.fusion_weight <= 1.0:
+            raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+
+    def to_dict(self) -> dict[str, float]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecisionRule:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: float(v) for k, v in data.items()})
+
+    def needs_verifier(self, probability: float) -> bool:
+        """Whether the detector's probability falls in the ambiguous band."""
+        return self.lo < self.hi and self.lo <= probability <= self.hi
+
+    def decide(self, probability: float, verifier_score: float | None = None) -> Decision:
+        """The verdict for a detector probability and, in the band, the verifier's score.
+
+        Raises:
+            ValueError: the probability is in the band but no verifier score is given.
+        """
+        if not self.needs_verifier(probability):
+            return Decision(probability >= self.threshold, float(probability), DETECTOR)
+        if verifier_score is None:
+            raise ValueError(f"probability {probability:.3f} is in the band: need a verifier score")
+        fused = self.fusion_weight * probability + (1.0 - self.fusion_weight) * verifier_score
+        score = self.lo + (self.hi - self.lo) * fused
+        return Decision(fused >= self.fused_threshold, float(score), VERIFIER)
+
+
+def _best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
+    """The cut maximising accuracy; among equals, the one nearest ``default``."""
+    candidates = np.unique(np.concatenate([[default], scores, np.nextafter(scores, 2.0)]))
+    candidates = candidates[(candidates >= 0.0) & (candidates <= 1.0)]
+    accuracy = np.array([((scores >= c) == truth).mean() for c in candidates])
+    best = np.flatnonzero(accuracy >= accuracy.max() - 1e-12)
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - default))]])
+
+
+def fit_decision_rule(
+    probabilities: Sequence[float],
+    verifier_scores: Sequence[float] | None,
+    is_anomalous: Sequence[bool],
+    max_call_rate: float = 0.3,
+    call_cost: float = 0.02,
+) -> tuple[DecisionRule, dict[str, float]]:
+    """Choose the threshold, the band and the fusion on validation data.
+
+    The detector threshold maximises validation accuracy. The band is then the
+    ``[lo, hi]`` around it (edges at quantiles of the validation probabilities,
+    covering at most ``max_call_rate`` of the images) and the fusion weight and
+    fused threshold that maximise validation accuracy minus ``call_cost`` per unit
+    of verifier call rate, so the band widens only when the verifier earns it.
+
+    Args:
+        probabilities: the detector's probability per validation image.
+        verifier_scores: the verifier's calibrated score per image, or None when the
+            category has no verifier (the rule then has no band).
+        is_anomalous: the binary truth.
+        max_call_rate: the largest share of images the verifier may see.
+        call_cost: accuracy given up per unit of call rate.
+
+    Returns:
+        ``(rule, fit_metrics)`` with the validation accuracy of the detector alone
+        and of the rule, and the rule's call rate.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(is_anomalous, dtype=bool)
+    if p.shape != y.shape or p.size == 0:
+        raise ValueError(f"need as many labels as probabilities, got {y.shape} and {p.shape}")
+    threshold = _best_threshold(p, y, 0.5)
+    detector_accuracy = float(((p >= threshold) == y).mean())
+    rule = DecisionRule(threshold=threshold, lo=threshold, hi=threshold)
+    best = (detector_accuracy, 0.0)
+    if verifier_scores is not None and y.any() and not y.all():
+        v = np.asarray(verifier_scores, dtype=np.float64)
+        edges = np.quantile(p, np.linspace(0.0, 1.0, 21))
+        for lo in np.unique(np.clip(edges[edges <= threshold], 0.0, threshold)):
+            for hi in np.unique(np.clip(edges[edges >= threshold], threshold, 1.0)):
+                band = (p >= lo) & (p <= hi)
+                call_rate = float(band.mean())
+                if hi <= lo or not band.any() or call_rate > max_call_rate:
+                    continue
+                outside = ((p >= threshold) == y)[~band].sum()
+                for w in (0.0, 0.25, 0.5, 0.75):
+                    fused = w * p[band] + (1.0 - w) * v[band]
+                    cut = _best_threshold(fused, y[band], 0.5)
+                    accuracy = float((outside + ((fused >= cut) == y[band]).sum()) / y.size)
+                    if accuracy - call_cost * call_rate > best[0] - call_cost * best[1] + 1e-9:
+                        best = (accuracy, call_rate)
+                        rule = DecisionRule(threshold, float(lo), float(hi), w, cut)
+    return rule, {
+        "val_accuracy_detector": detector_accuracy,
+        "val_accuracy_rule": best[0],
+        "val_call_rate": best[1],
+    }

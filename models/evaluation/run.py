@@ -1,0 +1,141 @@
+"""Evaluate the InspectionPipeline on a dataset split: records and metrics.
+
+The same pipeline object serving uses judges every test image; the metrics are
+computed from its verdicts and final scores, overall and per category.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from models.data import Dataset, Sample
+from models.evaluation.records import ImageRecord
+from models.metrics import (
+    balanced_accuracy,
+    binary_accuracy,
+    binary_counts,
+    binary_f1,
+    image_auroc,
+)
+from models.pipeline import InspectionPipeline
+from models.stages import VERIFIER
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def binary_metrics(records: Sequence[ImageRecord], thresholds: dict[str, float]) -> dict[str, Any]:
+    """The binary metrics of a group of records.
+
+    Args:
+        records: the images of the group.
+        thresholds: category → the detector's own threshold, to tell what the
+            detector alone would have said about the images the verifier saw.
+    """
+    truth = [r.is_anomalous for r in records]
+    counts = binary_counts(truth, [r.predicted_anomalous for r in records])
+    band = [r for r in records if r.decided_by == VERIFIER]
+    metrics: dict[str, Any] = {
+        "n_images": len(records),
+        "n_anomalous": sum(truth),
+        "image_auroc": _finite(image_auroc(truth, [r.anomaly_score for r in records])),
+        "binary_accuracy": binary_accuracy(counts),
+        "binary_f1": binary_f1(counts),
+        "balanced_accuracy": balanced_accuracy(counts),
+        "verifier_call_rate": len(band) / len(records) if records else 0.0,
+        "detector_auroc": _finite(image_auroc(truth, [r.detector_probability for r in records])),
+        "tp": counts.tp,
+        "fp": counts.fp,
+        "tn": counts.tn,
+        "fn": counts.fn,
+        "band_n_images": len(band),
+    }
+    if band:
+        alone = [(r.detector_probability >= thresholds[r.category]) == r.is_anomalous for r in band]
+        fused = [r.predicted_anomalous == r.is_anomalous for r in band]
+        metrics["band_accuracy_detector_alone"] = sum(alone) / len(band)
+        metrics["band_accuracy_with_verifier"] = sum(fused) / len(band)
+    return metrics
+
+
+def evaluate(
+    pipeline: InspectionPipeline,
+    dataset: Dataset,
+    split: str = "test",
+    route: bool = False,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[list[ImageRecord], dict[str, Any]]:
+    """Run the pipeline over a split and score it.
+
+    Args:
+        pipeline: the loaded pipeline.
+        dataset: the data; its categories must be in the pipeline.
+        split: the split to judge.
+        route: withhold each image's category so the router must name it (its
+            accuracy is reported as ``router_accuracy``).
+        batch_size: images per pipeline call.
+        progress: print a progress line to stderr every batch.
+
+    Returns:
+        ``(records, metrics)``; metrics hold the overall figures, ``per_category``
+        and, when routing, ``router_accuracy``.
+    """
+    samples: list[Sample] = [
+        s for s in dataset.samples if s.split == split and s.category in pipeline.stages
+    ]
+    missing = sorted(set(dataset.categories) - set(pipeline.stages))
+    if not samples:
+        raise ValueError(
+            f"no {split} images of {dataset.name!r} in a category the pipeline knows "
+            f"({pipeline.categories})"
+        )
+    records: list[ImageRecord] = []
+    started = time.perf_counter()
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        given = [None if route else s.category for s in chunk]
+        for sample, found in zip(
+            chunk, pipeline.inspect([s.load_image() for s in chunk], given), strict=True
+        ):
+            records.append(
+                ImageRecord(
+                    sample_id=sample.sample_id,
+                    image_path=str(sample.image_path),
+                    category=sample.category,
+                    label=sample.label,
+                    is_anomalous=sample.is_anomalous,
+                    anomaly_score=found.anomaly_score,
+                    verdict=found.verdict,
+                    decided_by=found.decided_by,
+                    detector_probability=found.detector_probability,
+                    verifier_score=found.verifier_score,
+                    routed_category=found.category if found.routed else None,
+                )
+            )
+        if progress:
+            done = len(records)
+            rate = done / (time.perf_counter() - started)
+            print(f"eval {done}/{len(samples)} images ({rate:.1f} img/s)", file=sys.stderr)
+    thresholds = {c: s.rule.threshold for c, s in pipeline.stages.items()}
+    metrics: dict[str, Any] = {"dataset": dataset.name, "split": split}
+    metrics |= binary_metrics(records, thresholds)
+    metrics["per_category"] = {
+        category: binary_metrics([r for r in records if r.category == category], thresholds)
+        | {"threshold": stage.rule.threshold, "band": [stage.rule.lo, stage.rule.hi]}
+        for category, stage in sorted(pipeline.stages.items())
+        if any(r.category == category for r in records)
+    }
+    if route:
+        metrics["router_accuracy"] = sum(r.routed_category == r.category for r in records) / len(
+            records
+        )
+    if missing:
+        metrics["categories_without_models"] = missing
+    metrics["seconds"] = time.perf_counter() - started
+    return records, metrics

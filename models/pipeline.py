@@ -1,0 +1,342 @@
+"""InspectionPipeline: the stages composed by the decision rule, in plain Python.
+
+Evaluation runs it over a test split; serving follows the same rule stage by stage
+(:class:`~models.decision.DecisionRule` is the one routing logic):
+
+    category given, or predicted by the CategoryRouter
+    → AnomalyDetector probability p
+    → AutoencoderVerifier, only when p falls in the category's ambiguous band
+    → verdict, final anomaly score, and the stage trace
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.artifacts import ArtifactError, ArtifactRegistry
+from models.data.sample import Sample
+from models.data.tensors import NONE, PAIRS, ImageTensorDataset
+from models.decision import DecisionRule, fit_decision_rule
+from models.stages import (
+    DECISION,
+    DETECTOR,
+    ROUTER,
+    ROUTER_CATEGORY,
+    VERIFIER,
+    LoadedStage,
+    load_decision,
+    load_stage,
+    save_decision,
+)
+
+OK, DEFECTIVE = "ok", "defective"
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One stage's part in an inspection: what ran, what it said, how long it took."""
+
+    stage: str
+    version: str
+    latency_ms: float
+    output: dict[str, Any]
+
+
+@dataclass
+class Inspection:
+    """The pipeline's answer for one image.
+
+    Attributes:
+        category: the product category used (given or routed).
+        routed: whether the CategoryRouter chose the category.
+        verdict: ``ok`` or ``defective``.
+        anomaly_score: the final score in [0, 1] (see :mod:`models.decision`).
+        decided_by: ``detector`` or ``verifier``.
+        detector_probability: the detector's probability.
+        verifier_score: the verifier's calibrated score, when it ran.
+        heatmap: Grad-CAM map ``(H, W)`` in [0, 1] at the detector's input size,
+            when asked for.
+        trace: the stages that ran, in order.
+    """
+
+    category: str
+    routed: bool
+    verdict: str
+    anomaly_score: float
+    decided_by: str
+    detector_probability: float
+    verifier_score: float | None = None
+    heatmap: np.ndarray | None = None
+    trace: list[StageRun] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CategoryStages:
+    """The models and rule that inspect one category."""
+
+    detector: LoadedStage
+    verifier: LoadedStage | None
+    rule: DecisionRule
+    rule_version: str
+
+
+def _batched_inputs(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
+    transform = model.preprocessing.transform()
+    device = next(model.parameters()).device
+    batch = torch.stack([transform(image) for image in images]).to(device)
+    return batch.contiguous(memory_format=torch.channels_last)
+
+
+def _timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, (time.perf_counter() - started) * 1000.0
+
+
+class InspectionPipeline:
+    """Router → detector → verifier (in the band) → verdict, for every category.
+
+    Args:
+        stages: category → its models and rule.
+        router: the CategoryRouter, needed only for images given without a category.
+        batch_size: images per model call.
+    """
+
+    def __init__(
+        self,
+        stages: Mapping[str, CategoryStages],
+        router: LoadedStage | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        if not stages:
+            raise ValueError("the pipeline needs at least one category")
+        self.stages = dict(stages)
+        self.router = router
+        self.batch_size = batch_size
+
+    @property
+    def categories(self) -> list[str]:
+        """Categories this pipeline inspects."""
+        return sorted(self.stages)
+
+    @classmethod
+    def from_registry(
+        cls,
+        registry: ArtifactRegistry,
+        categories: Sequence[str] | None = None,
+        ref: str = "production",
+        device: str | torch.device = "cpu",
+    ) -> InspectionPipeline:
+        """Load every category's production artifacts.
+
+        A category needs a detector; without a verifier its rule has no band, and
+        without a decision artifact the detector decides at 0.5.
+
+        Raises:
+            ArtifactError: a requested category has no detector, or none has one.
+        """
+        wanted = (
+            list(categories)
+            if categories
+            else [c for c in registry.categories() if c != ROUTER_CATEGORY]
+        )
+        stages = {}
+        for category in wanted:
+            available = registry.stages(category) if category in registry.categories() else []
+            if DETECTOR not in available:
+                if categories:
+                    raise ArtifactError(f"category {category!r} has no trained detector")
+                continue
+            detector = load_stage(registry, category, DETECTOR, ref, device)
+            verifier = (
+                load_stage(registry, category, VERIFIER, ref, device)
+                if VERIFIER in available
+                else None
+            )
+            rule, version = DecisionRule(), "default"
+            if DECISION in available:
+                rule, manifest = load_decision(registry, category, ref)
+                version = manifest.version
+            if verifier is None:
+                rule = DecisionRule(threshold=rule.threshold, lo=rule.threshold, hi=rule.threshold)
+            stages[category] = CategoryStages(detector, verifier, rule, version)
+        if not stages:
+            raise ArtifactError(f"no category in {registry.uri} has a trained detector")
+        router = None
+        if ROUTER_CATEGORY in registry.categories() and ROUTER in registry.stages(ROUTER_CATEGORY):
+            router = load_stage(registry, ROUTER_CATEGORY, ROUTER, ref, device)
+        return cls(stages, router)
+
+    def route(self, images: Sequence[Image.Image]) -> tuple[list[str], list[StageRun]]:
+        """Predict each image's category with the router."""
+        if self.router is None:
+            raise ArtifactError("an image came without a category and no router is trained")
+        names: list[str] = []
+        runs: list[StageRun] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            output, ms = _timed(
+                self.router.model.predict, _batched_inputs(self.router.model, chunk)
+            )
+            for name, probs in zip(output.categories, output.probabilities, strict=True):
+                names.append(name)
+                runs.append(
+                    StageRun(
+                        ROUTER,
+                        self.router.manifest.version,
+                        ms / len(chunk),
+                        {"category": name, "confidence": float(probs.max())},
+                    )
+                )
+        return names, runs
+
+    def inspect(
+        self,
+        images: Sequence[Image.Image],
+        categories: Sequence[str | None] | None = None,
+        explain: bool = False,
+    ) -> list[Inspection]:
+        """Inspect a batch of images.
+
+        Args:
+            images: PIL images in any mode.
+            categories: each image's category, or None to route it.
+            explain: add the detector's Grad-CAM heatmap.
+
+        Raises:
+            ArtifactError: an unknown category, or routing needed without a router.
+        """
+        categories = list(categories) if categories is not None else [None] * len(images)
+        if len(categories) != len(images):
+            raise ValueError(f"{len(images)} images but {len(categories)} categories")
+        for name in categories:
+            if name is not None and name not in self.stages:
+                raise ArtifactError(f"unknown category {name!r}; known: {self.categories}")
+        routed = [c is None for c in categories]
+        traces: list[list[StageRun]] = [[] for _ in images]
+        unrouted = [i for i, r in enumerate(routed) if r]
+        if unrouted:
+            names, runs = self.route([images[i] for i in unrouted])
+            for i, name, run in zip(unrouted, names, runs, strict=True):
+                categories[i] = name
+                traces[i].append(run)
+        results: list[Inspection | None] = [None] * len(images)
+        for category in sorted(set(categories)):
+            indices = [i for i, c in enumerate(categories) if c == category]
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                found = self._inspect_category(category, [images[i] for i in chunk], explain)
+                for i, inspection in zip(chunk, found, strict=True):
+                    inspection.routed = routed[i]
+                    inspection.trace = traces[i] + inspection.trace
+                    results[i] = inspection
+        return results  # type: ignore[return-value]
+
+    def _inspect_category(
+        self, category: str, images: Sequence[Image.Image], explain: bool
+    ) -> list[Inspection]:
+        stages = self.stages[category]
+        detector = stages.detector
+        output, ms = _timed(
+            detector.model.predict, _batched_inputs(detector.model, images), explain=explain
+        )
+        probabilities = output.probability.cpu().tolist()
+        in_band = [i for i, p in enumerate(probabilities) if stages.rule.needs_verifier(p)]
+        verifier_scores: dict[int, float] = {}
+        verifier_ms = 0.0
+        if in_band and stages.verifier is not None:
+            model = stages.verifier.model
+            checked, verifier_ms = _timed(
+                model.predict, _batched_inputs(model, [images[i] for i in in_band])
+            )
+            verifier_scores = dict(zip(in_band, checked.score.cpu().tolist(), strict=True))
+            verifier_ms /= len(in_band)
+        inspections = []
+        for i, probability in enumerate(probabilities):
+            score = verifier_scores.get(i)
+            decision = stages.rule.decide(probability, score)
+            trace = [
+                StageRun(
+                    DETECTOR,
+                    detector.manifest.version,
+                    ms / len(images),
+                    {"probability": probability, "in_band": i in verifier_scores},
+                )
+            ]
+            if score is not None:
+                trace.append(
+                    StageRun(
+                        VERIFIER, stages.verifier.manifest.version, verifier_ms, {"score": score}
+                    )
+                )
+            heatmap = output.heatmap[i].cpu().numpy() if output.heatmap is not None else None
+            inspections.append(
+                Inspection(
+                    category=category,
+                    routed=False,
+                    verdict=DEFECTIVE if decision.defective else OK,
+                    anomaly_score=decision.anomaly_score,
+                    decided_by=decision.decided_by,
+                    detector_probability=probability,
+                    verifier_score=score,
+                    heatmap=heatmap,
+                    trace=trace,
+                )
+            )
+        return inspections
+
+
+@torch.no_grad()
+def _validation_scores(
+    stage: LoadedStage, samples: Sequence[Sample], synthesis: str, verifier: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    model = stage.model
+    dataset = ImageTensorDataset(
+        samples, [s.is_anomalous for s in samples], model.preprocessing, synthesis=synthesis
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    device = next(model.parameters()).device
+    scores, targets = [], []
+    for images, target in loader:
+        output = model.predict(images.to(device).contiguous(memory_format=torch.channels_last))
+        scores.append((output.score if verifier else output.probability).cpu())
+        targets.append(target)
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy() > 0.5
+
+
+def fit_decision(
+    registry: ArtifactRegistry, samples: Sequence[Sample], category: str
+) -> dict[str, Any]:
+    """Fit and store a category's decision rule on its validation split.
+
+    Uses the production detector and, when there is one, the production verifier.
+    A validation split without defects is completed with synthetic ones, as in
+    training.
+
+    Returns:
+        The rule and its validation figures.
+    """
+    val = [s for s in samples if s.category == category and s.split == "val"]
+    if not val:
+        raise ValueError(f"category {category!r} has no validation images")
+    synthesis = NONE if any(s.is_anomalous for s in val) else PAIRS
+    detector = load_stage(registry, category, DETECTOR)
+    probabilities, truth = _validation_scores(detector, val, synthesis, verifier=False)
+    verifier_scores = None
+    fitted_on = {"detector_version": detector.manifest.version}
+    if VERIFIER in registry.stages(category):
+        verifier = load_stage(registry, category, VERIFIER)
+        verifier_scores, _ = _validation_scores(verifier, val, synthesis, verifier=True)
+        fitted_on["verifier_version"] = verifier.manifest.version
+    rule, figures = fit_decision_rule(probabilities, verifier_scores, truth)
+    manifest = save_decision(
+        registry, category, rule, fitted_on=fitted_on, metrics=figures | {"n_val": len(truth)}
+    )
+    return {"category": category, "version": manifest.version, "rule": rule.to_dict(), **figures}

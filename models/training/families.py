@@ -1,0 +1,285 @@
+"""The training recipe of each model family: model, data, loss, validation metrics.
+
+Families are built from a plain dict (:func:`build_family`) so the Ray driver can
+ship them to training workers; that dict is also stored in the artifact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
+from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
+from models.category_router import CategoryRouter, CategoryRouterConfig
+from models.data.sample import GOOD, Sample
+from models.data.tensors import NONE, PAIRS, RANDOM, ImageTensorDataset
+from models.metrics import image_auroc
+
+SUPERVISED, NORMAL_ONLY = "supervised", "normal-only"
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def _predict_all(
+    model: nn.Module, loader: DataLoader, score: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    device = next(model.parameters()).device
+    outputs, targets = [], []
+    for images, target in loader:
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        outputs.append(score(model, images).float().cpu())
+        targets.append(target)
+    return torch.cat(outputs).numpy(), torch.cat(targets).numpy()
+
+
+class TrainingFamily:
+    """Base of the families: the stage name, the monitored metric and defaults.
+
+    Args:
+        samples: every sample the family may use (all splits).
+        category: the product category (the router uses every category).
+        model_config: overrides of the family's config dataclass fields.
+        seed: seed of augmentation and synthetic anomalies.
+    """
+
+    stage: ClassVar[str]
+    monitor: ClassVar[str] = "val_auroc"
+    # Small categories pass over their images several times per epoch so that an
+    # epoch is enough optimizer steps for warm-up, early stopping and ASHA to mean
+    # something.
+    min_items_per_epoch: ClassVar[int] = 0
+    # Epoch cap: a linear head on frozen features converges in a few epochs.
+    max_epochs: ClassVar[int] = 1000
+
+    def repeat(self, n_items: int) -> int:
+        """Passes per epoch over ``n_items`` training images."""
+        return max(1, math.ceil(self.min_items_per_epoch / max(1, n_items)))
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        category: str,
+        model_config: Mapping[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.category = category
+        self.model_config = dict(model_config or {})
+        self.seed = seed
+        self._check()
+
+    def split(self, name: str) -> list[Sample]:
+        """This family's samples of one split."""
+        return [s for s in self.samples if s.split == name and s.category == self.category]
+
+    def _check(self) -> None:
+        for split in ("train", "val"):
+            if not self.split(split):
+                raise ValueError(f"category {self.category!r} has no {split} images")
+
+    def describe(self) -> dict[str, Any]:
+        """What the artifact records about how the model was trained."""
+        return {"family": self.stage, "category": self.category}
+
+    # Implemented by each family.
+    def build_model(self, pretrained: bool = True) -> nn.Module:  # noqa: D102
+        raise NotImplementedError
+
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
+        raise NotImplementedError
+
+    def loss(self, train: ImageTensorDataset) -> Loss:  # noqa: D102
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
+        raise NotImplementedError
+
+
+class DetectorFamily(TrainingFamily):
+    """AnomalyDetector: supervised if the training split has defects, else normal-only."""
+
+    stage = "detector"
+    min_items_per_epoch = 320
+
+    @property
+    def mode(self) -> str:
+        """``supervised`` or ``normal-only``, chosen by the training data."""
+        return SUPERVISED if any(s.is_anomalous for s in self.split("train")) else NORMAL_ONLY
+
+    def describe(self) -> dict[str, Any]:  # noqa: D102
+        return super().describe() | {"mode": self.mode}
+
+    def build_model(self, pretrained: bool = True) -> AnomalyDetector:  # noqa: D102
+        return AnomalyDetector(AnomalyDetectorConfig.from_dict(self.model_config), pretrained)
+
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
+        train, val = self.split("train"), self.split("val")
+        if self.mode == NORMAL_ONLY:
+            train = [s for s in train if s.label == GOOD]
+        train_ds = ImageTensorDataset(
+            train,
+            [s.is_anomalous for s in train],
+            model.preprocessing,
+            augment=True,
+            synthesis=RANDOM if self.mode == NORMAL_ONLY else NONE,
+            seed=self.seed,
+            repeat=self.repeat(len(train)),
+        )
+        # Without real defects in validation, the metric is measured on synthetic ones.
+        val_synthesis = NONE if any(s.is_anomalous for s in val) else PAIRS
+        val_ds = ImageTensorDataset(
+            val, [s.is_anomalous for s in val], model.preprocessing, synthesis=val_synthesis
+        )
+        return train_ds, val_ds
+
+    def loss(self, train: ImageTensorDataset) -> Loss:
+        """Binary cross-entropy, defects weighted by the good:defect ratio (class weights)."""
+        targets = np.asarray(train.targets)
+        n_pos = targets.sum()
+        ratio = (len(targets) - n_pos) / n_pos if self.mode == SUPERVISED and n_pos else 1.0
+        pos_weight = torch.tensor(float(ratio))
+
+        def bce(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            logits = model(images).float()
+            return F.binary_cross_entropy_with_logits(
+                logits, target, pos_weight=pos_weight.to(logits.device)
+            )
+
+        return bce
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
+        logits, target = _predict_all(model, loader, lambda m, x: m(x))
+        probability = 1.0 / (1.0 + np.exp(-logits))
+        loss = F.binary_cross_entropy_with_logits(
+            torch.from_numpy(logits), torch.from_numpy(target)
+        )
+        return {
+            "val_loss": float(loss),
+            "val_auroc": image_auroc(target > 0.5, probability),
+            "val_accuracy": float(((probability >= 0.5) == (target > 0.5)).mean()),
+        }
+
+
+class VerifierFamily(TrainingFamily):
+    """AutoencoderVerifier: reconstructs the features of good training parts only."""
+
+    stage = "verifier"
+    min_items_per_epoch = 800
+
+    def build_model(self, pretrained: bool = True) -> AutoencoderVerifier:  # noqa: D102
+        config = AutoencoderVerifierConfig.from_dict(self.model_config)
+        return AutoencoderVerifier(config, pretrained)
+
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
+        train = [s for s in self.split("train") if s.label == GOOD]
+        if not train:
+            raise ValueError(f"category {self.category!r} has no good training images")
+        val = self.split("val")
+        train_ds = ImageTensorDataset(
+            train,
+            [0.0] * len(train),
+            model.preprocessing,
+            augment=True,
+            seed=self.seed,
+            repeat=self.repeat(len(train)),
+        )
+        val_synthesis = NONE if any(s.is_anomalous for s in val) else PAIRS
+        val_ds = ImageTensorDataset(
+            val, [s.is_anomalous for s in val], model.preprocessing, synthesis=val_synthesis
+        )
+        return train_ds, val_ds
+
+    def loss(self, train: ImageTensorDataset) -> Loss:
+        """Mean squared feature-reconstruction error."""
+        return lambda model, images, target: model(images).mean()
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
+        verifier = _unwrap(model)
+        raw, target = _predict_all(model, loader, lambda m, x: verifier.raw_score(m(x)))
+        good = target < 0.5
+        return {
+            "val_loss": float(raw[good].mean()) if good.any() else float("nan"),
+            "val_auroc": image_auroc(~good, raw),
+        }
+
+
+class RouterFamily(TrainingFamily):
+    """CategoryRouter: every category's images, the category is the class."""
+
+    stage = "router"
+    monitor = "val_accuracy"
+    max_epochs = 4
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """The categories, sorted."""
+        return tuple(sorted({s.category for s in self.samples}))
+
+    def split(self, name: str) -> list[Sample]:  # noqa: D102
+        return [s for s in self.samples if s.split == name]
+
+    def build_model(self, pretrained: bool = True) -> CategoryRouter:  # noqa: D102
+        config = {"categories": self.categories, **self.model_config}
+        return CategoryRouter(CategoryRouterConfig.from_dict(config), pretrained)
+
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
+        index = {c: i for i, c in enumerate(self.categories)}
+        train, val = self.split("train"), self.split("val")
+        return (
+            ImageTensorDataset(
+                train, [index[s.category] for s in train], model.preprocessing, True
+            ),
+            ImageTensorDataset(val, [index[s.category] for s in val], model.preprocessing),
+        )
+
+    def loss(self, train: ImageTensorDataset) -> Loss:
+        """Cross-entropy with inverse-frequency class weights."""
+        counts = np.bincount(np.asarray(train.targets, dtype=int), minlength=len(self.categories))
+        weights = torch.tensor(
+            counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32
+        )
+
+        def cross_entropy(
+            model: nn.Module, images: torch.Tensor, target: torch.Tensor
+        ) -> torch.Tensor:
+            logits = model(images).float()
+            return F.cross_entropy(logits, target.long(), weight=weights.to(logits.device))
+
+        return cross_entropy
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
+        logits, target = _predict_all(model, loader, lambda m, x: m(x))
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target).long())
+        return {
+            "val_loss": float(loss),
+            "val_accuracy": float((logits.argmax(axis=1) == target).mean()),
+        }
+
+
+FAMILIES: dict[str, type[TrainingFamily]] = {
+    family.stage: family for family in (DetectorFamily, VerifierFamily, RouterFamily)
+}
+
+
+def build_family(spec: Mapping[str, Any]) -> TrainingFamily:
+    """Build a family from ``{"stage", "samples", "category", "model_config", "seed"}``."""
+    stage = spec["stage"]
+    if stage not in FAMILIES:
+        raise ValueError(f"unknown stage {stage!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[stage](
+        spec["samples"], spec["category"], spec.get("model_config"), spec.get("seed", 0)
+    )

@@ -1,0 +1,115 @@
+"""InspectionPipeline routing, with real (small, untrained) models in a real registry.
+
+The detector's head is set so its probability is known (weight 0, bias b gives
+sigmoid(b) for every image); that decides whether the verifier must run.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
+from models.artifacts import ArtifactError, ArtifactRegistry
+from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
+from models.category_router import CategoryRouter, CategoryRouterConfig
+from models.decision import DecisionRule
+from models.pipeline import InspectionPipeline
+from models.stages import ROUTER_CATEGORY, save_decision
+
+SIZE = 64
+
+
+def _save(registry, category, stage, model):
+    registry.save(
+        category,
+        stage,
+        model.state_dict(),
+        config=model.config.to_dict(),
+        preprocessing=model.preprocessing.to_dict(),
+        data={},
+        promote=True,
+    )
+
+
+def _detector(probability: float) -> AnomalyDetector:
+    model = AnomalyDetector(AnomalyDetectorConfig(input_size=SIZE), pretrained=False)
+    with torch.no_grad():
+        model.head[1].weight.zero_()
+        model.head[1].bias.fill_(math.log(probability / (1 - probability)))
+    return model
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    registry = ArtifactRegistry(str(tmp_path / "registry"))
+    rule = DecisionRule(threshold=0.5, lo=0.4, hi=0.6, fusion_weight=0.0, fused_threshold=0.5)
+    # "sure": p = 0.95, outside the band. "unsure": p = 0.55, inside it.
+    for category, probability in (("sure", 0.95), ("unsure", 0.55)):
+        _save(registry, category, "detector", _detector(probability))
+        verifier = AutoencoderVerifier(AutoencoderVerifierConfig(input_size=SIZE), pretrained=False)
+        verifier.platt_a.fill_(0.0)
+        verifier.platt_b.fill_(-5.0)  # calibrated score sigmoid(-5): "good"
+        _save(registry, category, "verifier", verifier)
+        save_decision(registry, category, rule, fitted_on={}, metrics={})
+    router = CategoryRouter(CategoryRouterConfig(("sure", "unsure"), input_size=SIZE), False)
+    with torch.no_grad():
+        router.head.weight.zero_()
+        router.head.bias.copy_(torch.tensor([0.0, 3.0]))  # always "unsure"
+    _save(registry, ROUTER_CATEGORY, "router", router)
+    return registry
+
+
+@pytest.fixture()
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (80, 70, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+def test_detector_decides_outside_the_band_and_verifier_is_not_called(registry, images):
+    pipeline = InspectionPipeline.from_registry(registry)
+    assert pipeline.categories == ["sure", "unsure"] and pipeline.router is not None
+    results = pipeline.inspect(images, ["sure"] * 3)
+    for result in results:
+        assert result.verdict == "defective" and result.decided_by == "detector"
+        assert result.verifier_score is None
+        assert [run.stage for run in result.trace] == ["detector"]
+        assert result.anomaly_score == pytest.approx(0.95, abs=1e-4)
+
+
+def test_verifier_overrules_in_the_band(registry, images):
+    pipeline = InspectionPipeline.from_registry(registry)
+    results = pipeline.inspect(images, ["unsure"] * 3)
+    for result in results:
+        # The detector alone would say defective (0.55 >= 0.5); the verifier says good.
+        assert result.verdict == "ok" and result.decided_by == "verifier"
+        assert result.verifier_score == pytest.approx(1 / (1 + math.exp(5)), rel=1e-3)
+        assert [run.stage for run in result.trace] == ["detector", "verifier"]
+        assert 0.4 <= result.anomaly_score <= 0.6
+        assert result.trace[0].version == "v1"
+
+
+def test_images_without_category_are_routed(registry, images):
+    pipeline = InspectionPipeline.from_registry(registry)
+    results = pipeline.inspect(images, [None, "sure", None], explain=True)
+    assert [r.category for r in results] == ["unsure", "sure", "unsure"]
+    assert [r.routed for r in results] == [True, False, True]
+    assert results[0].trace[0].stage == "router"
+    assert results[0].heatmap.shape == (SIZE, SIZE)
+
+
+def test_errors_are_clear(registry, images, tmp_path):
+    pipeline = InspectionPipeline.from_registry(registry)
+    with pytest.raises(ArtifactError, match="unknown category"):
+        pipeline.inspect(images[:1], ["nope"])
+    with pytest.raises(ValueError, match="categories"):
+        pipeline.inspect(images, ["sure"])
+    with pytest.raises(ArtifactError, match="no trained detector"):
+        InspectionPipeline.from_registry(registry, ["missing"])
+    with pytest.raises(ArtifactError, match="no category"):
+        InspectionPipeline.from_registry(ArtifactRegistry(str(tmp_path / "empty")))
+    no_router = InspectionPipeline(pipeline.stages)
+    with pytest.raises(ArtifactError, match="no router"):
+        no_router.inspect(images[:1])

@@ -1,0 +1,98 @@
+"""The three stage models: shapes, what trains, what stays frozen, typed outputs."""
+
+import pytest
+import torch
+
+from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
+from models.autoencoder_verifier import (
+    AutoencoderVerifier,
+    AutoencoderVerifierConfig,
+    calibrate,
+)
+from models.category_router import CategoryRouter, CategoryRouterConfig
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+
+
+def test_detector_trains_head_and_late_backbone_only(images):
+    model = AnomalyDetector(AnomalyDetectorConfig(input_size=SIZE, freeze_stages=2)).train()
+    assert not model.backbone.bn1.training and not model.backbone.blocks[1].training
+    assert model.backbone.blocks[2].training
+    model(images).sum().backward()
+    frozen = [model.backbone.conv_stem, *model.backbone.blocks[:2]]
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    trainable = list(model.backbone_parameters()) + list(model.head_parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    head_ids = {id(p) for p in model.head_parameters()}
+    assert not head_ids & {id(p) for p in model.backbone_parameters()}
+
+
+def test_detector_predict_returns_probabilities_and_gradcam(images):
+    model = AnomalyDetector(AnomalyDetectorConfig(input_size=SIZE)).eval()
+    plain = model.predict(images)
+    assert plain.heatmap is None and plain.probability.shape == (3,)
+    assert ((plain.probability >= 0) & (plain.probability <= 1)).all()
+    explained = model.predict(images, explain=True)
+    assert explained.heatmap.shape == (3, SIZE, SIZE)
+    assert torch.allclose(explained.probability, plain.probability)
+    assert explained.heatmap.min() >= 0 and explained.heatmap.max() <= 1
+    assert model.preprocessing.input_size == SIZE
+
+
+def test_detector_config_roundtrip_and_unknown_key():
+    config = AnomalyDetectorConfig(input_size=160, freeze_stages=3)
+    assert AnomalyDetectorConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(TypeError):
+        AnomalyDetectorConfig.from_dict({"no_such_field": 1})
+
+
+def test_verifier_backbone_frozen_autoencoder_trains(images):
+    model = AutoencoderVerifier(AutoencoderVerifierConfig(input_size=SIZE)).train()
+    error_map = model(images)
+    assert error_map.shape == (3, SIZE // 8, SIZE // 8)
+    error_map.mean().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head_parameters())
+    assert not model.backbone.training
+
+
+def test_verifier_score_is_calibrated_probability(images):
+    model = AutoencoderVerifier(AutoencoderVerifierConfig(input_size=SIZE)).eval()
+    out = model.predict(images)
+    assert out.score.shape == out.raw_score.shape == (3,)
+    assert ((out.score >= 0) & (out.score <= 1)).all()
+    # Normal-only calibration: the good parts' 99th percentile maps to 0.5.
+    goods = torch.linspace(1.0, 2.0, 101)
+    calibrate(model, goods.tolist())
+    assert model.calibrated(torch.tensor([float(goods.quantile(0.99))])).item() == pytest.approx(
+        0.5, abs=1e-3
+    )
+    assert model.calibrated(torch.tensor([10.0])).item() > 0.99
+
+
+def test_verifier_platt_calibration_orders_classes():
+    model = AutoencoderVerifier(AutoencoderVerifierConfig(input_size=SIZE))
+    goods = [1.0 + 0.01 * i for i in range(50)]
+    bads = [3.0 + 0.01 * i for i in range(50)]
+    params = calibrate(model, goods, goods + bads, [False] * 50 + [True] * 50)
+    assert params["platt_a"] > 0
+    assert model.calibrated(torch.tensor([1.2])).item() < 0.2
+    assert model.calibrated(torch.tensor([3.3])).item() > 0.8
+    with pytest.raises(ValueError):
+        calibrate(model, [1.0])
+
+
+def test_router_predicts_a_known_category(images):
+    config = CategoryRouterConfig(categories=("a", "b"), input_size=SIZE)
+    model = CategoryRouter(config).eval()
+    out = model.predict(images)
+    assert set(out.categories) <= {"a", "b"} and out.probabilities.shape == (3, 2)
+    assert torch.allclose(out.probabilities.sum(1), torch.ones(3))
+    assert CategoryRouterConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError):
+        CategoryRouterConfig(categories=("a", "a"))

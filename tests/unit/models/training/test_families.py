@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from models.data.sample import Sample
+from models.training import build_family
+from models.training.families import NORMAL_ONLY, SUPERVISED
+
+
+def _samples(tmp_path: Path, labels_by_split: dict[str, list[str]], category="part"):
+    rng = np.random.default_rng(0)
+    out = []
+    for split, labels in labels_by_split.items():
+        for i, label in enumerate(labels):
+            path = tmp_path / f"{category}-{split}-{i}.png"
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+            out.append(Sample(path, category, label, split, sample_id=path.stem))
+    return out
+
+
+def _spec(stage, samples, category="part"):
+    return {
+        "stage": stage,
+        "samples": samples,
+        "category": category,
+        "model_config": {"input_size": 32},
+    }
+
+
+def test_detector_is_supervised_with_defects_and_weights_them(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good"] * 6 + ["crack"] * 2, "val": ["good", "crack"]})
+    family = build_family(_spec("detector", samples))
+    assert family.mode == SUPERVISED
+    model = family.build_model(pretrained=False)
+    train, val = family.datasets(model)
+    assert len(train.samples) == 8 and train.synthesis == "none" and len(val) == 2
+    assert len(train) == 320  # repeated to a minimum epoch
+    images, target = next(iter(DataLoader(train, batch_size=8)))
+    loss = family.loss(train)(model, images, target)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    metrics = family.evaluate(model, DataLoader(val, batch_size=4))
+    assert {"val_loss", "val_auroc", "val_accuracy"} <= set(metrics)
+
+
+def test_detector_is_normal_only_without_defects_and_synthesises(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good"] * 4, "val": ["good"] * 2})
+    family = build_family(_spec("detector", samples))
+    assert family.mode == NORMAL_ONLY and family.describe()["mode"] == NORMAL_ONLY
+    train, val = family.datasets(family.build_model(pretrained=False))
+    assert train.synthesis == "random"
+    # Validation gets synthetic defects so AUROC is defined.
+    assert val.synthesis == "pairs" and len(val) == 4
+
+
+def test_verifier_trains_on_good_parts_only(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good"] * 3 + ["crack"] * 2, "val": ["good", "crack"]})
+    family = build_family(_spec("verifier", samples))
+    model = family.build_model(pretrained=False)
+    train, val = family.datasets(model)
+    assert [s.label for s in train.samples] == ["good"] * 3
+    metrics = family.evaluate(model, DataLoader(val, batch_size=4))
+    assert metrics["val_auroc"] in (0.0, 1.0)  # one good and one defect
+
+
+def test_router_uses_every_category(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good"] * 2, "val": ["good"]}, "a")
+    samples += _samples(tmp_path, {"train": ["good"] * 3, "val": ["good"]}, "b")
+    family = build_family(_spec("router", samples, category="all-categories"))
+    assert family.categories == ("a", "b")
+    train, _ = family.datasets(family.build_model(pretrained=False))
+    assert sorted(train.targets) == [0, 0, 1, 1, 1]
+
+
+def test_bad_specs_are_refused(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good"] * 2})
+    with pytest.raises(ValueError, match="no val images"):
+        build_family(_spec("detector", samples))
+    with pytest.raises(ValueError, match="unknown stage"):
+        build_family(_spec("classifier", samples))

@@ -1,0 +1,294 @@
+"""The training driver: one Ray Train ``TorchTrainer`` per model family.
+
+:func:`fit_family` runs :func:`tune.loop.train_loop_per_worker` on
+``num_workers`` workers and returns the best weights; :func:`train_stage` trains
+a stage for a category, calibrates it, stores it in the registry (promoted) and
+refits the category's decision rule.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from models.artifacts import ArtifactRegistry, Manifest
+from models.autoencoder_verifier import calibrate
+from models.data import Dataset, Sample
+from models.data.fingerprint import fingerprint_samples
+from models.data.tensors import NONE, PAIRS, ImageTensorDataset
+from models.pipeline import fit_decision
+from models.stages import DETECTOR, ROUTER, ROUTER_CATEGORY, VERIFIER
+from models.training import FAMILIES, build_family
+from tune.loop import CHECKPOINT_FILE, train_loop_per_worker
+
+# Learning rates that suit each family with AdamW (the head; the backbone gets less).
+DEFAULT_LR = {DETECTOR: 3e-3, VERIFIER: 2e-3, ROUTER: 3e-3}
+MIN_CALIBRATION_GOODS = 8
+
+
+@dataclass
+class TrainSettings:
+    """How to train: schedule, optimizer and the Ray resources.
+
+    Attributes:
+        epochs: maximum epochs (early stopping may end sooner).
+        num_workers: Ray Train workers (data-parallel replicas).
+        use_gpu: one GPU per worker.
+        lr: the head's learning rate (default: per family).
+        batch_size: images per step per worker.
+        optimizer: ``adamw`` or ``sgd``.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        backbone_lr_scale: the backbone's learning rate relative to the head's.
+        warmup_epochs: linear warm-up length.
+        patience: epochs without improvement before stopping early.
+        seed: seed of initialisation, augmentation and synthetic anomalies.
+        storage_path: where Ray keeps checkpoints: a folder or a URL (``s3://...``).
+        max_failures: worker-group restarts allowed (resuming from the last checkpoint).
+        cpus_per_worker: CPU threads per worker (default: the machine's share).
+        model_config: overrides of the family's model config.
+    """
+
+    epochs: int = 8
+    num_workers: int = 1
+    use_gpu: bool = False
+    lr: float | None = None
+    batch_size: int = 16
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    backbone_lr_scale: float = 0.3
+    warmup_epochs: float = 1.0
+    patience: int = 3
+    seed: int = 0
+    storage_path: str = "runs"
+    max_failures: int = 2
+    cpus_per_worker: int | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    """What a training run produced."""
+
+    best_state: dict[str, torch.Tensor]
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    seconds: float
+    checkpoint_path: str
+
+
+def ensure_ray() -> None:
+    """Start (or join, with ``RAY_ADDRESS``) a Ray cluster for this process."""
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            include_dashboard=None,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+
+
+def cpus_per_worker(settings: TrainSettings) -> int:
+    """Threads for each worker: the cluster's CPUs shared among the workers."""
+    if settings.cpus_per_worker:
+        return settings.cpus_per_worker
+    total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    return max(1, total // max(1, settings.num_workers))
+
+
+def storage_uri(path: str) -> str:
+    """Ray wants absolute local paths; URLs pass through."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def loop_config(spec: Mapping[str, Any], settings: TrainSettings, threads: int) -> dict[str, Any]:
+    """The ``train_loop_config`` for one run."""
+    return {
+        "family": dict(spec),
+        "lr": settings.lr or DEFAULT_LR[spec["stage"]],
+        "batch_size": settings.batch_size,
+        "optimizer": settings.optimizer,
+        "weight_decay": settings.weight_decay,
+        "backbone_lr_scale": settings.backbone_lr_scale,
+        "epochs": min(settings.epochs, FAMILIES[spec["stage"]].max_epochs),
+        "warmup_epochs": settings.warmup_epochs,
+        "patience": settings.patience,
+        "seed": settings.seed,
+        "threads": threads,
+    }
+
+
+def make_trainer(
+    spec: Mapping[str, Any],
+    settings: TrainSettings,
+    name: str,
+    callbacks: Sequence[Any] = (),
+) -> TorchTrainer:
+    """A ``TorchTrainer`` for one family run (Ray Train's entry point)."""
+    threads = cpus_per_worker(settings)
+    resources = {"CPU": threads} | ({"GPU": 1} if settings.use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(spec, settings, threads),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.num_workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_uri(settings.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The payload the loop saved."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
+
+
+def fit_family(spec: Mapping[str, Any], settings: TrainSettings, name: str) -> FitResult:
+    """Train one family run on Ray and return its best weights and history."""
+    ensure_ray()
+    started = time.perf_counter()
+    result = make_trainer(spec, settings, name).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} reported no checkpoint")
+    payload = read_checkpoint(result.checkpoint)
+    return FitResult(
+        best_state=payload["best_state"],
+        best_metrics=payload["best"],
+        history=payload["history"],
+        seconds=time.perf_counter() - started,
+        checkpoint_path=result.checkpoint.path,
+    )
+
+
+def family_spec(
+    dataset: Dataset, stage: str, category: str, settings: TrainSettings
+) -> dict[str, Any]:
+    """The family dict shipped to the workers: stage, samples, model config, seed."""
+    if stage == ROUTER:
+        samples = list(dataset.samples)
+        category = ROUTER_CATEGORY
+    else:
+        samples = [s for s in dataset.samples if s.category == category]
+        if not samples:
+            raise ValueError(
+                f"dataset {dataset.name!r} has no category {category!r}; "
+                f"it has {dataset.categories}"
+            )
+    return {
+        "stage": stage,
+        "category": category,
+        "samples": samples,
+        "model_config": dict(settings.model_config),
+        "seed": settings.seed,
+    }
+
+
+@torch.no_grad()
+def calibrate_verifier(model: torch.nn.Module, samples: Sequence[Sample]) -> dict[str, float]:
+    """Fit the verifier's score calibration on the category's validation split."""
+    val = [s for s in samples if s.split == "val"]
+    synthesis = NONE if any(s.is_anomalous for s in val) else PAIRS
+    dataset = ImageTensorDataset(
+        val, [s.is_anomalous for s in val], model.preprocessing, synthesis=synthesis
+    )
+    raw, truth = [], []
+    for images, target in torch.utils.data.DataLoader(dataset, batch_size=16):
+        raw.append(model.predict(images.contiguous(memory_format=torch.channels_last)).raw_score)
+        truth.append(target > 0.5)
+    scores, labels = torch.cat(raw).numpy(), torch.cat(truth).numpy()
+    good = list(scores[~labels])
+    if len(good) < MIN_CALIBRATION_GOODS:
+        # Too few held-out good parts (tiny datasets): add the training ones, whose
+        # scores run slightly low, rather than fit a spread on one or two values.
+        train = [s for s in samples if s.split == "train" and not s.is_anomalous]
+        train_ds = ImageTensorDataset(train, [0.0] * len(train), model.preprocessing)
+        for images, _ in torch.utils.data.DataLoader(train_ds, batch_size=32):
+            good.extend(model.predict(images).raw_score.tolist())
+    return calibrate(model, good, scores, labels)
+
+
+def train_stage(
+    registry: ArtifactRegistry,
+    dataset: Dataset,
+    stage: str,
+    category: str,
+    settings: TrainSettings,
+    run_name: str | None = None,
+) -> dict[str, Any]:
+    """Train, calibrate, register and promote one stage of one category.
+
+    Returns:
+        A summary: artifact version, best validation metrics, time per epoch, and
+        the refitted decision rule when there is one.
+    """
+    spec = family_spec(dataset, stage, category, settings)
+    name = run_name or f"{dataset.name}-{spec['category']}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    fit = fit_family(spec, settings, name)
+    return register_fit(registry, dataset, spec, settings, fit)
+
+
+def register_fit(
+    registry: ArtifactRegistry,
+    dataset: Dataset,
+    spec: Mapping[str, Any],
+    settings: TrainSettings,
+    fit: FitResult,
+    extra_metrics: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Store a finished run's best weights as the promoted artifact of its stage."""
+    family = build_family(spec)
+    model = family.build_model(pretrained=False)
+    model.load_state_dict(fit.best_state)
+    model.eval()
+    summary: dict[str, Any] = {}
+    if spec["stage"] == VERIFIER:
+        summary["calibration"] = calibrate_verifier(model, family.samples)
+    epoch_seconds = [h["epoch_seconds"] for h in fit.history]
+    hyperparameters = asdict(settings) | {"lr": settings.lr or DEFAULT_LR[spec["stage"]]}
+    metrics = {
+        **{k: v for k, v in fit.best_metrics.items() if isinstance(v, (int, float))},
+        "epochs_run": len(fit.history),
+        "seconds_total": fit.seconds,
+        "seconds_per_epoch": sum(epoch_seconds) / max(1, len(epoch_seconds)),
+        "history": fit.history,
+        **(extra_metrics or {}),
+    }
+    manifest: Manifest = registry.save(
+        spec["category"],
+        spec["stage"],
+        model.state_dict(),
+        config=model.config.to_dict()
+        | {"training": family.describe(), "hyperparameters": hyperparameters},
+        preprocessing=model.preprocessing.to_dict(),
+        data=fingerprint_samples(dataset.name, family.samples),
+        metrics=metrics,
+        promote=True,
+    )
+    summary |= {
+        "category": spec["category"],
+        "stage": spec["stage"],
+        "version": manifest.version,
+        "best": {k: v for k, v in metrics.items() if k != "history"},
+    }
+    if spec["stage"] in (DETECTOR, VERIFIER) and DETECTOR in registry.stages(spec["category"]):
+        summary["decision"] = fit_decision(registry, family.samples, spec["category"])
+    return summary
+
+
+STAGES_IN_ORDER = (ROUTER, DETECTOR, VERIFIER)  # "all": the decision is fitted after the verifier
