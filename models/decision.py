@@ -2,9 +2,13 @@
 
 Outside ``[lo, hi]`` the detector's probability ``p`` decides alone (``p >=
 threshold`` is defective). Inside, the verifier's calibrated score ``v`` is fused,
-``f = w·p + (1 - w)·v``, and ``f >= fused_threshold`` is defective. So that one
-score orders every image, an in-band image's final anomaly score is ``f`` mapped
-linearly into ``[lo, hi]``.
+``f = w·p + (1 - w)·v``, and ``f >= fused_threshold`` is defective.
+
+The final anomaly score is one scale for every image and every category: ``p`` is
+mapped piecewise-linearly so that the category's threshold lands on 0.5, and an
+in-band image's ``f`` is mapped into the band's part of that scale with its own
+threshold on 0.5. So ``anomaly_score >= 0.5`` means defective everywhere, and
+scores of different categories can be ranked together.
 
 The band, the weight and both thresholds are chosen on validation data
 (:func:`fit_decision_rule`) and stored in the ``decision`` artifact of the category.
@@ -74,12 +78,26 @@ class DecisionRule:
             ValueError: the probability is in the band but no verifier score is given.
         """
         if not self.needs_verifier(probability):
-            return Decision(probability >= self.threshold, float(probability), DETECTOR)
+            score = _centre(probability, self.threshold)
+            return Decision(probability >= self.threshold, score, DETECTOR)
         if verifier_score is None:
             raise ValueError(f"probability {probability:.3f} is in the band: need a verifier score")
         fused = self.fusion_weight * probability + (1.0 - self.fusion_weight) * verifier_score
-        score = self.lo + (self.hi - self.lo) * fused
-        return Decision(fused >= self.fused_threshold, float(score), VERIFIER)
+        low, high = _centre(self.lo, self.threshold), _centre(self.hi, self.threshold)
+        # Where 0.5 falls inside the band's stretch of the final scale.
+        middle = (0.5 - low) / (high - low) if high > low else 0.5
+        score = low + (high - low) * _centre(fused, self.fused_threshold, middle)
+        return Decision(fused >= self.fused_threshold, score, VERIFIER)
+
+
+def _centre(value: float, threshold: float, target: float = 0.5) -> float:
+    """Map [0, 1] onto [0, 1] piecewise-linearly, sending ``threshold`` to ``target``."""
+    value = min(1.0, max(0.0, float(value)))
+    if value < threshold:
+        return target * value / threshold
+    if threshold >= 1.0:
+        return 1.0
+    return target + (1.0 - target) * (value - threshold) / (1.0 - threshold)
 
 
 def _best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:

@@ -100,8 +100,9 @@ def sweep_stage(
     # itself asks for no CPU (a token byte of memory: Tune refuses empty requests)
     # and trials run as many at a time as their workers fit.
     concurrent = max(1, int(_cluster_cpus() // (cpus_per_worker(settings) * settings.num_workers)))
+    trainable = tune.with_parameters(_trial, spec=spec, settings=settings)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, spec=spec, settings=settings), {"memory": 1}),
+        tune.with_resources(trainable, {"memory": 1}),
         param_space=search_space(stage),
         tune_config=tune.TuneConfig(
             metric=metric,

@@ -123,11 +123,15 @@ def evaluate(
             rate = done / (time.perf_counter() - started)
             print(f"eval {done}/{len(samples)} images ({rate:.1f} img/s)", file=sys.stderr)
     thresholds = {c: s.rule.threshold for c, s in pipeline.stages.items()}
-    metrics: dict[str, Any] = {"dataset": dataset.name, "split": split}
+    # The final anomaly score puts every category's decision threshold at 0.5.
+    metrics: dict[str, Any] = {"dataset": dataset.name, "split": split, "threshold": 0.5}
     metrics |= binary_metrics(records, thresholds)
     metrics["per_category"] = {
         category: binary_metrics([r for r in records if r.category == category], thresholds)
-        | {"threshold": stage.rule.threshold, "band": [stage.rule.lo, stage.rule.hi]}
+        | {
+            "detector_threshold": stage.rule.threshold,
+            "detector_band": [stage.rule.lo, stage.rule.hi],
+        }
         for category, stage in sorted(pipeline.stages.items())
         if any(r.category == category for r in records)
     }

@@ -121,7 +121,25 @@ class DetectorFamily(TrainingFamily):
         return SUPERVISED if any(s.is_anomalous for s in self.split("train")) else NORMAL_ONLY
 
     def describe(self) -> dict[str, Any]:  # noqa: D102
-        return super().describe() | {"mode": self.mode}
+        return super().describe() | {"mode": self.mode, "soft_targets": self.soft_targets}
+
+    @property
+    def soft_targets(self) -> bool:
+        """Whether the training split has graded severities (ELPV) used as targets."""
+        return any(s.severity is not None for s in self.split("train"))
+
+    @staticmethod
+    def target(sample: Sample) -> float:
+        """The training target: the graded severity when known, else 0 or 1.
+
+        ELPV's experts gave each cell a defect probability (0, 1/3, 2/3, 1); training
+        on it, rather than on the thresholded label, tells the network that a
+        1/3 cell is neither clean nor a sure defect, and its output stays a
+        probability whose 0.5 cut is the binary task's.
+        """
+        if sample.severity is not None:
+            return float(sample.severity)
+        return float(sample.is_anomalous)
 
     def build_model(self, pretrained: bool = True) -> AnomalyDetector:  # noqa: D102
         return AnomalyDetector(AnomalyDetectorConfig.from_dict(self.model_config), pretrained)
@@ -132,7 +150,7 @@ class DetectorFamily(TrainingFamily):
             train = [s for s in train if s.label == GOOD]
         train_ds = ImageTensorDataset(
             train,
-            [s.is_anomalous for s in train],
+            [self.target(s) for s in train],
             model.preprocessing,
             augment=True,
             synthesis=RANDOM if self.mode == NORMAL_ONLY else NONE,
@@ -148,7 +166,7 @@ class DetectorFamily(TrainingFamily):
 
     def loss(self, train: ImageTensorDataset) -> Loss:
         """Binary cross-entropy, defects weighted by the good:defect ratio (class weights)."""
-        targets = np.asarray(train.targets)
+        targets = np.asarray(train.targets) >= 0.5
         n_pos = targets.sum()
         ratio = (len(targets) - n_pos) / n_pos if self.mode == SUPERVISED and n_pos else 1.0
         pos_weight = torch.tensor(float(ratio))

@@ -80,3 +80,25 @@ def test_fit_threshold_maximises_accuracy():
     assert figures["val_accuracy_detector"] == 1.0
     with pytest.raises(ValueError):
         fit_decision_rule([0.5], None, [True, False])
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        DecisionRule(threshold=0.2, lo=0.1, hi=0.6, fusion_weight=0.25, fused_threshold=0.7),
+        DecisionRule(threshold=0.8, lo=0.8, hi=0.8),
+        DecisionRule(threshold=0.5, lo=0.0, hi=1.0, fusion_weight=0.0, fused_threshold=0.1),
+    ],
+)
+def test_final_score_is_one_scale_where_half_means_defective(rule):
+    grid = np.linspace(0.0, 1.0, 41)
+    outside = []
+    for p in grid:
+        for v in grid:
+            decision = rule.decide(p, v)
+            assert 0.0 <= decision.anomaly_score <= 1.0
+            assert (decision.anomaly_score >= 0.5) == decision.defective, (p, v, decision)
+        if not rule.needs_verifier(p):
+            outside.append(rule.decide(p).anomaly_score)
+    # Outside the band the score grows with the detector's probability.
+    assert outside == sorted(outside)

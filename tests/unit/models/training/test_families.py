@@ -81,3 +81,25 @@ def test_bad_specs_are_refused(tmp_path):
         build_family(_spec("detector", samples))
     with pytest.raises(ValueError, match="unknown stage"):
         build_family(_spec("classifier", samples))
+
+
+def test_graded_severity_is_the_detector_target(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good", "d33", "d67", "d100"], "val": ["good", "d100"]})
+    levels = {"good": 0.0, "d33": 1 / 3, "d67": 2 / 3, "d100": 1.0}
+    samples = [
+        Sample(
+            s.image_path,
+            s.category,
+            s.label,
+            s.split,
+            severity=levels[s.label],
+            sample_id=s.sample_id,
+        )
+        for s in samples
+    ]
+    family = build_family(_spec("detector", samples))
+    assert family.soft_targets and family.describe()["soft_targets"]
+    train, val = family.datasets(family.build_model(pretrained=False))
+    assert sorted(set(train.targets)) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    # Validation keeps the binary truth (defective from 0.5 up).
+    assert sorted(val.targets) == [0.0, 1.0]

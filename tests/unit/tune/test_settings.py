@@ -1,0 +1,76 @@
+"""The driver's plain parts: the loop config, the schedule, the optimizer, the search space."""
+
+import math
+
+import pytest
+import torch
+from ray import tune
+
+from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
+from tune.loop import _improved, build_optimizer, warmup_cosine
+from tune.sweep import BATCH_SIZES, OPTIMIZERS, search_space
+from tune.trainer import DEFAULT_LR, TrainSettings, loop_config
+
+
+def test_loop_config_defaults_and_router_epoch_cap():
+    settings = TrainSettings(epochs=12)
+    config = loop_config({"stage": "detector"}, settings, threads=2)
+    assert config["lr"] == DEFAULT_LR["detector"] and config["epochs"] == 12
+    assert config["backbone_lr_scale"] < 1 and config["threads"] == 2
+    assert loop_config({"stage": "router"}, settings, threads=1)["epochs"] == 4
+    assert loop_config({"stage": "verifier"}, TrainSettings(lr=0.5), 1)["lr"] == 0.5
+
+
+def test_backbone_learns_slower_than_the_head():
+    model = AnomalyDetector(AnomalyDetectorConfig(input_size=32), pretrained=False)
+    for name in ("adamw", "sgd"):
+        optimizer = build_optimizer(
+            model, {"lr": 1e-3, "backbone_lr_scale": 0.1, "optimizer": name, "weight_decay": 0}
+        )
+        head, backbone = optimizer.param_groups
+        assert head["lr"] == pytest.approx(1e-3) and backbone["lr"] == pytest.approx(1e-4)
+        assert {id(p) for p in head["params"]} == {id(p) for p in model.head_parameters()}
+    with pytest.raises(ValueError, match="adamw or sgd"):
+        build_optimizer(
+            model, {"lr": 1, "backbone_lr_scale": 1, "optimizer": "lion", "weight_decay": 0}
+        )
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(55) < factor(20) and factor(99) == pytest.approx(0.05, abs=0.01)
+    scheduler_lrs = []
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    for _ in range(100):
+        scheduler_lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(scheduler_lrs) == pytest.approx(1.0) and min(scheduler_lrs) >= 0.05 - 1e-9
+
+
+def test_early_stopping_prefers_the_metric_then_the_loss():
+    best = {"val_auroc": 0.9, "val_loss": 0.5}
+    assert _improved({"val_auroc": 0.95, "val_loss": 0.9}, best, "val_auroc")
+    assert not _improved({"val_auroc": 0.85, "val_loss": 0.1}, best, "val_auroc")
+    assert _improved({"val_auroc": 0.9, "val_loss": 0.4}, best, "val_auroc")
+    assert not _improved({"val_auroc": 0.9, "val_loss": 0.6}, best, "val_auroc")
+    assert _improved({"val_auroc": 0.5, "val_loss": 1.0}, None, "val_auroc")
+    assert _improved(
+        {"val_auroc": 0.5, "val_loss": 1.0}, {"val_auroc": math.nan, "val_loss": 1.0}, "val_auroc"
+    )
+
+
+def test_search_space_is_the_documented_one():
+    space = search_space("detector")
+    assert isinstance(space["lr"], tune.search.sample.Float)
+    samples = [space["lr"].sample() for _ in range(200)]
+    low, high = DEFAULT_LR["detector"] / 10, DEFAULT_LR["detector"] * 10
+    assert all(low <= s <= high for s in samples)
+    # Log-uniform: about half the draws fall below the geometric middle.
+    below = sum(s < math.sqrt(low * high) for s in samples)
+    assert 60 < below < 140
+    assert space["batch_size"].categories == list(BATCH_SIZES) == [8, 16, 32]
+    assert space["optimizer"].categories == list(OPTIMIZERS) == ["adamw", "sgd"]
