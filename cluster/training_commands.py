@@ -14,6 +14,7 @@ each epoch prints a log line; the result is printed as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -90,12 +91,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     dataset, registry = _load(args)
     settings = _settings(args, args.max_epochs)
-    sweeps = [
-        sweep_stage(
-            registry, dataset, args.stage, category, args.num_samples, settings, args.mlflow_uri
-        )
-        for category in _categories(dataset, args.category)
-    ]
+    # Tune prints its trial table on stdout; this command's stdout is its JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        sweeps = [
+            sweep_stage(
+                registry, dataset, args.stage, category, args.num_samples, settings, args.mlflow_uri
+            )
+            for category in _categories(dataset, args.category)
+        ]
     from cluster.cli import _print_json
 
     _print_json({"dataset": dataset.name, "stage": args.stage, "sweeps": sweeps})

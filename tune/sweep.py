@@ -161,8 +161,11 @@ def sweep_stage(
         checkpoint_path=best["checkpoint_path"],
     )
     sweep = [{k: v for k, v in t.items() if k != "checkpoint_path"} for t in trials]
+    # The sweep's winner replaces production only if it validates better than it.
+    incumbent = _production_metric(registry, spec["category"], stage, metric)
+    promote = incumbent is None or best["best_metric"] > incumbent
     registered = register_fit(
-        registry, dataset, spec, best_settings, fit, extra_metrics={"sweep": sweep}
+        registry, dataset, spec, best_settings, fit, extra_metrics={"sweep": sweep}, promote=promote
     )
     return {
         "experiment": str(Path(storage_uri(settings.storage_path)) / name),
@@ -173,8 +176,20 @@ def sweep_stage(
             "config": best["config"],
             metric: best["best_metric"],
         },
-        "promoted": {k: registered[k] for k in ("category", "stage", "version")},
+        "registered": {k: registered[k] for k in ("category", "stage", "version")},
+        "promoted": promote,
+        "production_" + metric: incumbent,
     }
+
+
+def _production_metric(
+    registry: ArtifactRegistry, category: str, stage: str, metric: str
+) -> float | None:
+    """The validation metric of the version in production, if there is one."""
+    if category not in registry.categories() or stage not in registry.stages(category):
+        return None
+    value = registry.manifest(category, stage).metrics.get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _cluster_cpus() -> float:

@@ -250,8 +250,9 @@ def register_fit(
     settings: TrainSettings,
     fit: FitResult,
     extra_metrics: Mapping[str, Any] | None = None,
+    promote: bool = True,
 ) -> dict[str, Any]:
-    """Store a finished run's best weights as the promoted artifact of its stage."""
+    """Store a finished run's best weights as a new version of its stage, promoted or not."""
     family = build_family(spec)
     model = family.build_model(pretrained=False)
     model.load_state_dict(fit.best_state)
@@ -278,7 +279,7 @@ def register_fit(
         preprocessing=model.preprocessing.to_dict(),
         data=fingerprint_samples(dataset.name, family.samples),
         metrics=metrics,
-        promote=True,
+        promote=promote,
     )
     summary |= {
         "category": spec["category"],
@@ -286,6 +287,9 @@ def register_fit(
         "version": manifest.version,
         "best": {k: v for k, v in metrics.items() if k != "history"},
     }
+    summary["promoted"] = promote
+    if not promote:
+        return summary
     if spec["stage"] in (DETECTOR, VERIFIER) and DETECTOR in registry.stages(spec["category"]):
         summary["decision"] = fit_decision(registry, family.samples, spec["category"])
     return summary

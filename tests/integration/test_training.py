@@ -20,7 +20,7 @@ from models.artifacts import ArtifactRegistry
 from models.data import load_dataset
 from models.data.synthetic import generate
 from models.stages import ROUTER_CATEGORY
-from tune.trainer import TrainSettings, family_spec, fit_family, train_stage
+from tune.trainer import DEFAULT_LR, TrainSettings, family_spec, fit_family, train_stage
 
 pytestmark = pytest.mark.slow
 CATEGORY = "brushed_metal"
@@ -207,8 +207,22 @@ def test_tune_sweep_promotes_the_best_trial(ray_cluster, synth_root, tmp_path):
     for trial in result["trials"]:
         assert trial["config"]["batch_size"] in (8, 16, 32)
         assert trial["config"]["optimizer"] in ("adamw", "sgd")
-        assert 1e-4 <= trial["config"]["lr"] <= 1e-2
-    assert result["promoted"]["version"] == "v1"
+        assert DEFAULT_LR["detector"] / 10 <= trial["config"]["lr"] <= DEFAULT_LR["detector"] * 10
+    assert result["registered"]["version"] == "v1" and result["promoted"] is True
     manifest = registry.manifest(CATEGORY, "detector")
     assert manifest.metrics["sweep"][0]["trial_id"]
     assert list(Path(result["experiment"]).rglob("events.out.tfevents*")), "no TensorBoard events"
+    # A production version that validates better is not replaced by the sweep.
+    registry.save(
+        CATEGORY,
+        "detector",
+        registry.load(CATEGORY, "detector").state_dict,
+        config=manifest.config,
+        preprocessing=manifest.preprocessing,
+        data=manifest.data,
+        metrics=manifest.metrics | {"val_auroc": 2.0},
+        promote=True,
+    )
+    again = sweep_stage(registry, dataset, "detector", CATEGORY, 1, _settings(tmp_path))
+    assert again["promoted"] is False and again["registered"]["version"] == "v3"
+    assert registry.resolve(CATEGORY, "detector", "production") == "v2"
