@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from models.backbone import Preprocessing, create_backbone
+from models.backbone import BackboneStage, Preprocessing, create_backbone
 from models.gradcam import grad_cam
 
 
@@ -69,20 +69,7 @@ class DetectorOutput(NamedTuple):
     heatmap: torch.Tensor | None = None
 
 
-def freeze_early_stages(backbone: nn.Module, n_blocks: int) -> list[nn.Module]:
-    """Freeze the stem and the first ``n_blocks`` blocks of a timm EfficientNet.
-
-    Returns:
-        The frozen modules; :meth:`nn.Module.train` must keep them in eval mode so
-        their batch-norm statistics stay the pretrained ones.
-    """
-    frozen: list[nn.Module] = [backbone.conv_stem, backbone.bn1, *backbone.blocks[:n_blocks]]
-    for module in frozen:
-        module.requires_grad_(False)
-    return frozen
-
-
-class AnomalyDetector(nn.Module):
+class AnomalyDetector(BackboneStage):
     """Binary anomaly classifier: ImageNet backbone, pooled features, one logit.
 
     Args:
@@ -96,21 +83,11 @@ class AnomalyDetector(nn.Module):
         self.config = config
         self.preprocessing = config.preprocessing()
         self.backbone, _ = create_backbone(config.backbone, pretrained=pretrained, num_classes=0)
-        self._frozen = freeze_early_stages(self.backbone, config.freeze_stages)
+        blocks = self.backbone.blocks[: config.freeze_stages]
+        self.freeze(self.backbone.conv_stem, self.backbone.bn1, *blocks)
         self.head = nn.Sequential(
             nn.Dropout(config.dropout), nn.Linear(self.backbone.num_features, 1)
         )
-
-    def train(self, mode: bool = True) -> AnomalyDetector:
-        """Set the training mode, keeping the frozen stages in eval mode."""
-        super().train(mode)
-        for module in self._frozen:
-            module.eval()
-        return self
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """Trainable backbone parameters (trained at a lower learning rate)."""
-        return (p for p in self.backbone.parameters() if p.requires_grad)
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the freshly initialised head."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import Preprocessing, create_backbone
+from models.backbone import BackboneStage, Preprocessing, create_backbone
 
 # Backbone blocks whose outputs form the feature map: EfficientNet-Lite0 blocks 2
 # (40 channels, stride 8) and 4 (112 channels, stride 16), the mid-level features
@@ -85,7 +85,7 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class AutoencoderVerifier(nn.Module):
+class AutoencoderVerifier(BackboneStage):
     """Frozen multi-scale backbone features → 1x1-conv autoencoder → error map and score."""
 
     def __init__(self, config: AutoencoderVerifierConfig, pretrained: bool = True) -> None:
@@ -93,7 +93,7 @@ class AutoencoderVerifier(nn.Module):
         self.config = config
         self.preprocessing = config.preprocessing()
         self.backbone, _ = create_backbone(config.backbone, pretrained=pretrained, num_classes=0)
-        self.backbone.requires_grad_(False)
+        self.freeze(self.backbone)
         channels = sum(self.backbone.blocks[i][-1].conv_pwl.out_channels for i in FEATURE_BLOCKS)
         # Standardises each feature channel with statistics of good parts.
         self.feature_norm = nn.BatchNorm2d(channels, affine=False)
@@ -108,16 +108,6 @@ class AutoencoderVerifier(nn.Module):
         self.register_buffer("score_scale", torch.tensor(1.0))
         self.register_buffer("platt_a", torch.tensor(1.0))
         self.register_buffer("platt_b", torch.tensor(-3.0))
-
-    def train(self, mode: bool = True) -> AutoencoderVerifier:
-        """Set the mode; the frozen backbone always runs in eval mode."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """None: the backbone is frozen."""
-        return iter(())
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """The autoencoder."""

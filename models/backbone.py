@@ -17,9 +17,9 @@ into every artifact, so training and serving cannot drift apart.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Self
 
 import timm
 import torch
@@ -227,6 +227,37 @@ def create_backbone(
     if num_classes != 1000:
         model.reset_classifier(num_classes)
     return model, weights.preprocessing
+
+
+class BackboneStage(nn.Module):
+    """Base of the stage models: a timm backbone, parts of which stay frozen.
+
+    Frozen modules keep their ImageNet weights and their batch-norm statistics:
+    :meth:`freeze` stops their gradients and :meth:`train` keeps them in eval mode.
+    """
+
+    backbone: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frozen: list[nn.Module] = []
+
+    def freeze(self, *modules: nn.Module) -> None:
+        """Freeze these modules for good."""
+        for module in modules:
+            module.requires_grad_(False)
+        self._frozen.extend(modules)
+
+    def train(self, mode: bool = True) -> Self:
+        """Set the training mode, keeping the frozen modules in eval mode."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable backbone parameters (trained at a lower learning rate than the head)."""
+        return (p for p in self.backbone.parameters() if p.requires_grad)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from models.backbone import Preprocessing, create_backbone
+from models.backbone import BackboneStage, Preprocessing, create_backbone
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class RouterOutput(NamedTuple):
     probabilities: torch.Tensor
 
 
-class CategoryRouter(nn.Module):
+class CategoryRouter(BackboneStage):
     """Frozen backbone, trained linear head over the categories."""
 
     def __init__(self, config: CategoryRouterConfig, pretrained: bool = True) -> None:
@@ -64,18 +64,8 @@ class CategoryRouter(nn.Module):
         self.config = config
         self.preprocessing = config.preprocessing()
         self.backbone, _ = create_backbone(config.backbone, pretrained=pretrained, num_classes=0)
-        self.backbone.requires_grad_(False)
+        self.freeze(self.backbone)
         self.head = nn.Linear(self.backbone.num_features, len(config.categories))
-
-    def train(self, mode: bool = True) -> CategoryRouter:
-        """Set the mode; the frozen backbone always runs in eval mode."""
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """None: the backbone is frozen."""
-        return iter(())
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """The linear head."""

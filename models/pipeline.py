@@ -12,7 +12,7 @@ Evaluation runs it over a test split; serving follows the same rule stage by sta
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from PIL import Image
 
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.data.sample import Sample
-from models.data.tensors import NONE, PAIRS, ImageTensorDataset
+from models.data.tensors import predict_all, validation_dataset
 from models.decision import DecisionRule, fit_decision_rule
 from models.stages import (
     DECISION,
@@ -293,22 +293,19 @@ class InspectionPipeline:
         return inspections
 
 
-@torch.no_grad()
-def _validation_scores(
-    stage: LoadedStage, samples: Sequence[Sample], synthesis: str, verifier: bool
+def validation_scores(
+    model: torch.nn.Module, samples: Sequence[Sample], pick: Callable[[Any], torch.Tensor]
 ) -> tuple[np.ndarray, np.ndarray]:
-    model = stage.model
-    dataset = ImageTensorDataset(
-        samples, [s.is_anomalous for s in samples], model.preprocessing, synthesis=synthesis
+    """One score per validation image, and the binary truth.
+
+    ``pick`` selects the score from ``model.predict``'s output; the images are
+    :func:`~models.data.tensors.validation_dataset`'s.
+    """
+    loader = torch.utils.data.DataLoader(
+        validation_dataset(samples, model.preprocessing), batch_size=16
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
-    device = next(model.parameters()).device
-    scores, targets = [], []
-    for images, target in loader:
-        output = model.predict(images.to(device).contiguous(memory_format=torch.channels_last))
-        scores.append((output.score if verifier else output.probability).cpu())
-        targets.append(target)
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy() > 0.5
+    scores, targets = predict_all(model, loader, lambda m, x: pick(m.predict(x)))
+    return scores, targets > 0.5
 
 
 def fit_decision(
@@ -326,14 +323,13 @@ def fit_decision(
     val = [s for s in samples if s.category == category and s.split == "val"]
     if not val:
         raise ValueError(f"category {category!r} has no validation images")
-    synthesis = NONE if any(s.is_anomalous for s in val) else PAIRS
     detector = load_stage(registry, category, DETECTOR)
-    probabilities, truth = _validation_scores(detector, val, synthesis, verifier=False)
+    probabilities, truth = validation_scores(detector.model, val, lambda out: out.probability)
     verifier_scores = None
     fitted_on = {"detector_version": detector.manifest.version}
     if VERIFIER in registry.stages(category):
         verifier = load_stage(registry, category, VERIFIER)
-        verifier_scores, _ = _validation_scores(verifier, val, synthesis, verifier=True)
+        verifier_scores, _ = validation_scores(verifier.model, val, lambda out: out.score)
         fitted_on["verifier_version"] = verifier.manifest.version
     rule, figures = fit_decision_rule(probabilities, verifier_scores, truth)
     manifest = save_decision(

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
@@ -32,7 +33,6 @@ from tune.trainer import (
     ensure_ray,
     family_spec,
     make_trainer,
-    read_checkpoint,
     register_fit,
     storage_uri,
 )
@@ -150,16 +150,7 @@ def sweep_stage(
         trial["best"] = trial is best
     best_settings = dataclasses.replace(settings, **best["config"])
     # The reported checkpoint is the trial's last; it carries the trial's best weights.
-    import ray.train
-
-    payload = read_checkpoint(ray.train.Checkpoint(best["checkpoint_path"]))
-    fit = FitResult(
-        best_state=payload["best_state"],
-        best_metrics=payload["best"],
-        history=payload["history"],
-        seconds=sum(h["epoch_seconds"] for h in payload["history"]),
-        checkpoint_path=best["checkpoint_path"],
-    )
+    fit = FitResult.from_checkpoint(ray.train.Checkpoint(best["checkpoint_path"]))
     sweep = [{k: v for k, v in t.items() if k != "checkpoint_path"} for t in trials]
     # The sweep's winner replaces production only if it validates better than it.
     incumbent = _production_metric(registry, spec["category"], stage, metric)
@@ -193,6 +184,4 @@ def _production_metric(
 
 
 def _cluster_cpus() -> float:
-    import ray
-
     return ray.cluster_resources().get("CPU", 1.0)

@@ -22,10 +22,10 @@ from ray.train.torch import TorchTrainer
 
 from models.artifacts import ArtifactRegistry, Manifest
 from models.autoencoder_verifier import calibrate
-from models.data import Dataset, Sample
+from models.data import GOOD, Dataset, Sample
 from models.data.fingerprint import fingerprint_samples
-from models.data.tensors import NONE, PAIRS, ImageTensorDataset
-from models.pipeline import fit_decision
+from models.data.tensors import ImageTensorDataset, predict_all
+from models.pipeline import fit_decision, validation_scores
 from models.stages import DETECTOR, ROUTER, ROUTER_CATEGORY, VERIFIER
 from models.training import FAMILIES, build_family
 from tune.loop import CHECKPOINT_FILE, train_loop_per_worker
@@ -83,6 +83,22 @@ class FitResult:
     history: list[dict[str, float]]
     seconds: float
     checkpoint_path: str
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: ray.train.Checkpoint, seconds: float | None = None
+    ) -> FitResult:
+        """Read the payload the loop saved; ``seconds`` defaults to the epochs' sum."""
+        with checkpoint.as_directory() as folder:
+            payload = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
+        history = payload["history"]
+        return cls(
+            best_state=payload["best_state"],
+            best_metrics=payload["best"],
+            history=history,
+            seconds=seconds if seconds is not None else sum(h["epoch_seconds"] for h in history),
+            checkpoint_path=checkpoint.path,
+        )
 
 
 def ensure_ray() -> None:
@@ -153,12 +169,6 @@ def make_trainer(
     )
 
 
-def read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    """The payload the loop saved."""
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
-
-
 def fit_family(spec: Mapping[str, Any], settings: TrainSettings, name: str) -> FitResult:
     """Train one family run on Ray and return its best weights and history."""
     ensure_ray()
@@ -166,14 +176,7 @@ def fit_family(spec: Mapping[str, Any], settings: TrainSettings, name: str) -> F
     result = make_trainer(spec, settings, name).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} reported no checkpoint")
-    payload = read_checkpoint(result.checkpoint)
-    return FitResult(
-        best_state=payload["best_state"],
-        best_metrics=payload["best"],
-        history=payload["history"],
-        seconds=time.perf_counter() - started,
-        checkpoint_path=result.checkpoint.path,
-    )
+    return FitResult.from_checkpoint(result.checkpoint, time.perf_counter() - started)
 
 
 def family_spec(
@@ -199,27 +202,21 @@ def family_spec(
     }
 
 
-@torch.no_grad()
 def calibrate_verifier(model: torch.nn.Module, samples: Sequence[Sample]) -> dict[str, float]:
     """Fit the verifier's score calibration on the category's validation split."""
     val = [s for s in samples if s.split == "val"]
-    synthesis = NONE if any(s.is_anomalous for s in val) else PAIRS
-    dataset = ImageTensorDataset(
-        val, [s.is_anomalous for s in val], model.preprocessing, synthesis=synthesis
-    )
-    raw, truth = [], []
-    for images, target in torch.utils.data.DataLoader(dataset, batch_size=16):
-        raw.append(model.predict(images.contiguous(memory_format=torch.channels_last)).raw_score)
-        truth.append(target > 0.5)
-    scores, labels = torch.cat(raw).numpy(), torch.cat(truth).numpy()
+    scores, labels = validation_scores(model, val, lambda out: out.raw_score)
     good = list(scores[~labels])
     if len(good) < MIN_CALIBRATION_GOODS:
-        # Too few held-out good parts (tiny datasets): add the training ones, whose
-        # scores run slightly low, rather than fit a spread on one or two values.
-        train = [s for s in samples if s.split == "train" and not s.is_anomalous]
-        train_ds = ImageTensorDataset(train, [0.0] * len(train), model.preprocessing)
-        for images, _ in torch.utils.data.DataLoader(train_ds, batch_size=32):
-            good.extend(model.predict(images).raw_score.tolist())
+        # Too few held-out good parts (tiny datasets): add the training ones the
+        # verifier learnt from, whose scores run slightly low, rather than fit a
+        # spread on one or two values.
+        train = [s for s in samples if s.split == "train" and s.label == GOOD]
+        loader = torch.utils.data.DataLoader(
+            ImageTensorDataset(train, [0.0] * len(train), model.preprocessing), batch_size=16
+        )
+        raw, _ = predict_all(model, loader, lambda m, x: m.predict(x).raw_score)
+        good.extend(raw.tolist())
     return calibrate(model, good, scores, labels)
 
 

@@ -8,9 +8,12 @@ time decoding PNGs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from models.backbone import Preprocessing
@@ -102,3 +105,38 @@ class ImageTensorDataset(TorchDataset):
         if self.synthesis == PAIRS:
             return self.targets + [1.0] * len(self.samples)
         return list(self.targets)
+
+
+def validation_dataset(
+    samples: Sequence[Sample], preprocessing: Preprocessing
+) -> ImageTensorDataset:
+    """A validation split with binary targets.
+
+    Without real defects it is completed with fixed synthetic ones, so AUROC,
+    thresholds and calibration stay defined.
+    """
+    synthesis = NONE if any(s.is_anomalous for s in samples) else PAIRS
+    return ImageTensorDataset(
+        samples, [s.is_anomalous for s in samples], preprocessing, synthesis=synthesis
+    )
+
+
+@torch.no_grad()
+def predict_all(
+    model: nn.Module,
+    loader: DataLoader,
+    score: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``score(model, images)`` over a loader in eval mode.
+
+    Returns:
+        ``(outputs, targets)`` as numpy arrays, in the loader's order.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    outputs, targets = [], []
+    for images, target in loader:
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        outputs.append(score(model, images).float().cpu())
+        targets.append(target)
+    return torch.cat(outputs).numpy(), torch.cat(targets).numpy()

@@ -20,7 +20,13 @@ from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
 from models.category_router import CategoryRouter, CategoryRouterConfig
 from models.data.sample import GOOD, Sample
-from models.data.tensors import NONE, PAIRS, RANDOM, ImageTensorDataset
+from models.data.tensors import (
+    NONE,
+    RANDOM,
+    ImageTensorDataset,
+    predict_all,
+    validation_dataset,
+)
 from models.metrics import image_auroc
 
 SUPERVISED, NORMAL_ONLY = "supervised", "normal-only"
@@ -30,20 +36,6 @@ Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper."""
     return getattr(model, "module", model)
-
-
-@torch.no_grad()
-def _predict_all(
-    model: nn.Module, loader: DataLoader, score: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
-    device = next(model.parameters()).device
-    outputs, targets = [], []
-    for images, target in loader:
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
-        outputs.append(score(model, images).float().cpu())
-        targets.append(target)
-    return torch.cat(outputs).numpy(), torch.cat(targets).numpy()
 
 
 class TrainingFamily:
@@ -157,12 +149,7 @@ class DetectorFamily(TrainingFamily):
             seed=self.seed,
             repeat=self.repeat(len(train)),
         )
-        # Without real defects in validation, the metric is measured on synthetic ones.
-        val_synthesis = NONE if any(s.is_anomalous for s in val) else PAIRS
-        val_ds = ImageTensorDataset(
-            val, [s.is_anomalous for s in val], model.preprocessing, synthesis=val_synthesis
-        )
-        return train_ds, val_ds
+        return train_ds, validation_dataset(val, model.preprocessing)
 
     def loss(self, train: ImageTensorDataset) -> Loss:
         """Binary cross-entropy, defects weighted by the good:defect ratio (class weights)."""
@@ -180,7 +167,7 @@ class DetectorFamily(TrainingFamily):
         return bce
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
-        logits, target = _predict_all(model, loader, lambda m, x: m(x))
+        logits, target = predict_all(model, loader, lambda m, x: m(x))
         probability = 1.0 / (1.0 + np.exp(-logits))
         loss = F.binary_cross_entropy_with_logits(
             torch.from_numpy(logits), torch.from_numpy(target)
@@ -215,11 +202,7 @@ class VerifierFamily(TrainingFamily):
             seed=self.seed,
             repeat=self.repeat(len(train)),
         )
-        val_synthesis = NONE if any(s.is_anomalous for s in val) else PAIRS
-        val_ds = ImageTensorDataset(
-            val, [s.is_anomalous for s in val], model.preprocessing, synthesis=val_synthesis
-        )
-        return train_ds, val_ds
+        return train_ds, validation_dataset(val, model.preprocessing)
 
     def loss(self, train: ImageTensorDataset) -> Loss:
         """Mean squared feature-reconstruction error."""
@@ -227,7 +210,7 @@ class VerifierFamily(TrainingFamily):
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
         verifier = _unwrap(model)
-        raw, target = _predict_all(model, loader, lambda m, x: verifier.raw_score(m(x)))
+        raw, target = predict_all(model, loader, lambda m, x: verifier.raw_score(m(x)))
         good = target < 0.5
         return {
             "val_loss": float(raw[good].mean()) if good.any() else float("nan"),
@@ -280,7 +263,7 @@ class RouterFamily(TrainingFamily):
         return cross_entropy
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
-        logits, target = _predict_all(model, loader, lambda m, x: m(x))
+        logits, target = predict_all(model, loader, lambda m, x: m(x))
         loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target).long())
         return {
             "val_loss": float(loss),
