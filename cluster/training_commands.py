@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -50,6 +51,14 @@ def _settings(args: argparse.Namespace, epochs: int) -> Any:
     from tune.trainer import TrainSettings
 
     overrides = {"input_size": args.input_size} if args.input_size else {}
+    if args.autocontrast is not None:
+        overrides["autocontrast"] = args.autocontrast
+    if args.freeze_stages is not None:
+        if args.stage not in ("detector", "all"):
+            from models.config import ConfigError
+
+            raise ConfigError(f"--freeze-stages applies to the detector, not the {args.stage}")
+        overrides["freeze_stages"] = args.freeze_stages
     return TrainSettings(
         epochs=epochs,
         num_workers=args.num_workers,
@@ -61,6 +70,7 @@ def _settings(args: argparse.Namespace, epochs: int) -> Any:
         seed=args.seed,
         storage_path=args.storage,
         model_config=overrides,
+        augment=args.augment,
     )
 
 
@@ -74,11 +84,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args, args.epochs)
     results = []
     for stage in stages:
+        stage_settings = settings
+        if stage != "detector" and "freeze_stages" in settings.model_config:
+            config = {k: v for k, v in settings.model_config.items() if k != "freeze_stages"}
+            stage_settings = dataclasses.replace(settings, model_config=config)
         for category in categories[:1] if stage == "router" else categories:
             print(
                 f"training {stage} for {category} on {args.num_workers} worker(s)", file=sys.stderr
             )
-            results.append(train_stage(registry, dataset, stage, category, settings))
+            results.append(train_stage(registry, dataset, stage, category, stage_settings))
     from cluster.cli import _print_json
 
     _print_json({"dataset": dataset.name, "registry": registry.uri, "trained": results})
@@ -201,6 +215,24 @@ def _training_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--patience", type=int, default=3, help="early-stopping patience")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--input-size", type=int, help="model input side in pixels (224)")
+    command.add_argument(
+        "--freeze-stages",
+        type=int,
+        help="backbone blocks kept frozen after the stem (detector: 2; 0 fine-tunes all)",
+    )
+    command.add_argument(
+        "--augment",
+        choices=["d4", "flips"],
+        default="d4",
+        help="flips and right-angle turns (d4), or flips only for parts always imaged "
+        "the same way up (ELPV's cells)",
+    )
+    command.add_argument(
+        "--autocontrast",
+        type=float,
+        help="stretch each image's contrast, clipping this percent at each end "
+        "(faint defects on dim images, such as ELPV's micro-cracks)",
+    )
     command.add_argument("--storage", default="runs", help="checkpoint folder or URL")
 
 

@@ -35,6 +35,8 @@ class AnomalyDetectorConfig:
             their ImageNet weights: low-level filters transfer as they are, and on
             a CPU training runs about 1.5x faster.
         dropout: dropout before the binary head.
+        autocontrast: percent clipped at each end of a per-image contrast stretch
+            (0: off); see :class:`~models.backbone.Preprocessing`.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -42,6 +44,7 @@ class AnomalyDetectorConfig:
     resize: int | None = None
     freeze_stages: int = 2
     dropout: float = 0.2
+    autocontrast: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -54,7 +57,11 @@ class AnomalyDetectorConfig:
 
     def preprocessing(self) -> Preprocessing:
         """The transform this model is trained and served with."""
-        return Preprocessing(input_size=self.input_size, resize=self.resize or self.input_size)
+        return Preprocessing(
+            input_size=self.input_size,
+            resize=self.resize or self.input_size,
+            autocontrast=self.autocontrast,
+        )
 
 
 class DetectorOutput(NamedTuple):

@@ -44,12 +44,15 @@ class AutoencoderVerifierConfig:
         hidden: channels of the encoder's layers; the last is the bottleneck.
         top_fraction: the image score is the mean of this share of the highest
             error-map cells (small defects stay visible, single-cell noise does not).
+        autocontrast: percent clipped at each end of a per-image contrast stretch
+            (0: off); see :class:`~models.backbone.Preprocessing`.
     """
 
     backbone: str = "efficientnet_lite0"
     input_size: int = 224
     hidden: tuple[int, ...] = (96, 32)
     top_fraction: float = 0.02
+    autocontrast: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -62,7 +65,9 @@ class AutoencoderVerifierConfig:
 
     def preprocessing(self) -> Preprocessing:
         """The transform this model is trained and served with."""
-        return Preprocessing(input_size=self.input_size, resize=self.input_size)
+        return Preprocessing(
+            input_size=self.input_size, resize=self.input_size, autocontrast=self.autocontrast
+        )
 
 
 class VerifierOutput(NamedTuple):

@@ -16,6 +16,7 @@ into every artifact, so training and serving cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from typing import Any, Self
 
 import timm
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms import v2 as T
 
@@ -39,8 +40,8 @@ class WeightsError(RuntimeError):
 class Preprocessing:
     """How an image becomes the model's input tensor.
 
-    Resize the shorter side to ``resize``, center-crop ``input_size``, scale to
-    [0, 1] and normalize with ``mean``/``std``.
+    Optionally stretch the contrast, then resize the shorter side to ``resize``,
+    center-crop ``input_size``, scale to [0, 1] and normalize with ``mean``/``std``.
 
     Attributes:
         input_size: side of the square input, in pixels.
@@ -48,6 +49,11 @@ class Preprocessing:
         interpolation: ``"bilinear"`` or ``"bicubic"``.
         mean: per-channel mean (RGB, [0, 1] scale).
         std: per-channel standard deviation.
+        autocontrast: when above 0, each image's tones are stretched to the full
+            range after clipping this percent of the darkest and brightest pixels
+            (on luminance, so colours keep their hue). Dim images with faint
+            defects (electroluminescence) gain contrast and lose their
+            brightness differences; 0 leaves images as they are.
     """
 
     input_size: int = 224
@@ -55,6 +61,7 @@ class Preprocessing:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    autocontrast: float = 0.0
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATION:
@@ -66,6 +73,8 @@ class Preprocessing:
                 f"need 16 <= input_size <= resize, got input_size={self.input_size}, "
                 f"resize={self.resize}"
             )
+        if not 0.0 <= self.autocontrast < 50.0:
+            raise ValueError(f"autocontrast must be in [0, 50) percent, got {self.autocontrast}")
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """The eval transform: PIL image (any mode) → float tensor (3, H, W)."""
@@ -77,9 +86,12 @@ class Preprocessing:
         Training caches this result and augments it (flips, synthetic anomalies)
         before :meth:`normalize`, so both halves stay the serving transform.
         """
+        steps: list[Callable[..., Any]] = [T.Lambda(_to_rgb)]
+        if self.autocontrast > 0:
+            steps.append(T.Lambda(functools.partial(_autocontrast, cutoff=self.autocontrast)))
         return T.Compose(
             [
-                T.Lambda(_to_rgb),
+                *steps,
                 T.PILToTensor(),
                 T.Resize(self.resize, interpolation=_INTERPOLATION[self.interpolation]),
                 T.CenterCrop(self.input_size),
@@ -107,6 +119,7 @@ class Preprocessing:
             interpolation=str(data["interpolation"]),
             mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            autocontrast=float(data.get("autocontrast", 0.0)),
         )
 
 
@@ -118,6 +131,10 @@ _INTERPOLATION = {
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _autocontrast(image: Image.Image, cutoff: float) -> Image.Image:
+    return ImageOps.autocontrast(image, cutoff=cutoff, preserve_tone=True)
 
 
 @dataclass(frozen=True)

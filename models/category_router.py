@@ -25,11 +25,14 @@ class CategoryRouterConfig:
         categories: the category names, in the order of the head's outputs.
         backbone: backbone name.
         input_size: side of the square model input in pixels.
+        autocontrast: percent clipped at each end of a per-image contrast stretch
+            (0: off); see :class:`~models.backbone.Preprocessing`.
     """
 
     categories: tuple[str, ...]
     backbone: str = "efficientnet_lite0"
     input_size: int = 224
+    autocontrast: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.categories) < 1 or len(set(self.categories)) != len(self.categories):
@@ -46,7 +49,9 @@ class CategoryRouterConfig:
 
     def preprocessing(self) -> Preprocessing:
         """The transform this model is trained and served with."""
-        return Preprocessing(input_size=self.input_size, resize=self.input_size)
+        return Preprocessing(
+            input_size=self.input_size, resize=self.input_size, autocontrast=self.autocontrast
+        )
 
 
 class RouterOutput(NamedTuple):

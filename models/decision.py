@@ -12,6 +12,13 @@ scores of different categories can be ranked together.
 
 The band, the weight and both thresholds are chosen on validation data
 (:func:`fit_decision_rule`) and stored in the ``decision`` artifact of the category.
+
+A category whose validation split has no real defects (normal-only training) is
+validated on synthetic anomalies, the very kind the detector was trained to find:
+they cannot show where the detector is unsure about real defects, so no band can
+be fitted. Its rule is an ensemble instead (:func:`ensemble_rule`): the band is the
+whole range and the verifier, trained independently on good parts only, is averaged
+with the detector for every part.
 """
 
 from __future__ import annotations
@@ -165,4 +172,38 @@ def fit_decision_rule(
         "val_accuracy_detector": detector_accuracy,
         "val_accuracy_rule": best[0],
         "val_call_rate": best[1],
+    }
+
+
+def ensemble_rule(
+    probabilities: Sequence[float],
+    verifier_scores: Sequence[float],
+    is_anomalous: Sequence[bool],
+) -> tuple[DecisionRule, dict[str, float]]:
+    """The rule of a category validated only on synthetic anomalies.
+
+    Every part is verified and the two scores are averaged with equal weight: the
+    weight cannot be fitted on anomalies the detector was trained on, since there
+    the detector always looks perfect. The detector's threshold and the fused
+    threshold still maximise validation accuracy.
+
+    Returns:
+        ``(rule, fit_metrics)`` with the same keys as :func:`fit_decision_rule`.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    v = np.asarray(verifier_scores, dtype=np.float64)
+    y = np.asarray(is_anomalous, dtype=bool)
+    if not p.shape == v.shape == y.shape or p.size == 0:
+        raise ValueError(
+            f"need one verifier score and label per probability, "
+            f"got {v.shape}, {y.shape} and {p.shape}"
+        )
+    threshold = _best_threshold(p, y, 0.5)
+    fused = 0.5 * p + 0.5 * v
+    cut = _best_threshold(fused, y, 0.5)
+    rule = DecisionRule(threshold, 0.0, 1.0, 0.5, cut)
+    return rule, {
+        "val_accuracy_detector": float(((p >= threshold) == y).mean()),
+        "val_accuracy_rule": float(((fused >= cut) == y).mean()),
+        "val_call_rate": 1.0,
     }

@@ -23,7 +23,7 @@ from PIL import Image
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.data.sample import Sample
 from models.data.tensors import predict_all, validation_dataset
-from models.decision import DecisionRule, fit_decision_rule
+from models.decision import DecisionRule, ensemble_rule, fit_decision_rule
 from models.stages import (
     DECISION,
     DETECTOR,
@@ -315,7 +315,8 @@ def fit_decision(
 
     Uses the production detector and, when there is one, the production verifier.
     A validation split without defects is completed with synthetic ones, as in
-    training.
+    training, and the rule is then the detector-verifier ensemble
+    (:func:`~models.decision.ensemble_rule`).
 
     Returns:
         The rule and its validation figures.
@@ -331,7 +332,10 @@ def fit_decision(
         verifier = load_stage(registry, category, VERIFIER)
         verifier_scores, _ = validation_scores(verifier.model, val, lambda out: out.score)
         fitted_on["verifier_version"] = verifier.manifest.version
-    rule, figures = fit_decision_rule(probabilities, verifier_scores, truth)
+    if verifier_scores is not None and not any(s.is_anomalous for s in val):
+        rule, figures = ensemble_rule(probabilities, verifier_scores, truth)
+    else:
+        rule, figures = fit_decision_rule(probabilities, verifier_scores, truth)
     manifest = save_decision(
         registry, category, rule, fitted_on=fitted_on, metrics=figures | {"n_val": len(truth)}
     )

@@ -55,6 +55,8 @@ class TrainSettings:
         max_failures: worker-group restarts allowed (resuming from the last checkpoint).
         cpus_per_worker: CPU threads per worker (default: the machine's share).
         model_config: overrides of the family's model config.
+        augment: training augmentation: ``d4`` (flips and right-angle turns) or
+            ``flips`` for parts always imaged the same way up.
     """
 
     epochs: int = 8
@@ -72,6 +74,7 @@ class TrainSettings:
     max_failures: int = 2
     cpus_per_worker: int | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
+    augment: str = "d4"
 
 
 @dataclass
@@ -199,6 +202,7 @@ def family_spec(
         "samples": samples,
         "model_config": dict(settings.model_config),
         "seed": settings.seed,
+        "augment": settings.augment,
     }
 
 

@@ -22,6 +22,11 @@ from models.synth_anomalies import synthesize_anomaly
 
 # Synthesis modes for parts with only good training images.
 NONE, RANDOM, PAIRS = "none", "random", "pairs"
+# Augmentation modes: the dihedral group (parts with no canonical orientation), or
+# flips only (parts always imaged the same way up, like ELPV's cells, whose
+# horizontal busbars tell a crack, across them, from the busbars themselves).
+D4, FLIPS = "d4", "flips"
+AUGMENTATIONS = (NONE, FLIPS, D4)
 
 
 class ImageTensorDataset(TorchDataset):
@@ -31,8 +36,9 @@ class ImageTensorDataset(TorchDataset):
         samples: the images.
         targets: one number per sample (binary label or class index).
         preprocessing: the model's transform.
-        augment: random flips and right-angle rotations (industrial parts have no
-            canonical orientation at this scale).
+        augment: ``"none"``; ``"flips"``: random horizontal and vertical flips;
+            ``"d4"``: flips and right-angle rotations, for parts with no canonical
+            orientation.
         synthesis: ``"none"``; ``"random"``: each item becomes, with probability 1/2
             and fresh randomness each epoch, a synthetic anomaly with target 1;
             ``"pairs"``: the dataset is twice as long, the second half being a
@@ -47,13 +53,15 @@ class ImageTensorDataset(TorchDataset):
         samples: Sequence[Sample],
         targets: Sequence[float],
         preprocessing: Preprocessing,
-        augment: bool = False,
+        augment: str = NONE,
         synthesis: str = NONE,
         seed: int = 0,
         repeat: int = 1,
     ) -> None:
         if len(samples) != len(targets):
             raise ValueError(f"{len(samples)} samples but {len(targets)} targets")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         if synthesis not in (NONE, RANDOM, PAIRS):
             raise ValueError(f"synthesis must be none, random or pairs, got {synthesis!r}")
         self.samples = list(samples)
@@ -84,12 +92,14 @@ class ImageTensorDataset(TorchDataset):
         index = item % len(self.samples)
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, item)) % 2**63)
         image = self.image(index)
-        if self.augment:
+        if self.augment != NONE:
             if torch.rand((), generator=generator) < 0.5:
                 image = image.flip(-1)
             if torch.rand((), generator=generator) < 0.5:
                 image = image.flip(-2)
-            image = image.rot90(int(torch.randint(4, (), generator=generator)), dims=(-2, -1))
+            if self.augment == D4:
+                turns = int(torch.randint(4, (), generator=generator))
+                image = image.rot90(turns, dims=(-2, -1))
         pixels = image.to(torch.float32) / 255.0
         target = self.targets[index]
         synthesize = self.synthesis == PAIRS and item >= len(self.samples)

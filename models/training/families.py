@@ -21,6 +21,8 @@ from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifier
 from models.category_router import CategoryRouter, CategoryRouterConfig
 from models.data.sample import GOOD, Sample
 from models.data.tensors import (
+    AUGMENTATIONS,
+    D4,
     NONE,
     RANDOM,
     ImageTensorDataset,
@@ -46,6 +48,8 @@ class TrainingFamily:
         category: the product category (the router uses every category).
         model_config: overrides of the family's config dataclass fields.
         seed: seed of augmentation and synthetic anomalies.
+        augment: training augmentation, ``"d4"`` (default) or ``"flips"`` for parts
+            always imaged the same way up.
     """
 
     stage: ClassVar[str]
@@ -67,8 +71,12 @@ class TrainingFamily:
         category: str,
         model_config: Mapping[str, Any] | None = None,
         seed: int = 0,
+        augment: str = D4,
     ) -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         self.samples = list(samples)
+        self.augment = augment
         self.category = category
         self.model_config = dict(model_config or {})
         self.seed = seed
@@ -85,7 +93,7 @@ class TrainingFamily:
 
     def describe(self) -> dict[str, Any]:
         """What the artifact records about how the model was trained."""
-        return {"family": self.stage, "category": self.category}
+        return {"family": self.stage, "category": self.category, "augment": self.augment}
 
     # Implemented by each family.
     def build_model(self, pretrained: bool = True) -> nn.Module:  # noqa: D102
@@ -144,7 +152,7 @@ class DetectorFamily(TrainingFamily):
             train,
             [self.target(s) for s in train],
             model.preprocessing,
-            augment=True,
+            augment=self.augment,
             synthesis=RANDOM if self.mode == NORMAL_ONLY else NONE,
             seed=self.seed,
             repeat=self.repeat(len(train)),
@@ -198,7 +206,7 @@ class VerifierFamily(TrainingFamily):
             train,
             [0.0] * len(train),
             model.preprocessing,
-            augment=True,
+            augment=self.augment,
             seed=self.seed,
             repeat=self.repeat(len(train)),
         )
@@ -242,7 +250,10 @@ class RouterFamily(TrainingFamily):
         train, val = self.split("train"), self.split("val")
         return (
             ImageTensorDataset(
-                train, [index[s.category] for s in train], model.preprocessing, True
+                train,
+                [index[s.category] for s in train],
+                model.preprocessing,
+                augment=self.augment,
             ),
             ImageTensorDataset(val, [index[s.category] for s in val], model.preprocessing),
         )
@@ -277,10 +288,14 @@ FAMILIES: dict[str, type[TrainingFamily]] = {
 
 
 def build_family(spec: Mapping[str, Any]) -> TrainingFamily:
-    """Build a family from ``{"stage", "samples", "category", "model_config", "seed"}``."""
+    """Build a family from its spec: stage, samples, category, model_config, seed, augment."""
     stage = spec["stage"]
     if stage not in FAMILIES:
         raise ValueError(f"unknown stage {stage!r}; known: {sorted(FAMILIES)}")
     return FAMILIES[stage](
-        spec["samples"], spec["category"], spec.get("model_config"), spec.get("seed", 0)
+        spec["samples"],
+        spec["category"],
+        spec.get("model_config"),
+        spec.get("seed", 0),
+        spec.get("augment", D4),
     )

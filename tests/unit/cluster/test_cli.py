@@ -129,6 +129,12 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
     )
     assert code == 2
     assert "solar_cell_cdte" in capsys.readouterr().err
+    # Only the detector has frozen backbone stages to choose.
+    code = main(
+        ["tune", "verifier", "--dataset", "elpv", "--num-samples", "2", "--freeze-stages", "0"]
+    )
+    assert code == 2
+    assert "--freeze-stages applies to the detector" in capsys.readouterr().err
     # Evaluating an empty registry says what is missing.
     code = main(
         [

@@ -87,7 +87,25 @@ def test_preprocessing_round_trip_and_output() -> None:
     assert torch.allclose(mid[:, 0, 0], expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("bad", [{"interpolation": "nearest-ish"}, {"input_size": 300}])
+def test_autocontrast_stretches_dim_images_and_is_stored() -> None:
+    dim = np.tile(np.linspace(60, 120, 64).astype(np.uint8), (64, 1))
+    image = Image.fromarray(dim).convert("RGB")
+    plain = Preprocessing(input_size=64, resize=64)
+    stretched = Preprocessing(input_size=64, resize=64, autocontrast=1.0)
+    raw, wide = plain.geometry()(image), stretched.geometry()(image)
+    assert int(raw.max()) - int(raw.min()) <= 61
+    assert int(wide.min()) <= 5 and int(wide.max()) >= 250
+    # Grey stays grey: the stretch works on luminance.
+    assert torch.equal(wide[0], wide[1]) and torch.equal(wide[1], wide[2])
+    assert Preprocessing.from_dict(stretched.to_dict()) == stretched
+    # Artifacts written before the option existed load with it off.
+    old = {k: v for k, v in plain.to_dict().items() if k != "autocontrast"}
+    assert Preprocessing.from_dict(old) == plain
+
+
+@pytest.mark.parametrize(
+    "bad", [{"interpolation": "nearest-ish"}, {"input_size": 300}, {"autocontrast": 60.0}]
+)
 def test_preprocessing_validation(bad: dict) -> None:
     with pytest.raises(ValueError):
         Preprocessing(**bad)

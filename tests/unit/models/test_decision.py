@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models.decision import DETECTOR, VERIFIER, DecisionRule, fit_decision_rule
+from models.decision import DETECTOR, VERIFIER, DecisionRule, ensemble_rule, fit_decision_rule
 
 
 def test_outside_the_band_the_detector_decides_alone():
@@ -102,3 +102,18 @@ def test_final_score_is_one_scale_where_half_means_defective(rule):
             outside.append(rule.decide(p).anomaly_score)
     # Outside the band the score grows with the detector's probability.
     assert outside == sorted(outside)
+
+
+def test_ensemble_rule_verifies_every_part_and_averages():
+    p, verifier, truth = _confusing_detector()
+    rule, figures = ensemble_rule(p, verifier, truth)
+    assert (rule.lo, rule.hi, rule.fusion_weight) == (0.0, 1.0, 0.5)
+    assert figures["val_call_rate"] == 1.0
+    decided = [rule.decide(pi, vi) for pi, vi in zip(p, verifier, strict=True)]
+    assert {d.decided_by for d in decided} == {VERIFIER}
+    accuracy = np.mean([d.defective == t for d, t in zip(decided, truth, strict=True)])
+    assert accuracy == pytest.approx(figures["val_accuracy_rule"])
+    # The verifier fixes the detector's unsure parts, so the ensemble beats it here.
+    assert figures["val_accuracy_rule"] > figures["val_accuracy_detector"]
+    with pytest.raises(ValueError, match="verifier score"):
+        ensemble_rule(p, verifier[:-1], truth)

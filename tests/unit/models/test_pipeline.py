@@ -15,8 +15,9 @@ from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
 from models.category_router import CategoryRouter, CategoryRouterConfig
+from models.data.sample import Sample
 from models.decision import DecisionRule
-from models.pipeline import InspectionPipeline
+from models.pipeline import InspectionPipeline, fit_decision
 from models.stages import ROUTER_CATEGORY, save_decision
 
 SIZE = 64
@@ -113,3 +114,34 @@ def test_errors_are_clear(registry, images, tmp_path):
     no_router = InspectionPipeline(pipeline.stages)
     with pytest.raises(ArtifactError, match="no router"):
         no_router.inspect(images[:1])
+
+
+def _val_samples(tmp_path, category, labels):
+    rng = np.random.default_rng(1)
+    samples = []
+    for i, label in enumerate(labels):
+        path = tmp_path / f"{category}-{i}.png"
+        Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(path)
+        samples.append(Sample(path, category, label, "val", sample_id=f"{category}-{i}"))
+    return samples
+
+
+def test_a_category_validated_on_synthetic_defects_gets_the_ensemble_rule(registry, tmp_path):
+    # Only good validation parts: synthetic anomalies complete the split, and since
+    # they are what a normal-only detector trained on, the rule verifies every part.
+    samples = _val_samples(tmp_path, "sure", ["good"] * 6)
+    fitted = fit_decision(registry, samples, "sure")
+    rule = DecisionRule.from_dict(fitted["rule"])
+    assert (rule.lo, rule.hi, rule.fusion_weight) == (0.0, 1.0, 0.5)
+    assert fitted["val_call_rate"] == 1.0
+    assert all(rule.needs_verifier(p) for p in (0.0, 0.3, 0.95, 1.0))
+
+
+def test_a_category_with_real_validation_defects_gets_a_fitted_band(registry, tmp_path):
+    samples = _val_samples(tmp_path, "sure", ["good", "scratch"] * 3)
+    fitted = fit_decision(registry, samples, "sure")
+    # Every image gets p = 0.95, so any band would hold every image, far over the
+    # 30 % call budget: with real defects to fit on, the detector decides alone.
+    rule = DecisionRule.from_dict(fitted["rule"])
+    assert rule.lo == rule.hi == rule.threshold
+    assert fitted["val_call_rate"] == 0.0

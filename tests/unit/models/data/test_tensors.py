@@ -33,12 +33,38 @@ def test_items_are_the_serving_transform_without_augmentation(samples):
 
 
 def test_augmentation_changes_with_the_epoch_and_repeats_with_it(samples):
-    dataset = ImageTensorDataset(samples, [0] * 4, PRE, augment=True, seed=3)
+    dataset = ImageTensorDataset(samples, [0] * 4, PRE, augment="d4", seed=3)
     first = torch.stack([dataset[i][0] for i in range(4)])
     again = torch.stack([dataset[i][0] for i in range(4)])
     assert torch.equal(first, again)
     dataset.set_epoch(1)
     assert not torch.equal(first, torch.stack([dataset[i][0] for i in range(4)]))
+
+
+def _variants(image: torch.Tensor, turns: bool) -> list[torch.Tensor]:
+    flips = [image, image.flip(-1), image.flip(-2), image.flip(-1).flip(-2)]
+    if not turns:
+        return flips
+    return [f.rot90(k, dims=(-2, -1)) for f in flips for k in range(4)]
+
+
+@pytest.mark.parametrize("mode", ["flips", "d4"])
+def test_flips_never_turn_a_part_and_d4_does(samples, mode):
+    # A square crop, so a quarter turn keeps the shape.
+    plain = ImageTensorDataset(samples, [0] * 4, PRE)
+    dataset = ImageTensorDataset(samples * 16, [0] * 64, PRE, augment=mode, seed=1)
+    turned = 0
+    for i in range(64):
+        image = dataset[i][0]
+        original = plain[i % 4][0]
+        assert any(torch.equal(image, v) for v in _variants(original, turns=mode == "d4"))
+        turned += not any(torch.equal(image, v) for v in _variants(original, turns=False))
+    assert (turned > 0) == (mode == "d4")
+
+
+def test_unknown_augmentation_is_refused(samples):
+    with pytest.raises(ValueError, match="augment must be one of"):
+        ImageTensorDataset(samples, [0] * 4, PRE, augment="rotate-ish")
 
 
 def test_pairs_doubles_with_fixed_synthetic_anomalies(samples):

@@ -51,7 +51,7 @@ def test_detector_is_normal_only_without_defects_and_synthesises(tmp_path):
     family = build_family(_spec("detector", samples))
     assert family.mode == NORMAL_ONLY and family.describe()["mode"] == NORMAL_ONLY
     train, val = family.datasets(family.build_model(pretrained=False))
-    assert train.synthesis == "random"
+    assert train.synthesis == "random" and train.augment == "d4"
     # Validation gets synthetic defects so AUROC is defined.
     assert val.synthesis == "pairs" and len(val) == 4
 
@@ -81,6 +81,18 @@ def test_bad_specs_are_refused(tmp_path):
         build_family(_spec("detector", samples))
     with pytest.raises(ValueError, match="unknown stage"):
         build_family(_spec("classifier", samples))
+    samples = _samples(tmp_path, {"train": ["good"] * 2, "val": ["good"]})
+    with pytest.raises(ValueError, match="augment must be one of"):
+        build_family(_spec("detector", samples) | {"augment": "spin"})
+
+
+def test_parts_imaged_the_same_way_up_train_with_flips_only(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good"] * 3 + ["crack"] * 2, "val": ["good", "crack"]})
+    for stage in ("detector", "verifier"):
+        family = build_family(_spec(stage, samples) | {"augment": "flips"})
+        train, val = family.datasets(family.build_model(pretrained=False))
+        assert train.augment == "flips" and val.augment == "none"
+        assert family.describe()["augment"] == "flips"
 
 
 def test_graded_severity_is_the_detector_target(tmp_path):
