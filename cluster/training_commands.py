@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 DATASET_CHOICES = ["elpv", "synthetic", "mvtec-ad", "mvtec-screws", "coco"]
-TRAINABLE = ("detector", "verifier", "router", "all")
-SWEEPABLE = ("detector", "verifier")
+TRAINABLE = ("detector", "verifier", "router", "classifier", "all")
+SWEEPABLE = ("detector", "verifier", "classifier")
+# Stages whose backbone has frozen blocks to choose (--freeze-stages).
+FREEZABLE = ("detector", "classifier")
 N_HEATMAPS = 4  # Grad-CAM examples per kind (worst false positives, negatives, true positives)
 
 
@@ -54,10 +56,12 @@ def _settings(args: argparse.Namespace, epochs: int) -> Any:
     if args.autocontrast is not None:
         overrides["autocontrast"] = args.autocontrast
     if args.freeze_stages is not None:
-        if args.stage not in ("detector", "all"):
+        if args.stage not in (*FREEZABLE, "all"):
             from models.config import ConfigError
 
-            raise ConfigError(f"--freeze-stages applies to the detector, not the {args.stage}")
+            raise ConfigError(
+                f"--freeze-stages applies to the detector and classifier, not the {args.stage}"
+            )
         overrides["freeze_stages"] = args.freeze_stages
     return TrainSettings(
         epochs=epochs,
@@ -76,7 +80,7 @@ def _settings(args: argparse.Namespace, epochs: int) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train stages on Ray Train, register and promote them, refit the decision rules."""
-    from tune.trainer import STAGES_IN_ORDER, train_stage
+    from tune.trainer import STAGES_IN_ORDER, has_labelled_defects, train_stage
 
     dataset, registry = _load(args)
     categories = _categories(dataset, args.category)
@@ -85,10 +89,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = []
     for stage in stages:
         stage_settings = settings
-        if stage != "detector" and "freeze_stages" in settings.model_config:
+        if stage not in FREEZABLE and "freeze_stages" in settings.model_config:
             config = {k: v for k, v in settings.model_config.items() if k != "freeze_stages"}
             stage_settings = dataclasses.replace(settings, model_config=config)
         for category in categories[:1] if stage == "router" else categories:
+            skip = args.stage == "all" and stage == "classifier"
+            if skip and not has_labelled_defects(dataset, category):
+                print(f"no classifier for {category}: no labelled defects", file=sys.stderr)
+                continue
             print(
                 f"training {stage} for {category} on {args.num_workers} worker(s)", file=sys.stderr
             )
@@ -120,10 +128,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _histories_and_sweeps(registry: Any, categories: list[str]) -> tuple[dict, dict]:
-    from models.stages import DETECTOR, ROUTER, ROUTER_CATEGORY, VERIFIER
+    from models.stages import CLASSIFIER, DETECTOR, ROUTER, ROUTER_CATEGORY, VERIFIER
 
     histories, sweeps = {}, {}
-    owners = [(c, s) for c in categories for s in (DETECTOR, VERIFIER)]
+    owners = [(c, s) for c in categories for s in (DETECTOR, VERIFIER, CLASSIFIER)]
     owners.append((ROUTER_CATEGORY, ROUTER))
     for category, stage in owners:
         if category not in registry.categories() or stage not in registry.stages(category):

@@ -6,7 +6,9 @@ Evaluation runs it over a test split; serving follows the same rule stage by sta
     category given, or predicted by the CategoryRouter
     → AnomalyDetector probability p
     → AutoencoderVerifier, only when p falls in the category's ambiguous band
-    → verdict, final anomaly score, and the stage trace
+    → verdict and final anomaly score
+    → DefectClassifier, for parts judged defective: ranked defect types
+    → the stage trace
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from models.data.sample import Sample
 from models.data.tensors import predict_all, validation_dataset
 from models.decision import DecisionRule, ensemble_rule, fit_decision_rule
 from models.stages import (
+    CLASSIFIER,
     DECISION,
     DETECTOR,
     ROUTER,
@@ -37,6 +40,9 @@ from models.stages import (
 )
 
 OK, DEFECTIVE = "ok", "defective"
+# Which images the defect classifier sees: those judged defective (serving), or
+# every image (evaluation: grading every ELPV cell, typing missed defects).
+CLASSIFY_DEFECTIVE, CLASSIFY_ALL = "defective", "all"
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,11 @@ class Inspection:
         verifier_score: the verifier's calibrated score, when it ran.
         heatmap: Grad-CAM map ``(H, W)`` in [0, 1] at the detector's input size,
             when asked for.
+        defect_types: the defect types, best first, with scores summing to 1,
+            when the classifier ran.
+        class_scores: the classifier's probability of every class (``good``
+            and graded levels included), when it ran.
+        embedding: the classifier's unit-length embedding, when it ran.
         trace: the stages that ran, in order.
     """
 
@@ -74,6 +85,9 @@ class Inspection:
     detector_probability: float
     verifier_score: float | None = None
     heatmap: np.ndarray | None = None
+    defect_types: list[tuple[str, float]] = field(default_factory=list)
+    class_scores: dict[str, float] | None = None
+    embedding: np.ndarray | None = None
     trace: list[StageRun] = field(default_factory=list)
 
 
@@ -85,6 +99,7 @@ class CategoryStages:
     verifier: LoadedStage | None
     rule: DecisionRule
     rule_version: str
+    classifier: LoadedStage | None = None
 
 
 def _batched_inputs(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -136,8 +151,9 @@ class InspectionPipeline:
     ) -> InspectionPipeline:
         """Load every category's production artifacts.
 
-        A category needs a detector; without a verifier its rule has no band, and
-        without a decision artifact the detector decides at 0.5.
+        A category needs a detector; without a verifier its rule has no band,
+        without a decision artifact the detector decides at 0.5, and without a
+        classifier defective parts get no defect type.
 
         Raises:
             ArtifactError: a requested category has no detector, or none has one.
@@ -166,7 +182,12 @@ class InspectionPipeline:
                 version = manifest.version
             if verifier is None:
                 rule = DecisionRule(threshold=rule.threshold, lo=rule.threshold, hi=rule.threshold)
-            stages[category] = CategoryStages(detector, verifier, rule, version)
+            classifier = (
+                load_stage(registry, category, CLASSIFIER, ref, device)
+                if CLASSIFIER in available
+                else None
+            )
+            stages[category] = CategoryStages(detector, verifier, rule, version, classifier)
         if not stages:
             raise ArtifactError(f"no category in {registry.uri} has a trained detector")
         router = None
@@ -202,6 +223,7 @@ class InspectionPipeline:
         images: Sequence[Image.Image],
         categories: Sequence[str | None] | None = None,
         explain: bool = False,
+        classify: str = CLASSIFY_DEFECTIVE,
     ) -> list[Inspection]:
         """Inspect a batch of images.
 
@@ -209,10 +231,14 @@ class InspectionPipeline:
             images: PIL images in any mode.
             categories: each image's category, or None to route it.
             explain: add the detector's Grad-CAM heatmap.
+            classify: ``"defective"``: the defect classifier types the parts
+                judged defective; ``"all"``: it scores every image.
 
         Raises:
             ArtifactError: an unknown category, or routing needed without a router.
         """
+        if classify not in (CLASSIFY_DEFECTIVE, CLASSIFY_ALL):
+            raise ValueError(f"classify must be 'defective' or 'all', got {classify!r}")
         categories = list(categories) if categories is not None else [None] * len(images)
         if len(categories) != len(images):
             raise ValueError(f"{len(images)} images but {len(categories)} categories")
@@ -232,7 +258,9 @@ class InspectionPipeline:
             indices = [i for i, c in enumerate(categories) if c == category]
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                found = self._inspect_category(category, [images[i] for i in chunk], explain)
+                chunk_images = [images[i] for i in chunk]
+                found = self._inspect_category(category, chunk_images, explain)
+                self._classify(category, chunk_images, found, classify)
                 for i, inspection in zip(chunk, found, strict=True):
                     inspection.routed = routed[i]
                     inspection.trace = traces[i] + inspection.trace
@@ -291,6 +319,49 @@ class InspectionPipeline:
                 )
             )
         return inspections
+
+    def _classify(
+        self,
+        category: str,
+        images: Sequence[Image.Image],
+        inspections: Sequence[Inspection],
+        classify: str,
+    ) -> None:
+        classifier = self.stages[category].classifier
+        if classifier is None:
+            return
+        chosen = [
+            i
+            for i, inspection in enumerate(inspections)
+            if classify == CLASSIFY_ALL or inspection.verdict == DEFECTIVE
+        ]
+        if chosen:
+            _classify_into(
+                classifier, [images[i] for i in chosen], [inspections[i] for i in chosen]
+            )
+
+
+def _classify_into(
+    classifier: LoadedStage, images: Sequence[Image.Image], inspections: Sequence[Inspection]
+) -> None:
+    model = classifier.model
+    output, ms = _timed(model.predict, _batched_inputs(model, images))
+    ranked = model.rank_defects(output.scores)
+    embeddings = output.embedding.cpu().numpy()
+    for inspection, scores, types, embedding in zip(
+        inspections, output.scores.cpu().tolist(), ranked, embeddings, strict=True
+    ):
+        inspection.defect_types = types
+        inspection.embedding = embedding
+        inspection.class_scores = dict(zip(model.config.classes, scores, strict=True))
+        inspection.trace.append(
+            StageRun(
+                CLASSIFIER,
+                classifier.manifest.version,
+                ms / len(images),
+                {"defect_type": types[0][0], "score": types[0][1]},
+            )
+        )
 
 
 def validation_scores(

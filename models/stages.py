@@ -1,7 +1,7 @@
 """The pipeline's stages by name: build from a config, load from the registry.
 
 The registry keys artifacts by ``(category, stage)``. Stage models are
-``detector``, ``verifier`` and ``router`` (the router is trained over all
+``detector``, ``verifier``, ``classifier`` and ``router`` (the router is trained over all
 categories and stored under :data:`ROUTER_CATEGORY`); ``decision`` holds the
 category's :class:`~models.decision.DecisionRule`.
 """
@@ -19,14 +19,17 @@ from models.artifacts import ArtifactError, ArtifactRegistry, Manifest
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
 from models.category_router import CategoryRouter, CategoryRouterConfig
 from models.decision import DecisionRule
+from models.defect_classifier import DefectClassifier, DefectClassifierConfig
 
 DETECTOR, VERIFIER, ROUTER, DECISION = "detector", "verifier", "router", "decision"
+CLASSIFIER = "classifier"
 ROUTER_CATEGORY = "all-categories"
 
 STAGE_MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     DETECTOR: (AnomalyDetectorConfig, AnomalyDetector),
     VERIFIER: (AutoencoderVerifierConfig, AutoencoderVerifier),
     ROUTER: (CategoryRouterConfig, CategoryRouter),
+    CLASSIFIER: (DefectClassifierConfig, DefectClassifier),
 }
 # Keys of an artifact's config that describe training, not the architecture.
 TRAINING_KEYS = ("training", "hyperparameters")

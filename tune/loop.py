@@ -147,7 +147,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         total, seen = 0.0, 0
         for images, target in train_loader:
-            images = images.contiguous(memory_format=torch.channels_last)
+            if images.ndim == 4:  # multi-view batches are laid out by their loss
+                images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = loss_fn(model, images, target.to(device))
             optimizer.zero_grad(set_to_none=True)

@@ -26,12 +26,12 @@ from models.data import GOOD, Dataset, Sample
 from models.data.fingerprint import fingerprint_samples
 from models.data.tensors import ImageTensorDataset, predict_all
 from models.pipeline import fit_decision, validation_scores
-from models.stages import DETECTOR, ROUTER, ROUTER_CATEGORY, VERIFIER
+from models.stages import CLASSIFIER, DETECTOR, ROUTER, ROUTER_CATEGORY, VERIFIER
 from models.training import FAMILIES, build_family
 from tune.loop import CHECKPOINT_FILE, train_loop_per_worker
 
 # Learning rates that suit each family with AdamW (the head; the backbone gets less).
-DEFAULT_LR = {DETECTOR: 3e-3, VERIFIER: 2e-3, ROUTER: 3e-3}
+DEFAULT_LR = {DETECTOR: 3e-3, VERIFIER: 2e-3, ROUTER: 3e-3, CLASSIFIER: 1e-3}
 MIN_CALIBRATION_GOODS = 8
 
 
@@ -239,6 +239,7 @@ def train_stage(
         the refitted decision rule when there is one.
     """
     spec = family_spec(dataset, stage, category, settings)
+    build_family(spec)  # bad data fails here, before Ray starts
     name = run_name or f"{dataset.name}-{spec['category']}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     fit = fit_family(spec, settings, name)
     return register_fit(registry, dataset, spec, settings, fit)
@@ -261,6 +262,9 @@ def register_fit(
     summary: dict[str, Any] = {}
     if spec["stage"] == VERIFIER:
         summary["calibration"] = calibrate_verifier(model, family.samples)
+    if spec["stage"] == CLASSIFIER:
+        # The best epoch's embedding, with prototypes from all its training images.
+        summary["prototype_images"] = family.fit_prototypes(model)
     epoch_seconds = [h["epoch_seconds"] for h in fit.history]
     hyperparameters = asdict(settings) | {"lr": settings.lr or DEFAULT_LR[spec["stage"]]}
     metrics = {
@@ -296,4 +300,12 @@ def register_fit(
     return summary
 
 
-STAGES_IN_ORDER = (ROUTER, DETECTOR, VERIFIER)  # "all": the decision is fitted after the verifier
+# "all": the decision is fitted after the verifier; the classifier needs labelled defects.
+STAGES_IN_ORDER = (ROUTER, DETECTOR, VERIFIER, CLASSIFIER)
+
+
+def has_labelled_defects(dataset: Dataset, category: str) -> bool:
+    """Whether a category's training split has defects (a classifier can be trained)."""
+    return any(
+        s.is_anomalous for s in dataset.samples if s.category == category and s.split == "train"
+    )

@@ -46,6 +46,8 @@ class ImageTensorDataset(TorchDataset):
         seed: base of every random draw (with the epoch and index).
         repeat: pass over the samples this many times per epoch, each time with
             fresh augmentation (small categories still get enough steps per epoch).
+        views: independently augmented views per item; above 1 an item's image is
+            ``(views, 3, S, S)`` (contrastive training).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ImageTensorDataset(TorchDataset):
         synthesis: str = NONE,
         seed: int = 0,
         repeat: int = 1,
+        views: int = 1,
     ) -> None:
         if len(samples) != len(targets):
             raise ValueError(f"{len(samples)} samples but {len(targets)} targets")
@@ -71,6 +74,9 @@ class ImageTensorDataset(TorchDataset):
         self.synthesis = synthesis
         self.seed = seed
         self.repeat = max(1, int(repeat))
+        if views < 1 or (views > 1 and augment == NONE):
+            raise ValueError(f"views must be 1, or more with augmentation; got {views}")
+        self.views = int(views)
         self.epoch = 0
         self._geometry = preprocessing.geometry()
         self._cache: dict[int, torch.Tensor] = {}
@@ -91,24 +97,31 @@ class ImageTensorDataset(TorchDataset):
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = item % len(self.samples)
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, item)) % 2**63)
-        image = self.image(index)
-        if self.augment != NONE:
-            if torch.rand((), generator=generator) < 0.5:
-                image = image.flip(-1)
-            if torch.rand((), generator=generator) < 0.5:
-                image = image.flip(-2)
-            if self.augment == D4:
-                turns = int(torch.randint(4, (), generator=generator))
-                image = image.rot90(turns, dims=(-2, -1))
-        pixels = image.to(torch.float32) / 255.0
         target = self.targets[index]
         synthesize = self.synthesis == PAIRS and item >= len(self.samples)
-        if self.synthesis == RANDOM:
-            synthesize = bool(torch.rand((), generator=generator) < 0.5)
-        if synthesize:
-            pixels, _ = synthesize_anomaly(pixels, generator)
-            target = 1.0
-        return self.preprocessing.normalize(pixels), torch.tensor(target, dtype=torch.float32)
+        images = []
+        for view in range(self.views):
+            pixels = self._augmented(self.image(index), generator).to(torch.float32) / 255.0
+            if view == 0 and self.synthesis == RANDOM:
+                # Drawn after the first view's augmentation, so one-view items keep
+                # the random stream they always had.
+                synthesize = bool(torch.rand((), generator=generator) < 0.5)
+            if synthesize:
+                pixels, _ = synthesize_anomaly(pixels, generator)
+            images.append(self.preprocessing.normalize(pixels))
+        image = images[0] if self.views == 1 else torch.stack(images)
+        return image, torch.tensor(1.0 if synthesize else target, dtype=torch.float32)
+
+    def _augmented(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.augment == NONE:
+            return image
+        if torch.rand((), generator=generator) < 0.5:
+            image = image.flip(-1)
+        if torch.rand((), generator=generator) < 0.5:
+            image = image.flip(-2)
+        if self.augment == D4:
+            image = image.rot90(int(torch.randint(4, (), generator=generator)), dims=(-2, -1))
+        return image
 
     def all_targets(self) -> list[float]:
         """Targets of every item, as :meth:`__getitem__` would return them (no RANDOM)."""

@@ -22,6 +22,10 @@ class ImageRecord:
         detector_probability: the anomaly detector's probability.
         verifier_score: the verifier's calibrated score, when it was called.
         routed_category: the category the router predicted, when it was asked.
+        defect_type: the classifier's top defect type, when it ran.
+        predicted_class: the classifier's most probable class (``good`` and
+            graded levels included), when it ran.
+        embedding: the classifier's embedding of the image, when it ran.
     """
 
     sample_id: str
@@ -35,6 +39,9 @@ class ImageRecord:
     detector_probability: float
     verifier_score: float | None = None
     routed_category: str | None = None
+    defect_type: str | None = None
+    predicted_class: str | None = None
+    embedding: tuple[float, ...] | None = None
 
     @property
     def predicted_anomalous(self) -> bool:

@@ -32,6 +32,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from models.evaluation.defect_report import defect_type_section
 from models.evaluation.records import ImageRecord
 
 REPORT_FILE = "report.md"
@@ -54,7 +55,7 @@ _FIXED_FIGURES = (
     "worst_fp.png",
     "worst_fn.png",
 )
-_KEYED_PREFIXES = ("learning_", "sweep_")
+_KEYED_PREFIXES = ("learning_", "sweep_", "types_")
 _GOOD_COLOR = "tab:green"
 _DEFECT_COLOR = "tab:red"
 _BEST_COLOR = "crimson"
@@ -128,6 +129,7 @@ def write_report(
     lines += _roc_pr_section(out_dir, groups)
     lines += _confusion_section(out_dir, groups)
     lines += _stage_section(records)
+    lines += defect_type_section(out_dir, records, _save)
     lines += _score_section(out_dir, groups, metrics)
     lines += _gradcam_section(out_dir, maps, {r.sample_id: r for r in records})
     false_positives = sorted(

@@ -21,7 +21,7 @@ from models.metrics import (
     binary_f1,
     image_auroc,
 )
-from models.pipeline import InspectionPipeline
+from models.pipeline import CLASSIFY_ALL, InspectionPipeline
 from models.stages import VERIFIER
 
 
@@ -63,6 +63,25 @@ def binary_metrics(records: Sequence[ImageRecord], thresholds: dict[str, float])
     return metrics
 
 
+def defect_type_metrics(records: Sequence[ImageRecord], dataset: str) -> dict[str, Any]:
+    """How well the classifier names defects, over the records it scored.
+
+    ``defect_type_top1`` counts truly anomalous images whose top-ranked defect
+    type is their label; ``four_class_accuracy`` (ELPV) is the share of every
+    image whose most probable class is its probability level.
+    """
+    typed = [r for r in records if r.is_anomalous and r.defect_type is not None]
+    metrics: dict[str, Any] = {"n_typed": len(typed)}
+    if typed:
+        metrics["defect_type_top1"] = sum(r.defect_type == r.label for r in typed) / len(typed)
+    graded = [r for r in records if r.predicted_class is not None]
+    if dataset == "elpv" and graded:
+        metrics["four_class_accuracy"] = sum(r.predicted_class == r.label for r in graded) / len(
+            graded
+        )
+    return metrics
+
+
 def evaluate(
     pipeline: InspectionPipeline,
     dataset: Dataset,
@@ -101,7 +120,11 @@ def evaluate(
         chunk = samples[start : start + batch_size]
         given = [None if route else s.category for s in chunk]
         for sample, found in zip(
-            chunk, pipeline.inspect([s.load_image() for s in chunk], given), strict=True
+            chunk,
+            # Every image is typed, so defect typing is scored on every true defect,
+            # not only on those the detector caught.
+            pipeline.inspect([s.load_image() for s in chunk], given, classify=CLASSIFY_ALL),
+            strict=True,
         ):
             records.append(
                 ImageRecord(
@@ -116,6 +139,15 @@ def evaluate(
                     detector_probability=found.detector_probability,
                     verifier_score=found.verifier_score,
                     routed_category=found.category if found.routed else None,
+                    defect_type=found.defect_types[0][0] if found.defect_types else None,
+                    predicted_class=(
+                        max(found.class_scores, key=found.class_scores.get)
+                        if found.class_scores
+                        else None
+                    ),
+                    embedding=(
+                        tuple(found.embedding.tolist()) if found.embedding is not None else None
+                    ),
                 )
             )
         if progress:
@@ -125,9 +157,10 @@ def evaluate(
     thresholds = {c: s.rule.threshold for c, s in pipeline.stages.items()}
     # The final anomaly score puts every category's decision threshold at 0.5.
     metrics: dict[str, Any] = {"dataset": dataset.name, "split": split, "threshold": 0.5}
-    metrics |= binary_metrics(records, thresholds)
+    metrics |= binary_metrics(records, thresholds) | defect_type_metrics(records, dataset.name)
     metrics["per_category"] = {
         category: binary_metrics([r for r in records if r.category == category], thresholds)
+        | defect_type_metrics([r for r in records if r.category == category], dataset.name)
         | {
             "detector_threshold": stage.rule.threshold,
             "detector_band": [stage.rule.lo, stage.rule.hi],

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
 from models.category_router import CategoryRouter, CategoryRouterConfig
-from models.data.sample import GOOD, Sample
+from models.data.sample import GOOD, DataError, Sample
 from models.data.tensors import (
     AUGMENTATIONS,
     D4,
@@ -28,6 +28,12 @@ from models.data.tensors import (
     ImageTensorDataset,
     predict_all,
     validation_dataset,
+)
+from models.defect_classifier import (
+    DefectClassifier,
+    DefectClassifierConfig,
+    defect_classes,
+    supervised_contrastive_loss,
 )
 from models.metrics import image_auroc
 
@@ -282,8 +288,105 @@ class RouterFamily(TrainingFamily):
         }
 
 
+class ClassifierFamily(TrainingFamily):
+    """DefectClassifier: a supervised-contrastive embedding of every labelled image.
+
+    Each training item is two augmented views of one image; the loss is SupCon over
+    the batch's views. Validation fits the prototypes on the (unaugmented) training
+    images and scores the validation split against them, so the monitored
+    accuracy is the one serving will have.
+    """
+
+    stage = "classifier"
+    monitor = "val_accuracy"
+    min_items_per_epoch = 320
+
+    def _check(self) -> None:
+        super()._check()
+        classes, defects = self.classes
+        if len(classes) < 2 or not defects:
+            raise DataError(
+                f"category {self.category!r} needs labelled defects to classify; "
+                f"its training labels are {list(classes)}"
+            )
+
+    @property
+    def classes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Every training label, and those that are defects."""
+        train = self.split("train")
+        return defect_classes([s.label for s in train], [s.is_anomalous for s in train])
+
+    def build_model(self, pretrained: bool = True) -> DefectClassifier:  # noqa: D102
+        classes, defects = self.classes
+        config = {"classes": classes, "defect_types": defects, **self.model_config}
+        return DefectClassifier(DefectClassifierConfig.from_dict(config), pretrained)
+
+    def targets(self, samples: Sequence[Sample]) -> list[int]:
+        """Class index of each sample (validation labels unseen in training are refused)."""
+        classes, _ = self.classes
+        unknown = sorted({s.label for s in samples} - set(classes))
+        if unknown:
+            raise ValueError(
+                f"category {self.category!r}: labels {unknown} are not in the training split"
+            )
+        return [classes.index(s.label) for s in samples]
+
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
+        train, val = self.split("train"), self.split("val")
+        train_ds = ImageTensorDataset(
+            train,
+            self.targets(train),
+            model.preprocessing,
+            augment=self.augment,
+            seed=self.seed,
+            repeat=self.repeat(len(train)),
+            views=2,
+        )
+        return train_ds, ImageTensorDataset(val, self.targets(val), model.preprocessing)
+
+    def loss(self, train: ImageTensorDataset) -> Loss:
+        """SupCon over both views of every image in the batch."""
+
+        def supcon(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            views = images.shape[1]
+            flat = images.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+            embeddings = model(flat).float()
+            labels = target.long().repeat_interleave(views)
+            return supervised_contrastive_loss(
+                embeddings, labels, _unwrap(model).config.temperature
+            )
+
+        return supcon
+
+    def fit_prototypes(self, model: nn.Module) -> dict[str, int]:
+        """Set the prototypes from the training images; returns images per class."""
+        classifier = _unwrap(model)
+        if getattr(self, "_prototype_ds", None) is None:
+            train = self.split("train")
+            self._prototype_ds = ImageTensorDataset(
+                train, self.targets(train), classifier.preprocessing
+            )
+        loader = DataLoader(self._prototype_ds, batch_size=32)
+        embeddings, labels = predict_all(classifier, loader, lambda m, x: m(x))
+        classifier.fit_prototypes(torch.from_numpy(embeddings), torch.from_numpy(labels).long())
+        counts = np.bincount(labels.astype(int), minlength=len(classifier.config.classes))
+        return dict(zip(classifier.config.classes, counts.tolist(), strict=True))
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
+        classifier = _unwrap(model)
+        self.fit_prototypes(classifier)
+        embeddings, target = predict_all(classifier, loader, lambda m, x: m(x))
+        logits = classifier.class_logits(torch.from_numpy(embeddings))
+        target_t = torch.from_numpy(target).long()
+        return {
+            "val_loss": float(F.cross_entropy(logits, target_t)),
+            "val_accuracy": float((logits.argmax(1) == target_t).float().mean()),
+        }
+
+
 FAMILIES: dict[str, type[TrainingFamily]] = {
-    family.stage: family for family in (DetectorFamily, VerifierFamily, RouterFamily)
+    family.stage: family
+    for family in (DetectorFamily, VerifierFamily, RouterFamily, ClassifierFamily)
 }
 
 

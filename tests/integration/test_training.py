@@ -18,7 +18,7 @@ import pytest
 from cluster.cli import main
 from models.artifacts import ArtifactRegistry
 from models.data import load_dataset
-from models.data.synthetic import generate
+from models.data.synthetic import DEFECT_TYPES, generate
 from models.stages import ROUTER_CATEGORY
 from tune.trainer import DEFAULT_LR, TrainSettings, family_spec, fit_family, train_stage
 
@@ -95,9 +95,13 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     )
     assert code == 0
     trained = json.loads(capsys.readouterr().out)["trained"]
-    assert [t["stage"] for t in trained] == ["router", "detector", "verifier"]
+    assert [t["stage"] for t in trained] == ["router", "detector", "verifier", "classifier"]
     registry = ArtifactRegistry(str(registry_dir))
-    assert registry.stages(CATEGORY) == ["decision", "detector", "verifier"]
+    assert registry.stages(CATEGORY) == ["classifier", "decision", "detector", "verifier"]
+    # The classifier's prototypes come from every training image of every class.
+    classifier = next(t for t in trained if t["stage"] == "classifier")
+    assert set(classifier["prototype_images"]) == {"good", *DEFECT_TYPES}
+    assert min(classifier["prototype_images"].values()) > 0
     assert registry.stages(ROUTER_CATEGORY) == ["router"]
     detector = registry.manifest(CATEGORY, "detector")
     assert detector.config["training"]["mode"] == "supervised"
@@ -128,8 +132,11 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     assert list(metrics["per_category"]) == [CATEGORY]
     assert 0.0 <= metrics["binary_accuracy"] <= 1.0
     text = (report / "report.md").read_text()
+    # Every true defect was typed by the classifier.
+    assert metrics["n_typed"] == metrics["n_anomalous"] > 0
+    assert 0.0 <= metrics["defect_type_top1"] <= 1.0
     # Each stage's training history reached the report as a learning-curve plot.
-    for stage in ("detector", "verifier"):
+    for stage in ("detector", "verifier", "classifier"):
         plots = list(report.glob(f"learning_*_{CATEGORY}_{stage}.png"))
         assert len(plots) == 1 and plots[0].name in text
     assert len(json.loads((report / "records.json").read_text())) == test_images

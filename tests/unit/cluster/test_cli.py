@@ -134,7 +134,7 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
         ["tune", "verifier", "--dataset", "elpv", "--num-samples", "2", "--freeze-stages", "0"]
     )
     assert code == 2
-    assert "--freeze-stages applies to the detector" in capsys.readouterr().err
+    assert "--freeze-stages applies to the detector and classifier" in capsys.readouterr().err
     # Evaluating an empty registry says what is missing.
     code = main(
         [

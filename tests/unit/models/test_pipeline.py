@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
@@ -17,6 +18,7 @@ from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifier
 from models.category_router import CategoryRouter, CategoryRouterConfig
 from models.data.sample import Sample
 from models.decision import DecisionRule
+from models.defect_classifier import DefectClassifier, DefectClassifierConfig
 from models.pipeline import InspectionPipeline, fit_decision
 from models.stages import ROUTER_CATEGORY, save_decision
 
@@ -99,6 +101,39 @@ def test_images_without_category_are_routed(registry, images):
     assert [r.routed for r in results] == [True, False, True]
     assert results[0].trace[0].stage == "router"
     assert results[0].heatmap.shape == (SIZE, SIZE)
+
+
+def _add_classifier(registry, category):
+    classifier = DefectClassifier(
+        DefectClassifierConfig(("good", "crack", "scratch"), ("crack", "scratch"), input_size=SIZE),
+        pretrained=False,
+    )
+    torch.manual_seed(0)
+    classifier.fit_prototypes(F.normalize(torch.randn(3, 128), dim=-1), torch.arange(3))
+    _save(registry, category, "classifier", classifier)
+
+
+def test_defective_parts_get_ranked_defect_types(registry, images):
+    _add_classifier(registry, "sure")
+    _add_classifier(registry, "unsure")
+    pipeline = InspectionPipeline.from_registry(registry)
+    for result in pipeline.inspect(images, ["sure"] * 3):
+        assert result.verdict == "defective"
+        assert [name for name, _ in result.defect_types] in (
+            ["crack", "scratch"],
+            ["scratch", "crack"],
+        )
+        assert sum(score for _, score in result.defect_types) == pytest.approx(1.0)
+        assert set(result.class_scores) == {"good", "crack", "scratch"}
+        assert [run.stage for run in result.trace] == ["detector", "classifier"]
+        assert result.trace[-1].output["defect_type"] == result.defect_types[0][0]
+    # Parts judged ok are not typed, unless every image is asked for (evaluation).
+    ok = pipeline.inspect(images, ["unsure"] * 3)
+    assert all(r.verdict == "ok" and not r.defect_types and r.class_scores is None for r in ok)
+    graded = pipeline.inspect(images, ["unsure"] * 3, classify="all")
+    assert all(r.verdict == "ok" and len(r.defect_types) == 2 for r in graded)
+    with pytest.raises(ValueError, match="classify"):
+        pipeline.inspect(images, ["sure"] * 3, classify="some")
 
 
 def test_errors_are_clear(registry, images, tmp_path):

@@ -100,7 +100,18 @@ SWEEPS = {
 }
 
 
-def _records(tmp_path: Path, cases=CASES) -> list[ImageRecord]:
+# The defect classifier's answers on "metal" (solar has no classifier): true type,
+# top-ranked type. Two scratches are taken for cracks, one crack for a scratch.
+TYPES = {
+    "d01": ("crack", "crack"),
+    "d02": ("crack", "scratch"),
+    "d03": ("scratch", "scratch"),
+    "d04": ("scratch", "crack"),
+    "d05": ("scratch", "crack"),
+}
+
+
+def _records(tmp_path: Path, cases=CASES, typed: bool = False) -> list[ImageRecord]:
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
@@ -108,18 +119,22 @@ def _records(tmp_path: Path, cases=CASES) -> list[ImageRecord]:
     for sample_id, category, anomalous, score, verdict, stage in cases:
         path = images / f"{sample_id}.png"
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        label, defect_type = TYPES.get(sample_id, ("crack" if anomalous else "good", "crack"))
+        classified = typed and category == "metal"
         records.append(
             ImageRecord(
                 sample_id=sample_id,
                 image_path=str(path),
                 category=category,
-                label="crack" if anomalous else "good",
+                label=label,
                 is_anomalous=anomalous,
                 anomaly_score=score,
                 verdict=verdict,
                 decided_by=stage,
                 detector_probability=score,
                 verifier_score=score if stage == "verifier" else None,
+                defect_type=defect_type if classified else None,
+                embedding=tuple(rng.normal(size=8).tolist()) if classified else None,
             )
         )
     return records
@@ -140,7 +155,7 @@ def _table_rows(section: str) -> list[list[str]]:
 def full_report(tmp_path_factory) -> tuple[Path, str]:
     # One report read by many tests: each write costs about a second of plotting.
     tmp_path = tmp_path_factory.mktemp("full")
-    records = _records(tmp_path)
+    records = _records(tmp_path, typed=True)
     path = write_report(
         tmp_path / "report",
         dataset="toy",
@@ -186,6 +201,7 @@ def test_sections_come_in_order(full_report):
         "ROC and precision-recall curves",
         "Confusion matrix",
         "Which stage decided",
+        "Defect types",
         "Score distributions",
         "Grad-CAM examples",
         "Worst false positives",
@@ -194,6 +210,16 @@ def test_sections_come_in_order(full_report):
         "Hyperparameter sweeps",
     ]
     assert text.startswith("# Evaluation report: toy\n")
+
+
+def test_defect_types_show_confusions_and_the_embedding_map(full_report):
+    _, text = full_report
+    section = _section(text, "Defect types")
+    assert "### metal" in section and "### solar" not in section
+    assert "Top-1 0.400 over 5 defective images." in section
+    assert _table_rows(section) == [["scratch", "crack", "2"], ["crack", "scratch", "1"]]
+    for figure in ("types_confusion_metal", "types_confused_metal", "types_embedding_metal"):
+        assert f"({figure}.png)" in section
 
 
 def test_worst_false_positives_by_descending_score(full_report):

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from models.data.sample import Sample
+from models.data.sample import DataError, Sample
 from models.training import build_family
 from models.training.families import NORMAL_ONLY, SUPERVISED
 
@@ -80,7 +81,7 @@ def test_bad_specs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no val images"):
         build_family(_spec("detector", samples))
     with pytest.raises(ValueError, match="unknown stage"):
-        build_family(_spec("classifier", samples))
+        build_family(_spec("painter", samples))
     samples = _samples(tmp_path, {"train": ["good"] * 2, "val": ["good"]})
     with pytest.raises(ValueError, match="augment must be one of"):
         build_family(_spec("detector", samples) | {"augment": "spin"})
@@ -115,3 +116,35 @@ def test_graded_severity_is_the_detector_target(tmp_path):
     assert sorted(set(train.targets)) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
     # Validation keeps the binary truth (defective from 0.5 up).
     assert sorted(val.targets) == [0.0, 1.0]
+
+
+def test_classifier_trains_on_two_views_and_validates_against_prototypes(tmp_path):
+    samples = _samples(
+        tmp_path,
+        {"train": ["good"] * 3 + ["crack"] * 3 + ["scratch"] * 3, "val": ["crack", "scratch"]},
+    )
+    family = build_family(_spec("classifier", samples))
+    model = family.build_model(pretrained=False)
+    assert model.config.classes == ("good", "crack", "scratch")
+    assert model.config.defect_types == ("crack", "scratch")
+    train, val = family.datasets(model)
+    images, target = next(iter(DataLoader(train, batch_size=6)))
+    assert images.shape == (6, 2, 3, 32, 32)
+    loss = family.loss(train)(model.train(), images, target)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert any(p.grad is not None for p in model.head.parameters())
+    metrics = family.evaluate(model, DataLoader(val, batch_size=4))
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and math.isfinite(metrics["val_loss"])
+    assert bool(model.has_prototypes)
+    assert family.fit_prototypes(model) == {"good": 3, "crack": 3, "scratch": 3}
+
+
+def test_classifier_refuses_parts_without_labelled_defects(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good"] * 3, "val": ["good"]})
+    with pytest.raises(DataError, match="needs labelled defects"):
+        build_family(_spec("classifier", samples))
+    samples = _samples(tmp_path, {"train": ["good", "crack"], "val": ["dent"]})
+    family = build_family(_spec("classifier", samples))
+    with pytest.raises(ValueError, match="dent"):
+        family.datasets(family.build_model(pretrained=False))

@@ -1,0 +1,49 @@
+"""The metrics evaluation computes from the pipeline's records."""
+
+import pytest
+
+from models.evaluation.records import ImageRecord
+from models.evaluation.run import defect_type_metrics
+
+
+def _record(label, anomalous, defect_type=None, predicted_class=None):
+    return ImageRecord(
+        sample_id=label,
+        image_path="x.png",
+        category="c",
+        label=label,
+        is_anomalous=anomalous,
+        anomaly_score=0.9 if anomalous else 0.1,
+        verdict="defective" if anomalous else "ok",
+        decided_by="detector",
+        detector_probability=0.5,
+        defect_type=defect_type,
+        predicted_class=predicted_class,
+    )
+
+
+def test_defect_typing_counts_true_defects_only():
+    records = [
+        _record("crack", True, "crack", "crack"),
+        _record("crack", True, "scratch", "scratch"),
+        _record("scratch", True, "scratch", "scratch"),
+        _record("good", False, "crack", "good"),  # typed, but not a defect
+        _record("crack", True),  # no classifier for it
+    ]
+    metrics = defect_type_metrics(records, "synthetic")
+    assert metrics["n_typed"] == 3
+    assert metrics["defect_type_top1"] == pytest.approx(2 / 3)
+    assert "four_class_accuracy" not in metrics
+
+
+def test_four_class_accuracy_grades_every_elpv_cell():
+    records = [
+        _record("good", False, "defect_p100", "good"),
+        _record("defect_p33", False, "defect_p67", "good"),
+        _record("defect_p67", True, "defect_p67", "defect_p67"),
+        _record("defect_p100", True, "defect_p67", "defect_p100"),
+    ]
+    metrics = defect_type_metrics(records, "elpv")
+    assert metrics["four_class_accuracy"] == pytest.approx(3 / 4)
+    assert metrics["defect_type_top1"] == pytest.approx(1 / 2)
+    assert defect_type_metrics([_record("good", False)], "elpv") == {"n_typed": 0}

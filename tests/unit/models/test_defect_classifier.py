@@ -1,0 +1,109 @@
+"""DefectClassifier: the SupCon loss, prototypes and ranking (its family: test_families)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.defect_classifier import (
+    DefectClassifier,
+    DefectClassifierConfig,
+    defect_classes,
+    supervised_contrastive_loss,
+)
+from models.stages import build_stage
+
+SIZE = 32
+
+
+def _reference_supcon(z: torch.Tensor, labels: torch.Tensor, t: float) -> float:
+    """Khosla et al. eq. 2, written as the paper's sums."""
+    losses = []
+    for i in range(len(z)):
+        positives = [p for p in range(len(z)) if p != i and labels[p] == labels[i]]
+        if not positives:
+            continue
+        denominator = sum(math.exp(float(z[i] @ z[a]) / t) for a in range(len(z)) if a != i)
+        losses.append(
+            -sum(math.log(math.exp(float(z[i] @ z[p]) / t) / denominator) for p in positives)
+            / len(positives)
+        )
+    return sum(losses) / len(losses)
+
+
+def test_supcon_matches_the_paper_and_rewards_clusters():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])  # class 3 has no positive
+    z = F.normalize(torch.randn(8, 16), dim=-1)
+    loss = supervised_contrastive_loss(z, labels, 0.5)
+    assert float(loss) == pytest.approx(_reference_supcon(z, labels, 0.5), rel=1e-5)
+    # Embeddings grouped by class score far lower than random ones.
+    centres = F.normalize(torch.randn(4, 16), dim=-1)
+    grouped = F.normalize(centres[labels] + 0.05 * torch.randn(8, 16), dim=-1)
+    assert supervised_contrastive_loss(grouped, labels, 0.5) < loss
+    # No anchor with a positive: zero, still differentiable.
+    lonely = z.clone().requires_grad_(True)
+    zero = supervised_contrastive_loss(lonely, torch.arange(8), 0.5)
+    zero.backward()
+    assert float(zero.detach()) == 0.0 and lonely.grad is not None
+    with pytest.raises(ValueError, match="embeddings"):
+        supervised_contrastive_loss(z, labels[:-1])
+
+
+def test_defect_classes_put_good_first_and_keep_only_defects_as_types():
+    labels = ["defect_p100", "good", "defect_p33", "defect_p67", "good"]
+    anomalous = [True, False, False, True, False]
+    classes, defects = defect_classes(labels, anomalous)
+    assert classes == ("good", "defect_p100", "defect_p33", "defect_p67")
+    assert defects == ("defect_p100", "defect_p67")
+
+
+def _model(**overrides) -> DefectClassifier:
+    config = DefectClassifierConfig(
+        classes=("good", "crack", "scratch"),
+        defect_types=("crack", "scratch"),
+        input_size=SIZE,
+        **overrides,
+    )
+    return DefectClassifier(config, pretrained=False).eval()
+
+
+def test_prototypes_classify_and_rank_defects_only():
+    model = _model()
+    images = torch.randn(6, 3, SIZE, SIZE)
+    with torch.no_grad():
+        embedding = model(images)
+    assert torch.allclose(embedding.norm(dim=-1), torch.ones(6), atol=1e-5)
+    with pytest.raises(RuntimeError, match="no prototypes"):
+        model.predict(images)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="scratch"):
+        model.fit_prototypes(embedding[:4], labels[:4])
+    # Three well separated classes: every image nearest its own class's prototype.
+    centres = F.normalize(torch.randn(3, embedding.shape[1]), dim=-1) * 10
+    spread = F.normalize(centres[labels] + 0.1 * torch.randn_like(embedding), dim=-1)
+    model.fit_prototypes(spread, labels)
+    scores = (model.class_logits(spread)).softmax(-1)
+    assert torch.equal(scores.argmax(1), labels)
+    ranked = model.rank_defects(scores, k=2)
+    for row, label in zip(ranked, labels.tolist(), strict=True):
+        assert {name for name, _ in row} == {"crack", "scratch"}
+        assert sum(score for _, score in row) == pytest.approx(1.0)
+        assert row[0][1] >= row[1][1]
+        if label:  # a defect image ranks its own type first
+            assert row[0][0] == model.config.classes[label]
+    assert len(model.rank_defects(scores, k=1)[0]) == 1
+
+
+def test_config_round_trips_and_refuses_nonsense():
+    model = _model(temperature=0.2)
+    config = model.config.to_dict()
+    rebuilt = build_stage("classifier", config | {"training": {"family": "classifier"}})
+    assert rebuilt.config == model.config
+    with pytest.raises(ValueError, match="defect_types"):
+        DefectClassifierConfig(classes=("good", "crack"), defect_types=("dent",))
+    with pytest.raises(ValueError, match="two distinct classes"):
+        DefectClassifierConfig(classes=("crack",), defect_types=("crack",))
+    with pytest.raises(ValueError, match="temperature"):
+        DefectClassifierConfig(("good", "crack"), ("crack",), temperature=0.0)
