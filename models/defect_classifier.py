@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbone import BackboneStage, Preprocessing, create_backbone
+from models.data.sample import GOOD
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,12 @@ class DefectClassifier(BackboneStage):
         # Unit-length class means, set by fit_prototypes after training.
         self.register_buffer("prototypes", torch.zeros(len(config.classes), config.embedding_dim))
         self.register_buffer("has_prototypes", torch.zeros((), dtype=torch.bool))
+        # Where each defect type sits among the classes (for ranking).
+        self.register_buffer(
+            "defect_index",
+            torch.tensor([config.classes.index(t) for t in config.defect_types]),
+            persistent=False,
+        )
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the freshly initialised projection head."""
@@ -179,8 +186,7 @@ class DefectClassifier(BackboneStage):
             scores: ``(B, C)`` class probabilities from :meth:`predict`.
             k: keep the top ``k`` (default: all defect types).
         """
-        index = torch.tensor([self.config.classes.index(t) for t in self.config.defect_types])
-        defect = scores[:, index.to(scores.device)]
+        defect = scores[:, self.defect_index]
         defect = defect / defect.sum(-1, keepdim=True).clamp_min(1e-12)
         names = self.config.defect_types
         ranked = []
@@ -234,7 +240,7 @@ def defect_classes(
     A label is a defect type when its samples are anomalous (ELPV's 1/3 level is a
     class but not a defect).
     """
-    classes = tuple(sorted(set(labels), key=lambda name: (name != "good", name)))
+    classes = tuple(sorted(set(labels), key=lambda name: (name != GOOD, name)))
     defective = {label for label, bad in zip(labels, anomalous, strict=True) if bad}
     defects = tuple(c for c in classes if c in defective)
     return classes, defects

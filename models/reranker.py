@@ -17,7 +17,6 @@ and is loaded from it again, so an artifact holds only what training changed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from open_clip.tokenizer import HFTokenizer
 from torch import nn
 
 from models.backbone import Preprocessing, create_backbone
-from models.text import packaged_minilm_path
+from models.text import local_model_folder
 
 # Parameters of the locked text transformer, left out of artifacts.
 _LOCKED_PREFIX = "clip.text.transformer."
@@ -94,10 +93,7 @@ class Reranker(nn.Module):
         super().__init__()
         self.config = config
         self.preprocessing = config.preprocessing()
-        text_model = config.text_model or str(packaged_minilm_path())
-        # The text tower is read from a local folder: never reach for a hub.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        text_model = local_model_folder(config.text_model)
         self.clip = CustomTextCLIP(
             embed_dim=config.embed_dim,
             vision_cfg=CLIPVisionCfg(

@@ -53,6 +53,21 @@ def packaged_minilm_path() -> Path:
     return path
 
 
+def local_model_folder(path: str | None = None) -> str:
+    """A local Hugging Face model folder (default: the packaged MiniLM), hub switched off.
+
+    Raises:
+        WeightsError: the folder holds no model.
+    """
+    source = str(Path(path) if path else packaged_minilm_path())
+    if not Path(source, "config.json").is_file():
+        raise WeightsError(f"no Hugging Face model folder at {source} (config.json missing)")
+    # Belt and braces: even a transformers code path that ignores
+    # local_files_only must not try the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return source
+
+
 class TextEncoder(nn.Module):
     """Texts → unit-norm sentence embeddings (N, D)."""
 
@@ -109,13 +124,7 @@ def load_text_encoder(config: TextEncoderConfig | None = None) -> TextEncoder:
     if config.hub_id:
         source, local_only = config.hub_id, False
     else:
-        source = str(Path(config.path) if config.path else packaged_minilm_path())
-        if not Path(source, "config.json").is_file():
-            raise WeightsError(f"no Hugging Face model folder at {source} (config.json missing)")
-        local_only = True
-        # Belt and braces: even a transformers code path that ignores
-        # local_files_only must not try the network.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        source, local_only = local_model_folder(config.path), True
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     model = AutoModel.from_pretrained(source, local_files_only=local_only)
     model.eval()

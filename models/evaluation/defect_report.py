@@ -9,32 +9,35 @@ embeddings of every test image, coloured by its label.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
 from sklearn.manifold import TSNE
 
+from models.evaluation.figures import (
+    DPI,
+    draw_counts,
+    load_rgb,
+    md_cell,
+    md_table,
+    missing_image,
+    panels,
+    save_figure,
+    slug,
+)
 from models.evaluation.records import ImageRecord
-
-DPI = 110
-_EXAMPLE_SIDE = 160
 
 
 def defect_type_section(
-    out_dir: Path,
-    records: Sequence[ImageRecord],
-    save: Callable[[Figure, Path, str], str],
-    n_pairs: int = 6,
+    out_dir: Path, records: Sequence[ImageRecord], n_pairs: int = 6
 ) -> list[str]:
     """Markdown lines (and figures written to ``out_dir``) about defect typing.
 
     Args:
         out_dir: where the figures go.
         records: every test record; those without a classifier's answer are ignored.
-        save: saves a figure under a name and returns the name (the report's own).
         n_pairs: the most confused pairs listed per category.
     """
     typed = [r for r in records if r.defect_type is not None]
@@ -51,8 +54,8 @@ def defect_type_section(
         defects = [r for r in group if r.is_anomalous]
         lines += [f"### {category}", ""]
         if defects:
-            lines += _confusions(out_dir, category, defects, save, n_pairs)
-        lines += _embedding_map(out_dir, category, group, save)
+            lines += _confusions(out_dir, category, defects, n_pairs)
+        lines += _embedding_map(out_dir, category, group)
     return lines
 
 
@@ -60,7 +63,6 @@ def _confusions(
     out_dir: Path,
     category: str,
     defects: Sequence[ImageRecord],
-    save: Callable[[Figure, Path, str], str],
     n_pairs: int,
 ) -> list[str]:
     names = sorted({r.label for r in defects} | {r.defect_type for r in defects})
@@ -72,16 +74,9 @@ def _confusions(
     side = max(3.2, 0.55 * len(names) + 1.5)
     fig = Figure(figsize=(side, side), dpi=DPI, layout="constrained")
     ax = fig.subplots()
-    ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1, int(counts.max())))
-    for (row, col), count in np.ndenumerate(counts):
-        if count:
-            dark = count > counts.max() / 2
-            ax.text(col, row, str(count), ha="center", va="center",
-                    color="white" if dark else "black", fontsize=9)  # fmt: skip
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    draw_counts(ax, counts, names, names, fontsize=9)
     ax.set(xlabel="top-ranked type", ylabel="true type", title=f"{category}: top-1 {top1:.3f}")
-    matrix = save(fig, out_dir, f"types_confusion_{category}.png")
+    matrix = save_figure(fig, out_dir, f"types_confusion_{slug(category)}.png")
     lines = [
         f"Top-1 {top1:.3f} over {len(defects)} defective images.",
         "",
@@ -92,15 +87,21 @@ def _confusions(
     if not pairs:
         return [*lines, "No defect was given another type.", ""]
     worst = pairs.most_common(n_pairs)
-    lines += ["| true type | ranked first | images |", "|---|---|---|"]
-    lines += [f"| {true} | {found} | {count} |" for (true, found), count in worst]
+    lines += md_table(
+        ["true type", "ranked first", "images"],
+        [[md_cell(true), md_cell(found), str(count)] for (true, found), count in worst],
+    )
     examples = [next(r for r in defects if (r.label, r.defect_type) == pair) for pair, _ in worst]
-    fig = Figure(figsize=(2.2 * len(examples), 2.5), dpi=DPI, layout="constrained")
-    for ax, record in zip(np.atleast_1d(fig.subplots(1, len(examples))), examples, strict=True):
-        ax.imshow(_thumbnail(record.image_path))
+    fig, axes = panels(len(examples), ncols=len(examples), size=(2.2, 2.5))
+    for ax, record in zip(axes, examples, strict=True):
+        image = load_rgb(record.image_path)
+        if image is None:
+            missing_image(ax, record.image_path)
+        else:
+            ax.imshow(image)
         ax.set_title(f"{record.label}\n→ {record.defect_type}", fontsize=8)
         ax.set_axis_off()
-    gallery = save(fig, out_dir, f"types_confused_{category}.png")
+    gallery = save_figure(fig, out_dir, f"types_confused_{slug(category)}.png")
     return [*lines, "", f"![An example of each confused pair in {category}]({gallery})", ""]
 
 
@@ -108,7 +109,6 @@ def _embedding_map(
     out_dir: Path,
     category: str,
     group: Sequence[ImageRecord],
-    save: Callable[[Figure, Path, str], str],
 ) -> list[str]:
     embedded = [r for r in group if r.embedding is not None]
     if len(embedded) < 5:
@@ -126,18 +126,8 @@ def _embedding_map(
         ax.scatter(points[mask, 0], points[mask, 1], s=14, label=label, alpha=0.8)
     ax.legend(fontsize=7, markerscale=1.2)
     ax.set(title=f"{category}: classifier embeddings (t-SNE)", xticks=[], yticks=[])
-    name = save(fig, out_dir, f"types_embedding_{category}.png")
+    name = save_figure(fig, out_dir, f"types_embedding_{slug(category)}.png")
     return [
         f"![t-SNE map of the classifier's embeddings of {category}'s test images]({name})",
         "",
     ]
-
-
-def _thumbnail(path: str) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-            rgb.thumbnail((_EXAMPLE_SIDE, _EXAMPLE_SIDE))
-            return np.asarray(rgb)
-    except OSError:
-        return np.zeros((_EXAMPLE_SIDE, _EXAMPLE_SIDE, 3), dtype=np.uint8)

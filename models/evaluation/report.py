@@ -33,18 +33,24 @@ from sklearn.metrics import (
 )
 
 from models.evaluation.defect_report import defect_type_section
+from models.evaluation.figures import (
+    DPI,
+    draw_counts,
+    load_rgb,
+    md_cell,
+    md_table,
+    missing_image,
+    panels,
+    save_figure,
+    shorten,
+    slug,
+)
 from models.evaluation.records import ImageRecord
 
 REPORT_FILE = "report.md"
-DPI = 100
 HEATMAP_CMAP = "jet"
 HEATMAP_ALPHA = 0.45
 
-_PANEL_INCHES = 2.6
-_MAX_COLUMNS = 4
-# Images are shrunk to this many pixels on their long side before plotting: the
-# figure size is fixed in inches, so more pixels only cost time.
-_MAX_IMAGE_SIDE = 512
 # The report owns the PNGs it names: a rerun into the same folder first removes
 # these, so that every PNG in the folder is one that report.md references.
 _FIXED_FIGURES = (
@@ -129,7 +135,7 @@ def write_report(
     lines += _roc_pr_section(out_dir, groups)
     lines += _confusion_section(out_dir, groups)
     lines += _stage_section(records)
-    lines += defect_type_section(out_dir, records, _save)
+    lines += defect_type_section(out_dir, records)
     lines += _score_section(out_dir, groups, metrics)
     lines += _gradcam_section(out_dir, maps, {r.sample_id: r for r in records})
     false_positives = sorted(
@@ -203,11 +209,11 @@ def _remove_previous_figures(out_dir: Path) -> None:
 
 
 def _summary_section(metrics: Mapping[str, Any]) -> list[str]:
-    rows = [[_cell(key), _fmt(value)] for key, value in metrics.items() if _is_scalar(value)]
+    rows = [[md_cell(key), _fmt(value)] for key, value in metrics.items() if _is_scalar(value)]
     lines = ["## Summary metrics", ""]
     if not rows:
         return [*lines, "No scalar metrics recorded.", ""]
-    return [*lines, *_table(["metric", "value"], rows), ""]
+    return [*lines, *md_table(["metric", "value"], rows), ""]
 
 
 def _per_category_section(metrics: Mapping[str, Any]) -> list[str]:
@@ -223,8 +229,8 @@ def _per_category_section(metrics: Mapping[str, Any]) -> list[str]:
     for category in sorted(per_category):
         values = per_category[category]
         values = values if isinstance(values, Mapping) else {}
-        rows.append([_cell(category)] + [_fmt(values[c]) if c in values else "" for c in columns])
-    return [*lines, *_table(["category", *columns], rows), ""]
+        rows.append([md_cell(category)] + [_fmt(values[c]) if c in values else "" for c in columns])
+    return [*lines, *md_table(["category", *columns], rows), ""]
 
 
 def _roc_pr_section(out_dir: Path, groups: list[tuple[str, list[ImageRecord]]]) -> list[str]:
@@ -249,7 +255,7 @@ def _roc_pr_section(out_dir: Path, groups: list[tuple[str, list[ImageRecord]]]) 
         style = {"color": "black", "linewidth": 2.2} if name == "overall" else {"linewidth": 1.2}
         ax_roc.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.4f})", **style)
         ax_pr.step(recall, precision, where="post", label=f"{name} (AP {ap:.4f})", **style)
-        rows.append([_cell(name), str(len(truth)), str(int(truth.sum())), _fmt(auroc), _fmt(ap)])
+        rows.append([md_cell(name), str(len(truth)), str(int(truth.sum())), _fmt(auroc), _fmt(ap)])
     if not rows:
         return [*lines, "Curves skipped: no group has both good and defective images.", *notes, ""]
     ax_roc.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
@@ -258,34 +264,20 @@ def _roc_pr_section(out_dir: Path, groups: list[tuple[str, list[ImageRecord]]]) 
     for ax in (ax_roc, ax_pr):
         ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
         ax.grid(alpha=0.3)
-    name = _save(fig, out_dir, "roc_pr.png")
+    name = save_figure(fig, out_dir, "roc_pr.png")
     lines += [f"![ROC and precision-recall curves]({name})", ""]
-    lines += _table(["group", "images", "defective", "AUROC", "AP"], rows)
+    lines += md_table(["group", "images", "defective", "AUROC", "AP"], rows)
     if notes:
         lines += ["", *notes]
     return [*lines, ""]
 
 
 def _confusion_section(out_dir: Path, groups: list[tuple[str, list[ImageRecord]]]) -> list[str]:
-    fig, axes = _panels(len(groups))
+    fig, axes = panels(len(groups))
     for ax, (name, group) in zip(axes, groups, strict=True):
-        counts = _confusion(group)
-        ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1, int(counts.max())))
-        for (row, col), count in np.ndenumerate(counts):
-            dark = count > counts.max() / 2
-            ax.text(
-                col,
-                row,
-                str(count),
-                ha="center",
-                va="center",
-                color="white" if dark else "black",
-                fontsize=11,
-            )
-        ax.set_xticks([0, 1], ["ok", "defective"])
-        ax.set_yticks([0, 1], ["good", "defective"])
+        draw_counts(ax, _confusion(group), ["ok", "defective"], ["good", "defective"])
         ax.set(xlabel="verdict", ylabel="truth", title=name)
-    name = _save(fig, out_dir, "confusion.png")
+    name = save_figure(fig, out_dir, "confusion.png")
     counts = _confusion(groups[0][1])
     return [
         "## Confusion matrix",
@@ -294,7 +286,7 @@ def _confusion_section(out_dir: Path, groups: list[tuple[str, list[ImageRecord]]
         "",
         f"![Confusion matrices, overall and per category]({name})",
         "",
-        *_table(
+        *md_table(
             ["truth \\ verdict", "ok", "defective"],
             [["good", *map(str, counts[0])], ["defective", *map(str, counts[1])]],
         ),
@@ -311,7 +303,7 @@ def _stage_section(records: Sequence[ImageRecord]) -> list[str]:
         correct = sum(r.is_anomalous == r.predicted_anomalous for r in subset)
         rows.append(
             [
-                _cell(stage),
+                md_cell(stage),
                 str(len(subset)),
                 _fmt(len(subset) / len(records)),
                 str(correct),
@@ -321,7 +313,7 @@ def _stage_section(records: Sequence[ImageRecord]) -> list[str]:
     return [
         "## Which stage decided",
         "",
-        *_table(["stage", "images", "share", "correct", "accuracy"], rows),
+        *md_table(["stage", "images", "share", "correct", "accuracy"], rows),
         "",
     ]
 
@@ -337,7 +329,7 @@ def _score_section(
 
     all_scores = [r.anomaly_score for r in groups[0][1]]
     bins = np.linspace(min(0.0, *all_scores), max(1.0, *all_scores), 21)
-    fig, axes = _panels(len(groups), size=(3.2, 2.6))
+    fig, axes = panels(len(groups), size=(3.2, 2.6))
     for ax, (name, group) in zip(axes, groups, strict=True):
         good = [r.anomaly_score for r in group if not r.is_anomalous]
         defective = [r.anomaly_score for r in group if r.is_anomalous]
@@ -360,7 +352,7 @@ def _score_section(
             )
         ax.set(xlabel="anomaly score", ylabel="images", title=name)
         ax.legend(fontsize=7)
-    name = _save(fig, out_dir, "scores.png")
+    name = save_figure(fig, out_dir, "scores.png")
     lines = ["## Score distributions", "", f"![Anomaly score histograms]({name})", ""]
     if _is_number(threshold):
         lines.append(f"Dashed line: decision threshold {_fmt(float(threshold))}.")
@@ -378,27 +370,27 @@ def _gradcam_section(
     known = [sid for sid in maps if sid in by_id]
     unknown = [sid for sid in maps if sid not in by_id]
     if known:
-        fig, axes = _panels(2 * len(known), ncols=2, size=(3.0, 3.0))
+        fig, axes = panels(2 * len(known), ncols=2, size=(3.0, 3.0))
         for i, sample_id in enumerate(known):
             record = by_id[sample_id]
             ax_image, ax_cam = axes[2 * i], axes[2 * i + 1]
-            image = _load_rgb(record.image_path)
+            image = load_rgb(record.image_path)
             if image is None:
-                _missing(ax_image, record.image_path)
+                missing_image(ax_image, record.image_path)
                 ax_cam.imshow(maps[sample_id], cmap=HEATMAP_CMAP, vmin=0, vmax=1)
             else:
                 overlay = _resize_map(maps[sample_id], image.shape[1], image.shape[0])
                 ax_image.imshow(image)
                 ax_cam.imshow(image)
                 ax_cam.imshow(overlay, cmap=HEATMAP_CMAP, alpha=HEATMAP_ALPHA, vmin=0, vmax=1)
-            ax_image.set_title(_short(sample_id), fontsize=8)
+            ax_image.set_title(shorten(sample_id), fontsize=8)
             ax_cam.set_title(
                 f"{record.label} | score {record.anomaly_score:.3f} | {record.verdict}",
                 fontsize=8,
             )
             ax_image.set_axis_off()
             ax_cam.set_axis_off()
-        name = _save(fig, out_dir, "gradcam.png")
+        name = save_figure(fig, out_dir, "gradcam.png")
         lines += [
             "Each image beside its Grad-CAM map (red: regions that raised the anomaly score).",
             "",
@@ -429,20 +421,20 @@ def _worst_section(
     lines += [f"{len(mistakes)} in total; showing {len(shown)} ({what}).", ""]
     if not shown:
         return lines
-    fig, axes = _panels(len(shown), ncols=3, size=(2.8, 3.0))
+    fig, axes = panels(len(shown), ncols=3, size=(2.8, 3.0))
     for ax, record in zip(axes, shown, strict=True):
-        image = _load_rgb(record.image_path)
+        image = load_rgb(record.image_path)
         if image is None:
-            _missing(ax, record.image_path)
+            missing_image(ax, record.image_path)
         else:
             ax.imshow(image)
         ax.set_title(
-            f"{_short(record.sample_id)}\n{record.label} | {record.anomaly_score:.3f}"
+            f"{shorten(record.sample_id)}\n{record.label} | {record.anomaly_score:.3f}"
             f" | {record.decided_by}",
             fontsize=8,
         )
         ax.set_axis_off()
-    name = _save(fig, out_dir, file_name)
+    name = save_figure(fig, out_dir, file_name)
     return [*lines, f"![{heading}]({name})", "", *_record_table(shown), ""]
 
 
@@ -483,7 +475,7 @@ def _learning_section(
             ax.set(xlabel="epoch", title=f"{key}: {title}")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-        name = _save(fig, out_dir, f"learning_{index:02d}_{_slug(key)}.png")
+        name = save_figure(fig, out_dir, f"learning_{index:02d}_{slug(key)}.png")
         last = epochs[-1]
         summary = ", ".join(
             f"{n} {last[n]:.2e}" if n == "lr" else f"{n} {_fmt(last[n])}"
@@ -527,13 +519,13 @@ def _sweep_section(out_dir: Path, sweeps: Mapping[str, Sequence[Mapping[str, Any
         ax_curve, ax_lr = fig.subplots(1, 2)
         _plot_trial_curves(ax_curve, trials, metric)
         skipped = _plot_lr_scatter(ax_lr, trials, metric)
-        name = _save(fig, out_dir, f"sweep_{index:02d}_{_slug(key)}.png")
+        name = save_figure(fig, out_dir, f"sweep_{index:02d}_{slug(key)}.png")
         rows = [
             [
-                _cell(t.trial_id),
+                md_cell(t.trial_id),
                 f"{t.lr:.2e}" if t.lr is not None else "n/a",
                 str(t.batch_size) if t.batch_size is not None else "n/a",
-                _cell(t.optimizer),
+                md_cell(t.optimizer),
                 str(len(t.ys)),
                 _fmt(t.best_value),
                 "**best**" if t.is_best else "",
@@ -547,7 +539,7 @@ def _sweep_section(out_dir: Path, sweeps: Mapping[str, Sequence[Mapping[str, Any
             "scheduler end sooner; the best trial in red). Right: each trial's best "
             f"{metric} against its learning rate; marker by optimizer, size by batch size.",
             "",
-            *_table(
+            *md_table(
                 ["trial", "lr", "batch size", "optimizer", "epochs", f"best {metric}", "best"],
                 rows,
             ),
@@ -665,45 +657,15 @@ def _confusion(records: Iterable[ImageRecord]) -> np.ndarray:
 def _record_table(records: Sequence[ImageRecord]) -> list[str]:
     rows = [
         [
-            _cell(r.sample_id),
-            _cell(r.category),
-            _cell(r.label),
+            md_cell(r.sample_id),
+            md_cell(r.category),
+            md_cell(r.label),
             _fmt(float(r.anomaly_score)),
-            _cell(r.decided_by),
+            md_cell(r.decided_by),
         ]
         for r in records
     ]
-    return _table(["sample_id", "category", "label", "score", "decided_by"], rows)
-
-
-def _panels(
-    n: int, *, ncols: int = _MAX_COLUMNS, size: tuple[float, float] = (_PANEL_INCHES, _PANEL_INCHES)
-) -> tuple[Figure, list[Axes]]:
-    """A figure of ``n`` small multiples, ``ncols`` to a row; spare cells hidden."""
-    ncols = max(1, min(n, ncols))
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), dpi=DPI, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
-    for ax in axes[n:]:
-        ax.set_axis_off()
-    return fig, axes[:n]
-
-
-def _save(fig: Figure, out_dir: Path, name: str) -> str:
-    fig.savefig(out_dir / name, dpi=DPI)
-    fig.clear()  # free the artists now rather than at garbage collection
-    return name
-
-
-def _load_rgb(path: str) -> np.ndarray | None:
-    """The image as (H, W, 3) uint8, shrunk to ``_MAX_IMAGE_SIDE``; None if unreadable."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (OSError, ValueError):
-        return None
-    rgb.thumbnail((_MAX_IMAGE_SIDE, _MAX_IMAGE_SIDE))
-    return np.asarray(rgb)
+    return md_table(["sample_id", "category", "label", "score", "decided_by"], rows)
 
 
 def _resize_map(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -711,18 +673,6 @@ def _resize_map(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
         (width, height), Image.Resampling.BILINEAR
     )
     return np.clip(np.asarray(resized), 0.0, 1.0)
-
-
-def _missing(ax: Axes, path: str) -> None:
-    ax.text(
-        0.5,
-        0.5,
-        f"image not found\n{_short(Path(path).name)}",
-        ha="center",
-        va="center",
-        fontsize=8,
-        transform=ax.transAxes,
-    )
 
 
 def _numeric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -762,25 +712,8 @@ def _fmt(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         return f"{value:.4f}"
-    return _cell(str(value))
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return md_cell(str(value))
 
 
 def _alt(text: str) -> str:
     return re.sub(r"[\[\]]", "", text)
-
-
-def _short(text: str, limit: int = 28) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _slug(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_") or "key"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]

@@ -303,33 +303,29 @@ class ClassifierFamily(TrainingFamily):
 
     def _check(self) -> None:
         super()._check()
-        classes, defects = self.classes
+        train = self.split("train")
+        classes, defects = defect_classes([s.label for s in train], [s.is_anomalous for s in train])
         if len(classes) < 2 or not defects:
             raise DataError(
                 f"category {self.category!r} needs labelled defects to classify; "
                 f"its training labels are {list(classes)}"
             )
-
-    @property
-    def classes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Every training label, and those that are defects."""
-        train = self.split("train")
-        return defect_classes([s.label for s in train], [s.is_anomalous for s in train])
+        unseen = sorted({s.label for s in self.split("val")} - set(classes))
+        if unseen:
+            raise DataError(
+                f"category {self.category!r}: validation labels {unseen} are not in the "
+                "training split"
+            )
+        self.classes, self.defect_types = classes, defects
+        self._prototype_ds: ImageTensorDataset | None = None
 
     def build_model(self, pretrained: bool = True) -> DefectClassifier:  # noqa: D102
-        classes, defects = self.classes
-        config = {"classes": classes, "defect_types": defects, **self.model_config}
+        config = {"classes": self.classes, "defect_types": self.defect_types, **self.model_config}
         return DefectClassifier(DefectClassifierConfig.from_dict(config), pretrained)
 
     def targets(self, samples: Sequence[Sample]) -> list[int]:
-        """Class index of each sample (validation labels unseen in training are refused)."""
-        classes, _ = self.classes
-        unknown = sorted({s.label for s in samples} - set(classes))
-        if unknown:
-            raise ValueError(
-                f"category {self.category!r}: labels {unknown} are not in the training split"
-            )
-        return [classes.index(s.label) for s in samples]
+        """Class index of each sample."""
+        return [self.classes.index(s.label) for s in samples]
 
     def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
         train, val = self.split("train"), self.split("val")
@@ -361,7 +357,7 @@ class ClassifierFamily(TrainingFamily):
     def fit_prototypes(self, model: nn.Module) -> dict[str, int]:
         """Set the prototypes from the training images; returns images per class."""
         classifier = _unwrap(model)
-        if getattr(self, "_prototype_ds", None) is None:
+        if self._prototype_ds is None:
             train = self.split("train")
             self._prototype_ds = ImageTensorDataset(
                 train, self.targets(train), classifier.preprocessing

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.backbone import create_backbone
+from models.backbone import WeightsError, create_backbone
 from models.descriptions import BUILTIN
 from models.reranker import Reranker, RerankerConfig
 
@@ -82,3 +82,8 @@ def test_fusion_weighs_renormalises_and_checks_shapes(reranker):
         reranker.fuse(classifier[:, :2], clip)
     with pytest.raises(ValueError, match="fusion_weight"):
         RerankerConfig(fusion_weight=1.5)
+
+
+def test_a_text_tower_folder_without_a_model_is_named(tmp_path):
+    with pytest.raises(WeightsError, match=str(tmp_path)):
+        Reranker(RerankerConfig(input_size=SIZE, text_model=str(tmp_path)), pretrained=False)
