@@ -291,11 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.backbone import WeightsError
     from models.config import ConfigError
     from models.data.sample import DataError
+    from models.descriptions import DescriptionError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (DataError, ConfigError, ArtifactError, WeightsError) as error:
+    except (DataError, ConfigError, ArtifactError, WeightsError, DescriptionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 DATASET_CHOICES = ["elpv", "synthetic", "mvtec-ad", "mvtec-screws", "coco"]
-TRAINABLE = ("detector", "verifier", "router", "classifier", "all")
-SWEEPABLE = ("detector", "verifier", "classifier")
+TRAINABLE = ("detector", "verifier", "router", "classifier", "reranker", "localizer", "all")
+SWEEPABLE = ("detector", "verifier", "classifier", "reranker", "localizer")
 # Stages whose backbone has frozen blocks to choose (--freeze-stages).
 FREEZABLE = ("detector", "classifier")
 N_HEATMAPS = 4  # Grad-CAM examples per kind (worst false positives, negatives, true positives)
@@ -34,7 +34,26 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from cluster.cli import _dataset_root, _registry
     from models.data import load_dataset
 
-    return load_dataset(args.dataset, _dataset_root(args)), _registry(args)
+    dataset = load_dataset(args.dataset, _dataset_root(args))
+    if getattr(args, "hold_out", None):
+        dataset = dataset.without_labels(args.hold_out)
+    return dataset, _registry(args)
+
+
+def _descriptions(path: str | None) -> list[dict[str, Any]] | None:
+    """The defect descriptions of a JSON file (a list of description objects)."""
+    if path is None:
+        return None
+    from models.data import DataError
+    from models.descriptions import DescriptionCatalog
+
+    try:
+        items = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot read descriptions: {error}") from error
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of descriptions")
+    return DescriptionCatalog.from_list(items).to_list()
 
 
 def _categories(dataset: Any, wanted: str | None) -> list[str]:
@@ -49,10 +68,53 @@ def _categories(dataset: Any, wanted: str | None) -> list[str]:
     return [wanted]
 
 
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model-option KEY=VALUE`` pairs, checked against the stage's config fields.
+
+    Values are read as JSON when they parse (numbers, lists, null), else as text.
+    """
+    from models.config import ConfigError
+
+    options = getattr(args, "model_option", None) or []
+    if options and args.stage == "all":
+        raise ConfigError("--model-option applies to one stage, not 'all'")
+    found: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--model-option wants KEY=VALUE, got {option!r}")
+        from models.stages import STAGE_MODELS
+
+        fields = {f.name for f in dataclasses.fields(STAGE_MODELS[args.stage][0])}
+        if key not in fields:
+            raise ConfigError(f"the {args.stage} has no option {key!r}; it has {sorted(fields)}")
+        try:
+            found[key] = json.loads(value)
+        except ValueError:
+            found[key] = value
+    return found
+
+
 def _settings(args: argparse.Namespace, epochs: int) -> Any:
     from tune.trainer import TrainSettings
 
-    overrides = {"input_size": args.input_size} if args.input_size else {}
+    overrides: dict[str, Any] = {"input_size": args.input_size} if args.input_size else {}
+    if getattr(args, "open_clip", None):
+        if args.stage not in ("reranker", "all"):
+            from models.config import ConfigError
+
+            raise ConfigError(f"--open-clip applies to the reranker, not the {args.stage}")
+        name, _, tag = args.open_clip.partition(":")
+        overrides["open_clip_model"] = name
+        overrides["open_clip_pretrained"] = tag or None
+    overrides |= _model_options(args)
+    descriptions = _descriptions(getattr(args, "descriptions", None))
+    if descriptions is not None:
+        if args.stage not in ("reranker", "all"):
+            from models.config import ConfigError
+
+            raise ConfigError(f"--descriptions applies to the reranker, not the {args.stage}")
+        overrides["descriptions"] = descriptions
     if args.autocontrast is not None:
         overrides["autocontrast"] = args.autocontrast
     if args.freeze_stages is not None:
@@ -73,6 +135,7 @@ def _settings(args: argparse.Namespace, epochs: int) -> Any:
         patience=args.patience,
         seed=args.seed,
         storage_path=args.storage,
+        cpus_per_worker=args.cpus_per_worker,
         model_config=overrides,
         augment=args.augment,
     )
@@ -80,7 +143,7 @@ def _settings(args: argparse.Namespace, epochs: int) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train stages on Ray Train, register and promote them, refit the decision rules."""
-    from tune.trainer import STAGES_IN_ORDER, has_labelled_defects, train_stage
+    from tune.trainer import STAGES_IN_ORDER, has_boxes, has_labelled_defects, train_stage
 
     dataset, registry = _load(args)
     categories = _categories(dataset, args.category)
@@ -88,18 +151,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args, args.epochs)
     results = []
     for stage in stages:
+        if args.stage == "all" and stage == "localizer" and not has_boxes(dataset):
+            print("no localizer: the training split has no boxes", file=sys.stderr)
+            continue
         stage_settings = settings
-        if stage not in FREEZABLE and "freeze_stages" in settings.model_config:
-            config = {k: v for k, v in settings.model_config.items() if k != "freeze_stages"}
+        drop = {"freeze_stages"} if stage not in FREEZABLE else set()
+        if stage != "reranker":
+            drop |= {"descriptions", "open_clip_model", "open_clip_pretrained"}
+        if drop & set(settings.model_config):
+            config = {k: v for k, v in settings.model_config.items() if k not in drop}
             stage_settings = dataclasses.replace(settings, model_config=config)
-        for category in categories[:1] if stage == "router" else categories:
-            skip = args.stage == "all" and stage == "classifier"
+        for category in categories[:1] if stage in ("router", "localizer") else categories:
+            skip = args.stage == "all" and stage in ("classifier", "reranker")
             if skip and not has_labelled_defects(dataset, category):
-                print(f"no classifier for {category}: no labelled defects", file=sys.stderr)
+                print(f"no {stage} for {category}: no labelled defects", file=sys.stderr)
                 continue
-            print(
-                f"training {stage} for {category} on {args.num_workers} worker(s)", file=sys.stderr
-            )
+            target = "every category" if stage in ("router", "localizer") else category
+            print(f"training {stage} for {target} on {args.num_workers} worker(s)", file=sys.stderr)
             results.append(train_stage(registry, dataset, stage, category, stage_settings))
     from cluster.cli import _print_json
 
@@ -119,7 +187,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             sweep_stage(
                 registry, dataset, args.stage, category, args.num_samples, settings, args.mlflow_uri
             )
-            for category in _categories(dataset, args.category)
+            # One localizer serves every category: sweep it once.
+            for category in _categories(dataset, args.category)[
+                : 1 if args.stage == "localizer" else None
+            ]
         ]
     from cluster.cli import _print_json
 
@@ -128,10 +199,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _histories_and_sweeps(registry: Any, categories: list[str]) -> tuple[dict, dict]:
-    from models.stages import CLASSIFIER, DETECTOR, ROUTER, ROUTER_CATEGORY, VERIFIER
+    from models.stages import CLASSIFIER, DETECTOR, RERANKER, ROUTER, ROUTER_CATEGORY, VERIFIER
 
     histories, sweeps = {}, {}
-    owners = [(c, s) for c in categories for s in (DETECTOR, VERIFIER, CLASSIFIER)]
+    owners = [(c, s) for c in categories for s in (DETECTOR, VERIFIER, CLASSIFIER, RERANKER)]
     owners.append((ROUTER_CATEGORY, ROUTER))
     for category, stage in owners:
         if category not in registry.categories() or stage not in registry.stages(category):
@@ -171,6 +242,75 @@ def _heatmaps(pipeline: Any, records: list[Any]) -> dict[str, Any]:
     return maps
 
 
+def _models_of(stage: str, dataset: Any, registry: Any, wanted: str | None) -> list[str]:
+    """The dataset's categories that have a production ``stage`` in the registry."""
+    categories = [
+        c
+        for c in _categories(dataset, wanted)
+        if c in registry.categories() and stage in registry.stages(c)
+    ]
+    if not categories:
+        from models.artifacts import ArtifactError
+
+        raise ArtifactError(f"no category of {dataset.name!r} has a {stage} in {registry.uri}")
+    return categories
+
+
+def cmd_refit_prototypes(args: argparse.Namespace) -> int:
+    """Refit each classifier's prototypes and class priors on the current training split."""
+    from tune.trainer import refit_prototypes
+
+    dataset, registry = _load(args)
+    refitted = {
+        c: refit_prototypes(registry, dataset, c)
+        for c in _models_of("classifier", dataset, registry, args.category)
+    }
+    from cluster.cli import _print_json
+
+    _print_json({"dataset": dataset.name, "refitted": refitted})
+    return 0
+
+
+def cmd_refit_fusion(args: argparse.Namespace) -> int:
+    """Refit each reranker's fusion weight on validation against the production classifier.
+
+    Training the classifier does this by itself; this command is for registries
+    changed by hand (a classifier promoted or rolled back).
+    """
+    from tune.trainer import refit_fusion
+
+    dataset, registry = _load(args)
+    refitted = {
+        c: refit_fusion(registry, dataset.samples, c)
+        for c in _models_of("reranker", dataset, registry, args.category)
+    }
+    from cluster.cli import _print_json
+
+    _print_json({"dataset": dataset.name, "refitted": refitted})
+    return 0
+
+
+def _register_descriptions(pipeline: Any, args: argparse.Namespace) -> None:
+    """Register ``--describe`` (built-in) and ``--descriptions`` types with every reranker."""
+    from models.descriptions import BUILTIN, DescriptionCatalog, DescriptionError
+
+    catalog = DescriptionCatalog.from_list(_descriptions(args.descriptions) or [])
+    for name in args.describe or []:
+        if name not in BUILTIN:
+            raise DescriptionError(
+                f"no built-in description of {name!r}; give it with --descriptions FILE"
+            )
+        catalog.register(BUILTIN[name])
+    if not len(catalog):
+        return
+    ranked = [c for c, stages in pipeline.stages.items() if stages.reranker is not None]
+    if not ranked:
+        raise DescriptionError("no category has a reranker to rank the described types")
+    for category in ranked:
+        for name in catalog.names:
+            pipeline.register_description(category, catalog[name])
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run the InspectionPipeline over the test split; write metrics and a report."""
     from models.evaluation.run import evaluate
@@ -180,6 +320,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipeline = InspectionPipeline.from_registry(
         registry, [c for c in dataset.categories if c in registry.categories()] or None
     )
+    _register_descriptions(pipeline, args)
     records, metrics = evaluate(pipeline, dataset, split=args.split, route=args.route)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +383,36 @@ def _training_options(command: argparse.ArgumentParser) -> None:
         "(faint defects on dim images, such as ELPV's micro-cracks)",
     )
     command.add_argument("--storage", default="runs", help="checkpoint folder or URL")
+    command.add_argument(
+        "--hold-out",
+        action="append",
+        metavar="LABEL",
+        help="leave this label's images out of the training and validation splits "
+        "(repeatable; e.g. to test ranking a type known only by its description)",
+    )
+    command.add_argument(
+        "--descriptions",
+        help="JSON list of defect descriptions for the reranker "
+        "(name, description, keywords, contrast; default: the built-in ones)",
+    )
+    command.add_argument(
+        "--open-clip",
+        metavar="MODEL[:TAG]",
+        help="reranker: an open_clip model (and pretrained tag, downloaded: needs internet) "
+        "instead of the packaged towers, e.g. ViT-B-32:laion2b_s34b_b79k",
+    )
+    command.add_argument(
+        "--model-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a field of the stage's model config (repeatable), e.g. "
+        "backbone=hgnetv2_pico or pretrained_checkpoint=ORG/MODEL for the localizer",
+    )
+    command.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        help="CPU threads per Ray Train worker (default: the cluster's CPUs shared evenly)",
+    )
 
 
 def add_commands(
@@ -263,11 +434,35 @@ def add_commands(
     tune.add_argument("--max-epochs", type=int, default=4, help="ASHA's maximum epochs per trial")
     tune.add_argument("--mlflow-uri", help="also log the trials to this MLflow tracking URI")
 
+    refit = add(commands, "refit-fusion", cmd_refit_fusion)
+    _common(refit)
+    refit.add_argument("--category", help="one product category (default: every reranked one)")
+    prototypes = add(commands, "refit-prototypes", cmd_refit_prototypes)
+    _common(prototypes)
+    prototypes.add_argument("--category", help="one product category (default: all)")
+    for command in (refit, prototypes):
+        command.add_argument(
+            "--hold-out",
+            action="append",
+            metavar="LABEL",
+            help="the same held-out labels as the models' training (repeatable)",
+        )
+
     evaluate = add(commands, "eval", cmd_eval)
     _common(evaluate)
     evaluate.add_argument("--out", required=True, help="metrics JSON file")
     evaluate.add_argument("--report", help="folder for report.md and its plots")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument(
+        "--describe",
+        action="append",
+        metavar="TYPE",
+        help="register this built-in defect description before judging (repeatable): "
+        "the reranker ranks the type from its words alone",
+    )
+    evaluate.add_argument(
+        "--descriptions", help="JSON list of defect descriptions to register before judging"
+    )
     evaluate.add_argument(
         "--route", action="store_true", help="withhold categories: the router names them"
     )

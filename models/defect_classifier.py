@@ -5,8 +5,11 @@ embedding, trained with the supervised-contrastive loss (Khosla et al. 2020):
 images of one class pull together, other classes push apart. Each class is then
 represented by a prototype, the normalised mean embedding of its training images,
 and an image's class scores are a softmax over its cosine similarity to every
-prototype. New images of a class land near its prototype even when the class had
-few examples, and the embedding itself can be drawn as a map of the defects.
+prototype plus the log of the class's share of the training images (Bayes' rule:
+on imbalanced data, such as ELPV where most cells are good, a nearest-prototype
+rule alone over-predicts the rare classes). New images of a class land near its
+prototype even when the class had few examples, and the embedding itself can be
+drawn as a map of the defects.
 
 One classifier per category (a new product line is a new artifact). Its classes
 are every label of the category's training split (``good`` included), so on
@@ -129,9 +132,11 @@ class DefectClassifier(BackboneStage):
             nn.ReLU(inplace=True),
             nn.Linear(width // 2, config.embedding_dim),
         )
-        # Unit-length class means, set by fit_prototypes after training.
+        # Unit-length class means and log class priors, set by fit_prototypes.
         self.register_buffer("prototypes", torch.zeros(len(config.classes), config.embedding_dim))
+        self.register_buffer("log_prior", torch.zeros(len(config.classes)))
         self.register_buffer("has_prototypes", torch.zeros((), dtype=torch.bool))
+        self._register_load_state_dict_pre_hook(_uniform_prior_if_missing)
         # Where each defect type sits among the classes (for ranking).
         self.register_buffer(
             "defect_index",
@@ -148,14 +153,14 @@ class DefectClassifier(BackboneStage):
         return F.normalize(self.head(self.backbone(images)).float(), dim=-1)
 
     def class_logits(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity to each prototype over the temperature: ``(B, C)``."""
+        """Cosine similarity to each prototype over the temperature, plus the log prior."""
         if not bool(self.has_prototypes):
             raise RuntimeError("the classifier has no prototypes yet: call fit_prototypes")
-        return embedding @ self.prototypes.T / self.config.temperature
+        return embedding @ self.prototypes.T / self.config.temperature + self.log_prior
 
     @torch.no_grad()
     def fit_prototypes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Set each class's prototype to the normalized mean of its embeddings.
+        """Set each class's prototype (normalized mean embedding) and its log prior.
 
         Raises:
             ValueError: a class has no embedding.
@@ -169,6 +174,8 @@ class DefectClassifier(BackboneStage):
             [embeddings[labels == i].mean(0) for i in range(len(self.config.classes))]
         )
         self.prototypes.copy_(F.normalize(means, dim=-1))
+        counts = torch.bincount(labels, minlength=len(self.config.classes)).float()
+        self.log_prior.copy_((counts / counts.sum()).log())
         self.has_prototypes.fill_(True)
 
     @torch.no_grad()
@@ -194,6 +201,15 @@ class DefectClassifier(BackboneStage):
             order = sorted(range(len(names)), key=lambda i: -row[i])[: k or len(names)]
             ranked.append([(names[i], row[i]) for i in order])
         return ranked
+
+
+def _uniform_prior_if_missing(
+    state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    """Artifacts from before class priors score every class as equally likely."""
+    key = prefix + "log_prior"
+    if key not in state_dict and prefix + "prototypes" in state_dict:
+        state_dict[key] = torch.zeros(state_dict[prefix + "prototypes"].shape[0])
 
 
 def supervised_contrastive_loss(

@@ -92,6 +92,19 @@ class DefectDescription:
             parts.append(self.contrast.rstrip(".") + ".")
         return " ".join(parts)
 
+    def variants(self) -> list[str]:
+        """Phrasings of this description: the full text, its parts and its keywords.
+
+        The reranker learns from a different phrasing at each step, so its text
+        projection follows what the words mean rather than one sentence; at
+        inference it averages the embeddings of all of them (a prompt ensemble).
+        """
+        texts = [self.text(), self.description.rstrip(".") + "."]
+        texts += [f"A surface with {keyword}." for keyword in self.keywords]
+        if self.contrast:
+            texts.append(self.contrast.rstrip(".") + ".")
+        return list(dict.fromkeys(texts))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {

@@ -8,6 +8,10 @@ Evaluation runs it over a test split; serving follows the same rule stage by sta
     → AutoencoderVerifier, only when p falls in the category's ambiguous band
     → verdict and final anomaly score
     → DefectClassifier, for parts judged defective: ranked defect types
+      ∥ DefectLocalizer, when boxes are asked for: where each defect is
+    → Reranker: the types reordered by fusing the classifier's scores with
+      CLIP image-description similarity (types registered by description only
+      are ranked too)
     → the stage trace
 """
 
@@ -26,10 +30,13 @@ from models.artifacts import ArtifactError, ArtifactRegistry
 from models.data.sample import Sample
 from models.data.tensors import predict_all, validation_dataset
 from models.decision import DecisionRule, ensemble_rule, fit_decision_rule
+from models.descriptions import DefectDescription, DescriptionCatalog
 from models.stages import (
     CLASSIFIER,
     DECISION,
     DETECTOR,
+    LOCALIZER,
+    RERANKER,
     ROUTER,
     ROUTER_CATEGORY,
     VERIFIER,
@@ -70,7 +77,11 @@ class Inspection:
         heatmap: Grad-CAM map ``(H, W)`` in [0, 1] at the detector's input size,
             when asked for.
         defect_types: the defect types, best first, with scores summing to 1,
-            when the classifier ran.
+            when the classifier or the reranker ran (the reranker's order when
+            it ran).
+        classifier_defect_types: the classifier's own ranking, before reranking.
+        boxes: the localizer's boxes ``(defect type, score, (x0, y0, x1, y1))`` in
+            the image's pixels, best first, when boxes were asked for.
         class_scores: the classifier's probability of every class (``good``
             and graded levels included), when it ran.
         embedding: the classifier's unit-length embedding, when it ran.
@@ -86,6 +97,8 @@ class Inspection:
     verifier_score: float | None = None
     heatmap: np.ndarray | None = None
     defect_types: list[tuple[str, float]] = field(default_factory=list)
+    classifier_defect_types: list[tuple[str, float]] = field(default_factory=list)
+    boxes: list[tuple[str, float, tuple[float, float, float, float]]] = field(default_factory=list)
     class_scores: dict[str, float] | None = None
     embedding: np.ndarray | None = None
     trace: list[StageRun] = field(default_factory=list)
@@ -100,6 +113,16 @@ class CategoryStages:
     rule: DecisionRule
     rule_version: str
     classifier: LoadedStage | None = None
+    reranker: LoadedStage | None = None
+
+
+@dataclass(frozen=True)
+class _RankedTypes:
+    """The types a category's reranker ranks, with their text embeddings."""
+
+    names: tuple[str, ...]
+    known: torch.Tensor  # (N,) bool: types the classifier was trained on
+    texts: torch.Tensor  # (N, D) unit-length description embeddings
 
 
 def _batched_inputs(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -122,6 +145,8 @@ class InspectionPipeline:
         stages: category → its models and rule.
         router: the CategoryRouter, needed only for images given without a category.
         batch_size: images per model call.
+        localizer: the DefectLocalizer (one for every category), needed only when
+            boxes are asked for.
     """
 
     def __init__(
@@ -129,12 +154,16 @@ class InspectionPipeline:
         stages: Mapping[str, CategoryStages],
         router: LoadedStage | None = None,
         batch_size: int = 16,
+        localizer: LoadedStage | None = None,
     ) -> None:
         if not stages:
             raise ValueError("the pipeline needs at least one category")
         self.stages = dict(stages)
         self.router = router
+        self.localizer = localizer
         self.batch_size = batch_size
+        self._described: dict[str, DescriptionCatalog] = {}
+        self._ranked_types: dict[str, _RankedTypes] = {}
 
     @property
     def categories(self) -> list[str]:
@@ -182,18 +211,60 @@ class InspectionPipeline:
                 version = manifest.version
             if verifier is None:
                 rule = DecisionRule(threshold=rule.threshold, lo=rule.threshold, hi=rule.threshold)
-            classifier = (
-                load_stage(registry, category, CLASSIFIER, ref, device)
-                if CLASSIFIER in available
-                else None
+            classifier, reranker = (
+                load_stage(registry, category, stage, ref, device) if stage in available else None
+                for stage in (CLASSIFIER, RERANKER)
             )
-            stages[category] = CategoryStages(detector, verifier, rule, version, classifier)
+            stages[category] = CategoryStages(
+                detector, verifier, rule, version, classifier, reranker
+            )
         if not stages:
             raise ArtifactError(f"no category in {registry.uri} has a trained detector")
-        router = None
-        if ROUTER_CATEGORY in registry.categories() and ROUTER in registry.stages(ROUTER_CATEGORY):
-            router = load_stage(registry, ROUTER_CATEGORY, ROUTER, ref, device)
-        return cls(stages, router)
+        shared = (
+            registry.stages(ROUTER_CATEGORY) if ROUTER_CATEGORY in registry.categories() else []
+        )
+        router, localizer = (
+            load_stage(registry, ROUTER_CATEGORY, stage, ref, device) if stage in shared else None
+            for stage in (ROUTER, LOCALIZER)
+        )
+        return cls(stages, router, localizer=localizer)
+
+    def register_description(self, category: str, description: DefectDescription) -> None:
+        """Add (or replace) a described defect type; the reranker ranks it from now on.
+
+        Raises:
+            ArtifactError: an unknown category, or one without a reranker.
+        """
+        if category not in self.stages:
+            raise ArtifactError(f"unknown category {category!r}; known: {self.categories}")
+        if self.stages[category].reranker is None:
+            raise ArtifactError(
+                f"category {category!r} has no reranker: train one to rank described types"
+            )
+        self._described.setdefault(category, DescriptionCatalog()).register(description)
+        self._ranked_types.pop(category, None)
+
+    def defect_catalog(self, category: str) -> DescriptionCatalog:
+        """The described types a category's reranker ranks: trained ones, then registered."""
+        reranker = self.stages[category].reranker
+        catalog = reranker.model.config.catalog() if reranker else DescriptionCatalog()
+        for name in self._described.get(category, DescriptionCatalog()).names:
+            catalog.register(self._described[category][name])
+        return catalog
+
+    def _types(self, category: str) -> _RankedTypes:
+        if category not in self._ranked_types:
+            stages = self.stages[category]
+            catalog = self.defect_catalog(category)
+            classifier_types = (
+                stages.classifier.model.config.defect_types if stages.classifier else ()
+            )
+            self._ranked_types[category] = _RankedTypes(
+                catalog.names,
+                torch.tensor([n in classifier_types for n in catalog.names]),
+                stages.reranker.model.type_embeddings(catalog),
+            )
+        return self._ranked_types[category]
 
     def route(self, images: Sequence[Image.Image]) -> tuple[list[str], list[StageRun]]:
         """Predict each image's category with the router."""
@@ -224,6 +295,7 @@ class InspectionPipeline:
         categories: Sequence[str | None] | None = None,
         explain: bool = False,
         classify: str = CLASSIFY_DEFECTIVE,
+        boxes: bool = False,
     ) -> list[Inspection]:
         """Inspect a batch of images.
 
@@ -233,12 +305,16 @@ class InspectionPipeline:
             explain: add the detector's Grad-CAM heatmap.
             classify: ``"defective"``: the defect classifier types the parts
                 judged defective; ``"all"``: it scores every image.
+            boxes: locate the defects of parts judged defective (the localizer).
 
         Raises:
-            ArtifactError: an unknown category, or routing needed without a router.
+            ArtifactError: an unknown category, routing needed without a router,
+                or boxes asked for without a localizer.
         """
         if classify not in (CLASSIFY_DEFECTIVE, CLASSIFY_ALL):
             raise ValueError(f"classify must be 'defective' or 'all', got {classify!r}")
+        if boxes and self.localizer is None:
+            raise ArtifactError("boxes were asked for and no localizer is trained")
         categories = list(categories) if categories is not None else [None] * len(images)
         if len(categories) != len(images):
             raise ValueError(f"{len(images)} images but {len(categories)} categories")
@@ -261,6 +337,8 @@ class InspectionPipeline:
                 chunk_images = [images[i] for i in chunk]
                 found = self._inspect_category(category, chunk_images, explain)
                 self._classify(category, chunk_images, found, classify)
+                if boxes:
+                    self._localize(chunk_images, found)
                 for i, inspection in zip(chunk, found, strict=True):
                     inspection.routed = routed[i]
                     inspection.trace = traces[i] + inspection.trace
@@ -327,17 +405,77 @@ class InspectionPipeline:
         inspections: Sequence[Inspection],
         classify: str,
     ) -> None:
-        classifier = self.stages[category].classifier
-        if classifier is None:
-            return
+        stages = self.stages[category]
         chosen = [
             i
             for i, inspection in enumerate(inspections)
             if classify == CLASSIFY_ALL or inspection.verdict == DEFECTIVE
         ]
-        if chosen:
-            _classify_into(
-                classifier, [images[i] for i in chosen], [inspections[i] for i in chosen]
+        if not chosen:
+            return
+        chosen_images = [images[i] for i in chosen]
+        chosen_inspections = [inspections[i] for i in chosen]
+        if stages.classifier is not None:
+            _classify_into(stages.classifier, chosen_images, chosen_inspections)
+        if stages.reranker is not None:
+            self._rerank(category, chosen_images, chosen_inspections)
+
+    def _localize(self, images: Sequence[Image.Image], inspections: Sequence[Inspection]) -> None:
+        chosen = [i for i, inspection in enumerate(inspections) if inspection.verdict == DEFECTIVE]
+        if not chosen:
+            return
+        model = self.localizer.model
+        picked = [images[i] for i in chosen]
+        sizes = [(image.height, image.width) for image in picked]
+        found, ms = _timed(model.predict, _batched_inputs(model, picked), image_sizes=sizes)
+        for i, detections in zip(chosen, found, strict=True):
+            inspection = inspections[i]
+            inspection.boxes = [
+                (label, float(score), tuple(float(v) for v in box))
+                for label, score, box in zip(
+                    detections.labels, detections.scores.tolist(), detections.boxes, strict=True
+                )
+            ]
+            inspection.trace.append(
+                StageRun(
+                    LOCALIZER,
+                    self.localizer.manifest.version,
+                    ms / len(chosen),
+                    {"n_boxes": len(inspection.boxes)},
+                )
+            )
+
+    def _rerank(
+        self, category: str, images: Sequence[Image.Image], inspections: Sequence[Inspection]
+    ) -> None:
+        reranker = self.stages[category].reranker
+        types = self._types(category)
+        model = reranker.model
+        clip, ms = _timed(model.text_probabilities, _batched_inputs(model, images), types.texts)
+        classifier_scores = None
+        if self.stages[category].classifier is not None:
+            classifier_scores = torch.tensor(
+                [
+                    [dict(i.classifier_defect_types).get(n, 0.0) for n in types.names]
+                    for i in inspections
+                ]
+            )
+        fused = model.fuse(classifier_scores, clip.cpu(), types.known)
+        for inspection, row in zip(inspections, fused.tolist(), strict=True):
+            ranked = sorted(zip(types.names, row, strict=True), key=lambda pair: -pair[1])
+            inspection.defect_types = ranked
+            before = inspection.classifier_defect_types
+            inspection.trace.append(
+                StageRun(
+                    RERANKER,
+                    reranker.manifest.version,
+                    ms / len(images),
+                    {
+                        "defect_type": ranked[0][0],
+                        "score": ranked[0][1],
+                        "classifier_defect_type": before[0][0] if before else None,
+                    },
+                )
             )
 
 
@@ -352,6 +490,7 @@ def _classify_into(
         inspections, output.scores.cpu().tolist(), ranked, embeddings, strict=True
     ):
         inspection.defect_types = types
+        inspection.classifier_defect_types = types
         inspection.embedding = embedding
         inspection.class_scores = dict(zip(model.config.classes, scores, strict=True))
         inspection.trace.append(

@@ -21,13 +21,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from open_clip.tokenizer import HFTokenizer
 from torch import nn
 
 from models.backbone import Preprocessing, create_backbone
+from models.descriptions import DescriptionCatalog
 from models.text import local_model_folder
 
 # Parameters of the locked text transformer, left out of artifacts.
@@ -39,6 +42,8 @@ class RerankerConfig:
     """What builds a :class:`Reranker` (stored in its artifact).
 
     Attributes:
+        descriptions: the described defect types it was trained on, in order
+            (:meth:`~models.descriptions.DescriptionCatalog.to_list` form).
         backbone: the timm vision tower (its ImageNet weights come from the package).
         input_size: side of the square image input in pixels.
         embed_dim: the joint image-text embedding size.
@@ -50,8 +55,19 @@ class RerankerConfig:
             (1 - w)·clip``, chosen on validation data after training.
         autocontrast: per-image contrast stretch; see
             :class:`~models.backbone.Preprocessing`.
+        open_clip_model: instead of the packaged towers, an open_clip model by
+            name (``"ViT-B-32"``, ...), for users online; its own text tower is
+            locked and the image tower trains. ``input_size`` must be the
+            model's image size.
+        open_clip_pretrained: the open_clip pretrained tag to download
+            (``"laion2b_s34b_b79k"``, ...) when training starts; artifacts then
+            hold every weight, so serving needs no download.
+        lock_text_projection: keep the packaged text tower's projection at its
+            (random) initialisation, so descriptions keep the sentence encoder's
+            geometry and only the image tower learns (full LiT).
     """
 
+    descriptions: tuple[Mapping[str, Any], ...] = ()
     backbone: str = "efficientnet_lite0"
     input_size: int = 224
     embed_dim: int = 256
@@ -59,22 +75,49 @@ class RerankerConfig:
     text_model: str | None = None
     fusion_weight: float = 0.5
     autocontrast: float = 0.0
+    open_clip_model: str | None = None
+    open_clip_pretrained: str | None = None
+    lock_text_projection: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+        catalog = DescriptionCatalog.from_list(self.descriptions)  # validates every entry
+        if len(catalog) != len(self.descriptions):
+            raise ValueError("descriptions name a defect type twice")
+        object.__setattr__(self, "descriptions", tuple(catalog.to_list()))
+
+    @property
+    def defect_types(self) -> tuple[str, ...]:
+        """The types the reranker was trained on."""
+        return tuple(d["name"] for d in self.descriptions)
+
+    def catalog(self) -> DescriptionCatalog:
+        """The trained types' descriptions."""
+        return DescriptionCatalog.from_list(self.descriptions)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return asdict(self)
+        return asdict(self) | {"descriptions": [dict(d) for d in self.descriptions]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RerankerConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        return cls(**dict(data))
+        data = dict(data)
+        data["descriptions"] = tuple(data.get("descriptions", ()))
+        return cls(**data)
 
     def preprocessing(self) -> Preprocessing:
-        """The image transform (the vision tower's ImageNet convention)."""
+        """The image transform (ImageNet's convention, or CLIP's for open_clip models)."""
+        if self.open_clip_model:
+            return Preprocessing(
+                input_size=self.input_size,
+                resize=self.input_size,
+                interpolation="bicubic",
+                mean=OPENAI_DATASET_MEAN,
+                std=OPENAI_DATASET_STD,
+                autocontrast=self.autocontrast,
+            )
         return Preprocessing(
             input_size=self.input_size, resize=self.input_size, autocontrast=self.autocontrast
         )
@@ -86,13 +129,18 @@ class Reranker(nn.Module):
     Args:
         config: the towers and the fusion weight.
         pretrained: load the packaged ImageNet weights into the vision tower
-            (training). The text tower always loads the packaged MiniLM.
+            (training). The text tower always loads the packaged MiniLM. With
+            ``config.open_clip_model``, download ``open_clip_pretrained`` instead.
     """
 
     def __init__(self, config: RerankerConfig, pretrained: bool = True) -> None:
         super().__init__()
         self.config = config
         self.preprocessing = config.preprocessing()
+        self.hub = bool(config.open_clip_model)
+        if self.hub:
+            self._build_open_clip(config, pretrained)
+            return
         text_model = local_model_folder(config.text_model)
         self.clip = CustomTextCLIP(
             embed_dim=config.embed_dim,
@@ -116,25 +164,52 @@ class Reranker(nn.Module):
             backbone, _ = create_backbone(config.backbone, pretrained=True, num_classes=0)
             self.clip.visual.trunk.load_state_dict(backbone.state_dict())
         self.clip.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+        if config.lock_text_projection:
+            self.clip.text.proj.requires_grad_(False)
         self.tokenizer = HFTokenizer(text_model, context_length=config.context_length)
         self.register_state_dict_post_hook(_drop_locked_text)
         self.register_load_state_dict_post_hook(_locked_text_is_not_missing)
 
+    def _build_open_clip(self, config: RerankerConfig, pretrained: bool) -> None:
+        """An open_clip model by name: its text tower locked, whole (LiT)."""
+        tag = config.open_clip_pretrained if pretrained else None
+        self.clip = open_clip.create_model(config.open_clip_model, pretrained=tag)
+        size = self.clip.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        if size != config.input_size:
+            raise ValueError(
+                f"{config.open_clip_model} takes {size}px images; set input_size={size}"
+            )
+        self.clip.lock_text_tower()
+        self.tokenizer = open_clip.get_tokenizer(config.open_clip_model)
+
     def train(self, mode: bool = True) -> Reranker:
-        """Set the training mode; the locked text transformer stays in eval mode."""
+        """Set the training mode; the locked text tower stays in eval mode."""
         super().train(mode)
-        self.clip.text.transformer.eval()
+        if not self.hub:
+            self.clip.text.transformer.eval()
         return self
 
+    def _image_head(self) -> list[nn.Parameter]:
+        if not self.hub:
+            return list(self.clip.visual.head.parameters())
+        return [
+            p
+            for name, p in self.clip.visual.named_parameters()
+            if name.split(".")[0] in ("proj", "head", "attnpool")
+        ]
+
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        """The freshly initialised parts: both projections and the logit scale."""
-        yield from self.clip.visual.head.parameters()
-        yield from (p for p in self.clip.text.proj.parameters() if p.requires_grad)
+        """The image (and packaged text) projections and the logit scale."""
+        yield from self._image_head()
+        if not self.hub:
+            yield from (p for p in self.clip.text.proj.parameters() if p.requires_grad)
         yield self.clip.logit_scale
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """The pretrained vision trunk (trained at the lower backbone learning rate)."""
-        return (p for p in self.clip.visual.trunk.parameters() if p.requires_grad)
+        head = {id(p) for p in self._image_head()}
+        return (p for p in self.clip.visual.parameters() if p.requires_grad and id(p) not in head)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-length image embeddings ``(B, D)`` of normalized images."""
@@ -147,6 +222,46 @@ class Reranker(nn.Module):
         device = self.clip.logit_scale.device
         tokens = self.tokenizer(list(texts)).to(device)
         return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """The locked text transformer's pooled features ``(N, H)``, before projection.
+
+        They never change (the tower is locked), so training computes them once.
+        """
+        if not texts:
+            raise ValueError("need at least one text")
+        tokens = self.tokenizer(list(texts)).to(self.clip.logit_scale.device)
+        if self.hub:  # the whole locked text tower, its projection included
+            return self.clip.encode_text(tokens).float()
+        text = self.clip.text
+        mask = (tokens != text.config.pad_token_id).long()
+        return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+
+    def project_texts(self, features: torch.Tensor) -> torch.Tensor:
+        """Unit-length text embeddings ``(N, D)`` of :meth:`text_features`."""
+        if self.hub:
+            return F.normalize(features.float(), dim=-1)
+        return F.normalize(self.clip.text.proj(features).float(), dim=-1)
+
+    @torch.no_grad()
+    def type_embeddings(self, catalog: DescriptionCatalog) -> torch.Tensor:
+        """One unit-length embedding per described type ``(N, D)``, in catalog order.
+
+        Each is the normalised mean over the description's phrasings
+        (:meth:`~models.descriptions.DefectDescription.variants`).
+        """
+        if not len(catalog):
+            raise ValueError("the catalog has no description")
+        rows = []
+        for name in catalog.names:
+            variants = self.project_texts(self.text_features(catalog[name].variants()))
+            rows.append(F.normalize(variants.mean(0), dim=-1))
+        return torch.stack(rows)
+
+    def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Training logits ``(B, N)``: images against projected text features."""
+        return self.logits(self.encode_images(images), self.project_texts(text_features))
 
     def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities ``(B, N)`` (CLIP's learnt temperature)."""
@@ -163,28 +278,88 @@ class Reranker(nn.Module):
         self,
         classifier_scores: torch.Tensor | None,
         clip_probabilities: torch.Tensor,
+        known: torch.Tensor | None = None,
         weight: float | None = None,
     ) -> torch.Tensor:
-        """``w·classifier + (1 - w)·clip`` per type, renormalised to sum to 1.
-
-        Args:
-            classifier_scores: ``(B, N)`` in the same type order; a type the
-                classifier does not know (registered by description only) has 0.
-                None: the reranker ranks alone.
-            clip_probabilities: ``(B, N)`` from :meth:`text_probabilities`.
-            weight: the classifier's weight (default: the config's, fitted on
-                validation data).
-        """
+        """Fused type scores; see :func:`fuse_scores`. ``weight`` defaults to the config's."""
         w = self.config.fusion_weight if weight is None else weight
-        if classifier_scores is None:
-            return clip_probabilities
-        if classifier_scores.shape != clip_probabilities.shape:
-            raise ValueError(
-                f"classifier scores {tuple(classifier_scores.shape)} and CLIP probabilities "
-                f"{tuple(clip_probabilities.shape)} differ"
-            )
-        fused = w * classifier_scores + (1.0 - w) * clip_probabilities
-        return fused / fused.sum(-1, keepdim=True).clamp_min(1e-12)
+        return fuse_scores(classifier_scores, clip_probabilities, w, known)
+
+
+def fuse_scores(
+    classifier_scores: torch.Tensor | None,
+    clip_probabilities: torch.Tensor,
+    weight: float,
+    known: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``w·classifier + (1 - w)·clip`` per type, renormalised to sum to 1.
+
+    The classifier abstains on types it was never trained on (registered by
+    description only): their score is CLIP's alone, so a new type can come first
+    as soon as its description matches the image better than any other.
+
+    Args:
+        classifier_scores: ``(B, N)`` in the same type order, summing to 1 over
+            the known types. None: CLIP ranks alone.
+        clip_probabilities: ``(B, N)``, see :meth:`Reranker.text_probabilities`.
+        weight: the classifier's weight ``w`` in [0, 1].
+        known: ``(N,)`` bool, the types the classifier knows (default: all).
+    """
+    if classifier_scores is None:
+        return clip_probabilities
+    if classifier_scores.shape != clip_probabilities.shape:
+        raise ValueError(
+            f"classifier scores {tuple(classifier_scores.shape)} and CLIP probabilities "
+            f"{tuple(clip_probabilities.shape)} differ"
+        )
+    fused = weight * classifier_scores + (1.0 - weight) * clip_probabilities
+    if known is not None:
+        fused = torch.where(known.to(fused.device), fused, clip_probabilities)
+    return fused / fused.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def fit_fusion_weight(
+    classifier_scores: torch.Tensor,
+    clip_probabilities: torch.Tensor,
+    truth: torch.Tensor,
+    grid: int = 21,
+) -> tuple[float, dict[str, float]]:
+    """The classifier weight that ranks the most validation images right.
+
+    Several weights often tie on a small validation split; the median of the
+    tied weights is taken, the one farthest from flipping an answer either way.
+    (Log-likelihood would favour whichever model is more confident, and the
+    classifier's prototype softmax is sharp by construction.)
+
+    Args:
+        classifier_scores: ``(B, N)`` classifier scores over the trained types.
+        clip_probabilities: ``(B, N)`` CLIP probabilities over the same types.
+        truth: ``(B,)`` index of each image's true type.
+        grid: weights tried, evenly spaced over [0, 1].
+
+    Returns:
+        The weight and the validation top-1 of the classifier alone, CLIP alone
+        and the fused ranking at that weight.
+    """
+    if len(truth) == 0:
+        raise ValueError("no validation image to fit the fusion weight on")
+    weights = torch.linspace(0.0, 1.0, grid).tolist()
+    top1 = [
+        float(
+            (fuse_scores(classifier_scores, clip_probabilities, w).argmax(1) == truth)
+            .float()
+            .mean()
+        )
+        for w in weights
+    ]
+    tied = [w for w, t in zip(weights, top1, strict=True) if t == max(top1)]
+    weight = round(tied[(len(tied) - 1) // 2], 4)
+    return weight, {
+        "val_top1_classifier": float((classifier_scores.argmax(1) == truth).float().mean()),
+        "val_top1_clip": float((clip_probabilities.argmax(1) == truth).float().mean()),
+        "val_top1_fused": max(top1),
+        "fusion_weight": weight,
+    }
 
 
 def _drop_locked_text(

@@ -1,9 +1,10 @@
 """The pipeline's stages by name: build from a config, load from the registry.
 
 The registry keys artifacts by ``(category, stage)``. Stage models are
-``detector``, ``verifier``, ``classifier`` and ``router`` (the router is trained over all
-categories and stored under :data:`ROUTER_CATEGORY`); ``decision`` holds the
-category's :class:`~models.decision.DecisionRule`.
+``detector``, ``verifier``, ``classifier``, ``reranker``, ``router`` and
+``localizer`` (the router and the localizer are trained over all categories and
+stored under :data:`ROUTER_CATEGORY`); ``decision`` holds the category's
+:class:`~models.decision.DecisionRule`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifier
 from models.category_router import CategoryRouter, CategoryRouterConfig
 from models.decision import DecisionRule
 from models.defect_classifier import DefectClassifier, DefectClassifierConfig
+from models.localizer import DefectLocalizer, DefectLocalizerConfig
+from models.reranker import Reranker, RerankerConfig
 
 DETECTOR, VERIFIER, ROUTER, DECISION = "detector", "verifier", "router", "decision"
-CLASSIFIER = "classifier"
+CLASSIFIER, RERANKER = "classifier", "reranker"
 ROUTER_CATEGORY = "all-categories"
+LOCALIZER = "localizer"  # one DefectLocalizer for every category, under ROUTER_CATEGORY
 
 STAGE_MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     DETECTOR: (AnomalyDetectorConfig, AnomalyDetector),
     VERIFIER: (AutoencoderVerifierConfig, AutoencoderVerifier),
     ROUTER: (CategoryRouterConfig, CategoryRouter),
     CLASSIFIER: (DefectClassifierConfig, DefectClassifier),
+    RERANKER: (RerankerConfig, Reranker),
+    LOCALIZER: (DefectLocalizerConfig, DefectLocalizer),
 }
 # Keys of an artifact's config that describe training, not the architecture.
 TRAINING_KEYS = ("training", "hyperparameters")

@@ -74,6 +74,13 @@ def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor:
     return abs(value - best_value) <= 1e-4 and metrics["val_loss"] < best["val_loss"]
 
 
+def _to_device(target: Any, device: torch.device) -> Any:
+    """A batch's targets on ``device``: a tensor, or one dict of tensors per image."""
+    if isinstance(target, torch.Tensor):
+        return target.to(device)
+    return [{k: v.to(device) for k, v in item.items()} for item in target]
+
+
 def _broadcast_flag(flag: bool) -> bool:
     """Rank 0's decision, so every worker stops at the same epoch."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -101,10 +108,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_ds, val_ds = family.datasets(model)
     loss_fn = family.loss(train_ds)
     batch_size = int(config["batch_size"])
+    collate = getattr(family, "collate", None)  # families with per-image box targets
     train_loader = DataLoader(
-        train_ds, batch_size=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size
+        train_ds,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(train_ds) > batch_size,
+        collate_fn=collate,
     )
-    val_loader = DataLoader(val_ds, batch_size=16)
+    val_loader = DataLoader(val_ds, batch_size=16, collate_fn=collate)
     train_loader = ray.train.torch.prepare_data_loader(train_loader)  # Ray: DistributedSampler
     val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
     device = ray.train.torch.get_device()  # Ray: this worker's device
@@ -150,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if images.ndim == 4:  # multi-view batches are laid out by their loss
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(model, images, target.to(device))
+                loss = loss_fn(model, images, _to_device(target, device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

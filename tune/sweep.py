@@ -77,7 +77,7 @@ def sweep_stage(
     Args:
         registry: where the best trial's weights go.
         dataset: the data.
-        stage: ``detector`` or ``verifier``.
+        stage: a trainable stage (``detector``, ``verifier``, ``classifier``, ...).
         category: the product category.
         num_samples: trials.
         settings: everything not swept; ``settings.epochs`` is ASHA's ``max_t``.

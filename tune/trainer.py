@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,35 @@ from ray.train.torch import TorchTrainer
 
 from models.artifacts import ArtifactRegistry, Manifest
 from models.autoencoder_verifier import calibrate
-from models.data import GOOD, Dataset, Sample
+from models.data import GOOD, DataError, Dataset, Sample
 from models.data.fingerprint import fingerprint_samples
 from models.data.tensors import ImageTensorDataset, predict_all
 from models.pipeline import fit_decision, validation_scores
-from models.stages import CLASSIFIER, DETECTOR, ROUTER, ROUTER_CATEGORY, VERIFIER
+from models.reranker import fit_fusion_weight
+from models.stages import (
+    CLASSIFIER,
+    DETECTOR,
+    LOCALIZER,
+    RERANKER,
+    ROUTER,
+    ROUTER_CATEGORY,
+    TRAINING_KEYS,
+    VERIFIER,
+    LoadedStage,
+    load_stage,
+)
 from models.training import FAMILIES, build_family
 from tune.loop import CHECKPOINT_FILE, train_loop_per_worker
 
 # Learning rates that suit each family with AdamW (the head; the backbone gets less).
-DEFAULT_LR = {DETECTOR: 3e-3, VERIFIER: 2e-3, ROUTER: 3e-3, CLASSIFIER: 1e-3}
+DEFAULT_LR = {
+    DETECTOR: 3e-3,
+    VERIFIER: 2e-3,
+    ROUTER: 3e-3,
+    CLASSIFIER: 1e-3,
+    RERANKER: 1e-3,
+    LOCALIZER: 5e-4,
+}
 MIN_CALIBRATION_GOODS = 8
 
 
@@ -186,7 +205,7 @@ def family_spec(
     dataset: Dataset, stage: str, category: str, settings: TrainSettings
 ) -> dict[str, Any]:
     """The family dict shipped to the workers: stage, samples, model config, seed."""
-    if stage == ROUTER:
+    if stage in (ROUTER, LOCALIZER):  # one model for every category
         samples = list(dataset.samples)
         category = ROUTER_CATEGORY
     else:
@@ -265,6 +284,8 @@ def register_fit(
     if spec["stage"] == CLASSIFIER:
         # The best epoch's embedding, with prototypes from all its training images.
         summary["prototype_images"] = family.fit_prototypes(model)
+    if spec["stage"] == RERANKER:
+        summary["fusion"] = fit_fusion(registry, family, model)
     epoch_seconds = [h["epoch_seconds"] for h in fit.history]
     hyperparameters = asdict(settings) | {"lr": settings.lr or DEFAULT_LR[spec["stage"]]}
     metrics = {
@@ -273,6 +294,7 @@ def register_fit(
         "seconds_total": fit.seconds,
         "seconds_per_epoch": sum(epoch_seconds) / max(1, len(epoch_seconds)),
         "history": fit.history,
+        **({"fusion": summary["fusion"]} if "fusion" in summary else {}),
         **(extra_metrics or {}),
     }
     manifest: Manifest = registry.save(
@@ -297,11 +319,138 @@ def register_fit(
         return summary
     if spec["stage"] in (DETECTOR, VERIFIER) and DETECTOR in registry.stages(spec["category"]):
         summary["decision"] = fit_decision(registry, family.samples, spec["category"])
+    if spec["stage"] == CLASSIFIER and RERANKER in registry.stages(spec["category"]):
+        summary["reranker_fusion"] = refit_fusion(registry, family.samples, spec["category"])
     return summary
 
 
-# "all": the decision is fitted after the verifier; the classifier needs labelled defects.
-STAGES_IN_ORDER = (ROUTER, DETECTOR, VERIFIER, CLASSIFIER)
+def fit_fusion(registry: ArtifactRegistry, family: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """Choose the reranker's fusion weight on validation; sets it in the model's config.
+
+    The classifier is the category's production one; without it the reranker
+    ranks alone (weight 0).
+    """
+    val = family.defective("val")
+    truth = torch.tensor(family.targets(val))
+    loader = torch.utils.data.DataLoader(
+        ImageTensorDataset(val, family.targets(val), model.preprocessing), batch_size=16
+    )
+    texts = model.type_embeddings(family.catalog)
+    clip, _ = predict_all(model, loader, lambda m, x: m.text_probabilities(x, texts))
+    clip_t = torch.from_numpy(clip)
+    if CLASSIFIER not in registry.stages(family.category):
+        model.config = replace(model.config, fusion_weight=0.0)
+        top1 = float((clip_t.argmax(1) == truth).float().mean())
+        return {"fusion_weight": 0.0, "val_top1_clip": top1, "classifier_version": None}
+    classifier = load_stage(registry, family.category, CLASSIFIER)
+    classifier_loader = torch.utils.data.DataLoader(
+        ImageTensorDataset(val, family.targets(val), classifier.model.preprocessing),
+        batch_size=16,
+    )
+    scores, _ = predict_all(classifier.model, classifier_loader, lambda m, x: m.predict(x).scores)
+    known = classifier.model.config.classes
+    columns = [known.index(t) if t in known else -1 for t in family.defect_types]
+    by_type = torch.from_numpy(scores)[:, [max(c, 0) for c in columns]]
+    by_type[:, [i for i, c in enumerate(columns) if c < 0]] = 0.0
+    by_type = by_type / by_type.sum(1, keepdim=True).clamp_min(1e-12)
+    weight, figures = fit_fusion_weight(by_type, clip_t, truth)
+    model.config = replace(model.config, fusion_weight=weight)
+    return figures | {"classifier_version": classifier.manifest.version, "n_val": len(val)}
+
+
+def resave(
+    registry: ArtifactRegistry,
+    loaded: LoadedStage,
+    data: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    stage: str,
+) -> Manifest:
+    """Store a refitted production model as a new promoted version of its stage.
+
+    The training record and metrics of the version it came from are kept, with
+    ``refitted_from`` naming that version.
+    """
+    manifest = loaded.manifest
+    training = {k: manifest.config[k] for k in TRAINING_KEYS if k in manifest.config}
+    return registry.save(
+        manifest.category,
+        stage,
+        loaded.model.state_dict(),
+        config=loaded.model.config.to_dict() | training,
+        preprocessing=manifest.preprocessing,
+        data=data,
+        metrics=manifest.metrics | dict(metrics) | {"refitted_from": manifest.version},
+        promote=True,
+    )
+
+
+def refit_prototypes(registry: ArtifactRegistry, dataset: Dataset, category: str) -> dict[str, Any]:
+    """Refit the production classifier's prototypes and class priors on the training split.
+
+    The embedding is unchanged; labelled images added since training move their
+    class's prototype. A new version is stored and promoted, and the reranker's
+    fusion weight refitted against it.
+    """
+    classifier = load_stage(registry, category, CLASSIFIER)
+    manifest = classifier.manifest
+    samples = [s for s in dataset.samples if s.category == category]
+    architecture = {k: v for k, v in manifest.config.items() if k not in TRAINING_KEYS}
+    family = build_family(
+        {
+            "stage": CLASSIFIER,
+            "category": category,
+            "samples": samples,
+            "model_config": architecture,
+        }
+    )
+    if family.classes != classifier.model.config.classes:
+        raise DataError(
+            f"{category}: the training split's classes {list(family.classes)} are not the "
+            f"classifier's {list(classifier.model.config.classes)}; train a new classifier"
+        )
+    counts = family.fit_prototypes(classifier.model)
+    saved = resave(registry, classifier, fingerprint_samples(dataset.name, samples), {}, CLASSIFIER)
+    summary = {"version": saved.version, "prototype_images": counts}
+    if RERANKER in registry.stages(category):
+        summary["reranker_fusion"] = refit_fusion(registry, samples, category)
+    return summary
+
+
+def refit_fusion(
+    registry: ArtifactRegistry, samples: Sequence[Sample], category: str
+) -> dict[str, Any]:
+    """Refit the production reranker's fusion weight (after a new classifier).
+
+    The reranker's weights are unchanged; a new version with the new weight is
+    stored and promoted, so the rule always matches the classifier in service.
+    """
+    reranker = load_stage(registry, category, RERANKER)
+    manifest = reranker.manifest
+    spec = {
+        "stage": RERANKER,
+        "category": category,
+        "samples": list(samples),
+        "model_config": {"descriptions": list(manifest.config["descriptions"])},
+    }
+    family = build_family(spec)
+    if family.defect_types != reranker.model.config.defect_types:
+        raise DataError(
+            f"{category}: the training split's defect types {list(family.defect_types)} are "
+            f"not the reranker's {list(reranker.model.config.defect_types)}; train a new one"
+        )
+    figures = fit_fusion(registry, family, reranker.model)
+    saved = resave(registry, reranker, manifest.data, {"fusion": figures}, RERANKER)
+    return {"version": saved.version, **figures}
+
+
+# "all": the decision is fitted after the verifier; the classifier needs labelled
+# defects, and the reranker's fusion weight is fitted against the classifier.
+STAGES_IN_ORDER = (ROUTER, DETECTOR, VERIFIER, CLASSIFIER, RERANKER, LOCALIZER)
+
+
+def has_boxes(dataset: Dataset) -> bool:
+    """Whether the training split has annotated boxes (a localizer can be trained)."""
+    return any(s.boxes for s in dataset.samples if s.split == "train")
 
 
 def has_labelled_defects(dataset: Dataset, category: str) -> bool:

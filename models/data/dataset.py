@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,21 @@ class Dataset:
 
     def __iter__(self) -> Iterator[Sample]:
         return iter(self.samples)
+
+    def without_labels(
+        self, labels: Iterable[str], splits: Iterable[str] = ("train", "val")
+    ) -> Dataset:
+        """The dataset with these labels removed from these splits (held out of training).
+
+        Raises:
+            DataError: a label the dataset does not have.
+        """
+        labels, splits = set(labels), set(splits)
+        unknown = sorted(labels - {s.label for s in self.samples})
+        if unknown:
+            raise DataError(f"dataset {self.name!r} has no label(s) {unknown}")
+        kept = tuple(s for s in self.samples if not (s.label in labels and s.split in splits))
+        return Dataset(self.name, kept)
 
     @property
     def categories(self) -> list[str]:

@@ -2,14 +2,16 @@
 
 For each category with a defect classifier: the confusion matrix of true type
 against the top-ranked type (truly defective images), the most confused pairs
-with an example image of each, and a 2-D t-SNE map of the classifier's
+with an example image of each, what reranking changed, the confusion of every
+image's most probable class (ELPV: the four levels), and a 2-D t-SNE map of the classifier's
 embeddings of every test image, coloured by its label.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,8 @@ def defect_type_section(
         lines += [f"### {category}", ""]
         if defects:
             lines += _confusions(out_dir, category, defects, n_pairs)
+            lines += _reranker_changes(defects)
+        lines += _class_confusion(out_dir, category, group)
         lines += _embedding_map(out_dir, category, group)
     return lines
 
@@ -65,18 +69,14 @@ def _confusions(
     defects: Sequence[ImageRecord],
     n_pairs: int,
 ) -> list[str]:
-    names = sorted({r.label for r in defects} | {r.defect_type for r in defects})
-    index = {n: i for i, n in enumerate(names)}
-    counts = np.zeros((len(names), len(names)), dtype=int)
-    for record in defects:
-        counts[index[record.label], index[record.defect_type]] += 1
-    top1 = np.trace(counts) / counts.sum()
-    side = max(3.2, 0.55 * len(names) + 1.5)
-    fig = Figure(figsize=(side, side), dpi=DPI, layout="constrained")
-    ax = fig.subplots()
-    draw_counts(ax, counts, names, names, fontsize=9)
-    ax.set(xlabel="top-ranked type", ylabel="true type", title=f"{category}: top-1 {top1:.3f}")
-    matrix = save_figure(fig, out_dir, f"types_confusion_{slug(category)}.png")
+    pairs = [(r.label, r.defect_type) for r in defects]
+    top1, matrix = _count_matrix(
+        out_dir,
+        f"types_confusion_{slug(category)}.png",
+        pairs,
+        ("top-ranked type", "true type"),
+        lambda share: f"{category}: top-1 {share:.3f}",
+    )
     lines = [
         f"Top-1 {top1:.3f} over {len(defects)} defective images.",
         "",
@@ -103,6 +103,84 @@ def _confusions(
         ax.set_axis_off()
     gallery = save_figure(fig, out_dir, f"types_confused_{slug(category)}.png")
     return [*lines, "", f"![An example of each confused pair in {category}]({gallery})", ""]
+
+
+def _class_confusion(out_dir: Path, category: str, group: Sequence[ImageRecord]) -> list[str]:
+    """Every image's most probable class (good and graded levels included) against its label."""
+    graded = [r for r in group if r.predicted_class is not None]
+    if not graded:
+        return []
+    accuracy, name = _count_matrix(
+        out_dir,
+        f"classes_confusion_{slug(category)}.png",
+        [(r.label, r.predicted_class) for r in graded],
+        ("most probable class", "true class"),
+        lambda share: f"{category}\nevery image: accuracy {share:.3f}",
+    )
+    return [
+        f"Every test image's most probable class: accuracy {accuracy:.3f} over "
+        f"{len(graded)} images.",
+        "",
+        f"![Class confusion matrix of {category}]({name})",
+        "",
+    ]
+
+
+def _natural(name: str) -> tuple[bool, list[int | str]]:
+    """Sort key: ``good`` first, then by name with numbers compared as numbers (p33 < p100)."""
+    return name != "good", [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _count_matrix(
+    out_dir: Path,
+    filename: str,
+    pairs: Sequence[tuple[str, str]],
+    axis_labels: tuple[str, str],
+    title: Callable[[float], str],
+) -> tuple[float, str]:
+    """Draw (true, predicted) counts as a matrix; returns the diagonal share and the file."""
+    names = sorted({n for pair in pairs for n in pair}, key=_natural)
+    index = {n: i for i, n in enumerate(names)}
+    counts = np.zeros((len(names), len(names)), dtype=int)
+    for truth, guess in pairs:
+        counts[index[truth], index[guess]] += 1
+    share = float(np.trace(counts) / counts.sum())
+    side = max(4.2, 0.6 * len(names) + 2.0)
+    fig = Figure(figsize=(side, side), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    draw_counts(ax, counts, names, names, fontsize=9)
+    ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1], title=title(share))
+    return share, save_figure(fig, out_dir, filename)
+
+
+def _reranker_changes(defects: Sequence[ImageRecord]) -> list[str]:
+    """What reranking did to the classifier's answers: fixed, broken, pairs before and after."""
+    both = [r for r in defects if r.classifier_defect_type is not None]
+    if not both or all(r.defect_type == r.classifier_defect_type for r in both):
+        return []
+    before = sum(r.classifier_defect_type == r.label for r in both) / len(both)
+    after = sum(r.defect_type == r.label for r in both) / len(both)
+    fixed = sum(r.classifier_defect_type != r.label and r.defect_type == r.label for r in both)
+    broken = sum(r.classifier_defect_type == r.label and r.defect_type != r.label for r in both)
+    pairs_before = Counter(
+        (r.label, r.classifier_defect_type) for r in both if r.classifier_defect_type != r.label
+    )
+    pairs_after = Counter((r.label, r.defect_type) for r in both if r.defect_type != r.label)
+    rows = [
+        [
+            md_cell(f"{true} → {found}"),
+            str(pairs_before[true, found]),
+            str(pairs_after[true, found]),
+        ]
+        for true, found in sorted(set(pairs_before) | set(pairs_after))
+    ]
+    return [
+        f"Reranking: top-1 {before:.3f} (classifier alone) → {after:.3f} (reranked); "
+        f"{fixed} image(s) fixed, {broken} broken.",
+        "",
+        *md_table(["confusion", "classifier alone", "reranked"], rows),
+        "",
+    ]
 
 
 def _embedding_map(

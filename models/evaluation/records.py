@@ -22,7 +22,8 @@ class ImageRecord:
         detector_probability: the anomaly detector's probability.
         verifier_score: the verifier's calibrated score, when it was called.
         routed_category: the category the router predicted, when it was asked.
-        defect_type: the classifier's top defect type, when it ran.
+        defect_type: the top defect type (after reranking, when the reranker ran).
+        classifier_defect_type: the classifier's own top defect type, when it ran.
         predicted_class: the classifier's most probable class (``good`` and
             graded levels included), when it ran.
         embedding: the classifier's embedding of the image, when it ran.
@@ -40,6 +41,7 @@ class ImageRecord:
     verifier_score: float | None = None
     routed_category: str | None = None
     defect_type: str | None = None
+    classifier_defect_type: str | None = None
     predicted_class: str | None = None
     embedding: tuple[float, ...] | None = None
 

@@ -136,6 +136,7 @@ def write_report(
     lines += _confusion_section(out_dir, groups)
     lines += _stage_section(records)
     lines += defect_type_section(out_dir, records)
+    lines += _localizer_section(metrics)
     lines += _score_section(out_dir, groups, metrics)
     lines += _gradcam_section(out_dir, maps, {r.sample_id: r for r in records})
     false_positives = sorted(
@@ -231,6 +232,50 @@ def _per_category_section(metrics: Mapping[str, Any]) -> list[str]:
         values = values if isinstance(values, Mapping) else {}
         rows.append([md_cell(category)] + [_fmt(values[c]) if c in values else "" for c in columns])
     return [*lines, *md_table(["category", *columns], rows), ""]
+
+
+def _localizer_section(metrics: Mapping[str, Any]) -> list[str]:
+    """The localizer's COCO figures: per class, by object size, by category."""
+    found = metrics.get("localizer")
+    if not isinstance(found, Mapping):
+        return []
+    lines = [
+        "## Defect boxes (localizer)",
+        "",
+        f"COCO protocol over {found['n_images']} test images ({found['n_ground_truth']} boxes; "
+        f"good images included, where every box is a false positive): mAP@0.5 "
+        f"{_fmt(found['map50'])}, mAP@0.5:0.95 {_fmt(found['map50_95'])}; at IoU "
+        f"{found['iou_threshold']} and score >= {found['score_threshold']}, precision "
+        f"{_fmt(found['precision'])} and recall {_fmt(found['recall'])}.",
+        "",
+    ]
+    classes = found["ap50_per_class"]
+    pr = found.get("precision_recall_per_class", {})
+    rows = [
+        [
+            md_cell(name),
+            _fmt(classes[name]),
+            _fmt(found["ap50_95_per_class"].get(name)),
+            _fmt(pr.get(name, {}).get("precision")),
+            _fmt(pr.get(name, {}).get("recall")),
+        ]
+        for name in sorted(classes)
+    ]
+    lines += md_table(["type", "AP@0.5", "AP@0.5:0.95", "precision", "recall"], rows)
+    sizes = found.get("ap_by_size", {})
+    rows = [
+        [
+            size,
+            str(found.get("n_ground_truth_by_size", {}).get(size, "")),
+            _fmt(sizes[size]),
+            _fmt(found.get("ap50_by_size", {}).get(size)),
+        ]
+        for size in ("small", "medium", "large")
+        if size in sizes
+    ]
+    if rows:
+        lines += ["", *md_table(["object size", "boxes", "AP@0.5:0.95", "AP@0.5"], rows)]
+    return [*lines, ""]
 
 
 def _roc_pr_section(out_dir: Path, groups: list[tuple[str, list[ImageRecord]]]) -> list[str]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from models.data import Dataset, Sample
+from models.evaluation.localizer_eval import localizer_metrics
 from models.evaluation.records import ImageRecord
 from models.metrics import (
     balanced_accuracy,
@@ -63,23 +65,61 @@ def binary_metrics(records: Sequence[ImageRecord], thresholds: dict[str, float])
     return metrics
 
 
-def defect_type_metrics(records: Sequence[ImageRecord], dataset: str) -> dict[str, Any]:
-    """How well the classifier names defects, over the records it scored.
+def _confusions(pairs: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """Mistakes by kind, ``"true->predicted": count``, most frequent first."""
+    counts = Counter(f"{truth}->{guess}" for truth, guess in pairs if truth != guess)
+    return dict(counts.most_common())
+
+
+def defect_type_metrics(
+    records: Sequence[ImageRecord], dataset: str, described_only: Mapping[str, set[str]] = {}
+) -> dict[str, Any]:
+    """How well the pipeline names defects, over the records it typed.
 
     ``defect_type_top1`` counts truly anomalous images whose top-ranked defect
-    type is their label; ``four_class_accuracy`` (ELPV) is the share of every
+    type is their label (after reranking); ``defect_type_top1_classifier_only``
+    is the same for the classifier's own ranking; the confusion counts list the
+    mistakes of each. ``open_vocabulary_top1`` is ``defect_type_top1`` over the
+    images of types known only by their description (``described_only``:
+    category → types). ``four_class_accuracy`` (ELPV) is the share of every
     image whose most probable class is its probability level.
     """
     typed = [r for r in records if r.is_anomalous and r.defect_type is not None]
     metrics: dict[str, Any] = {"n_typed": len(typed)}
     if typed:
         metrics["defect_type_top1"] = sum(r.defect_type == r.label for r in typed) / len(typed)
+        metrics["defect_type_confusions"] = _confusions([(r.label, r.defect_type) for r in typed])
+    by_classifier = [r for r in typed if r.classifier_defect_type is not None]
+    if by_classifier:
+        metrics["defect_type_top1_classifier_only"] = sum(
+            r.classifier_defect_type == r.label for r in by_classifier
+        ) / len(by_classifier)
+        metrics["defect_type_confusions_classifier_only"] = _confusions(
+            [(r.label, r.classifier_defect_type) for r in by_classifier]
+        )
+    novel = [r for r in typed if r.label in described_only.get(r.category, ())]
+    if novel:
+        metrics["n_open_vocabulary"] = len(novel)
+        metrics["open_vocabulary_top1"] = sum(r.defect_type == r.label for r in novel) / len(novel)
     graded = [r for r in records if r.predicted_class is not None]
     if dataset == "elpv" and graded:
         metrics["four_class_accuracy"] = sum(r.predicted_class == r.label for r in graded) / len(
             graded
         )
     return metrics
+
+
+def described_only(pipeline: InspectionPipeline) -> dict[str, set[str]]:
+    """Per category, the ranked types no model was trained on (registered by description)."""
+    found = {}
+    for category, stages in pipeline.stages.items():
+        if stages.reranker is None:
+            continue
+        trained = set(stages.reranker.model.config.defect_types)
+        if stages.classifier is not None:
+            trained |= set(stages.classifier.model.config.defect_types)
+        found[category] = set(pipeline.defect_catalog(category).names) - trained
+    return found
 
 
 def evaluate(
@@ -102,8 +142,10 @@ def evaluate(
         progress: print a progress line to stderr every batch.
 
     Returns:
-        ``(records, metrics)``; metrics hold the overall figures, ``per_category``
-        and, when routing, ``router_accuracy``.
+        ``(records, metrics)``; metrics hold the overall figures, ``per_category``,
+        when routing ``router_accuracy``, and with a localizer and annotated boxes
+        ``localizer_map50``, ``localizer_map50_95`` and the full COCO figures
+        under ``localizer``.
     """
     samples: list[Sample] = [
         s for s in dataset.samples if s.split == split and s.category in pipeline.stages
@@ -140,6 +182,11 @@ def evaluate(
                     verifier_score=found.verifier_score,
                     routed_category=found.category if found.routed else None,
                     defect_type=found.defect_types[0][0] if found.defect_types else None,
+                    classifier_defect_type=(
+                        found.classifier_defect_types[0][0]
+                        if found.classifier_defect_types
+                        else None
+                    ),
                     predicted_class=(
                         max(found.class_scores, key=found.class_scores.get)
                         if found.class_scores
@@ -155,12 +202,17 @@ def evaluate(
             rate = done / (time.perf_counter() - started)
             print(f"eval {done}/{len(samples)} images ({rate:.1f} img/s)", file=sys.stderr)
     thresholds = {c: s.rule.threshold for c, s in pipeline.stages.items()}
+    described = described_only(pipeline)
     # The final anomaly score puts every category's decision threshold at 0.5.
     metrics: dict[str, Any] = {"dataset": dataset.name, "split": split, "threshold": 0.5}
-    metrics |= binary_metrics(records, thresholds) | defect_type_metrics(records, dataset.name)
+    metrics |= binary_metrics(records, thresholds) | defect_type_metrics(
+        records, dataset.name, described
+    )
     metrics["per_category"] = {
         category: binary_metrics([r for r in records if r.category == category], thresholds)
-        | defect_type_metrics([r for r in records if r.category == category], dataset.name)
+        | defect_type_metrics(
+            [r for r in records if r.category == category], dataset.name, described
+        )
         | {
             "detector_threshold": stage.rule.threshold,
             "detector_band": [stage.rule.lo, stage.rule.hi],
@@ -168,6 +220,13 @@ def evaluate(
         for category, stage in sorted(pipeline.stages.items())
         if any(r.category == category for r in records)
     }
+    boxed = [s for s in samples if s.boxes or not s.is_anomalous]
+    if pipeline.localizer is not None and any(s.boxes for s in boxed):
+        # Good images count too: every box drawn on one is a false positive.
+        found = localizer_metrics(pipeline.localizer, boxed)
+        metrics["localizer_map50"] = found["map50"]
+        metrics["localizer_map50_95"] = found["map50_95"]
+        metrics["localizer"] = found
     if route:
         metrics["router_accuracy"] = sum(r.routed_category == r.category for r in records) / len(
             records

@@ -35,7 +35,9 @@ from models.defect_classifier import (
     defect_classes,
     supervised_contrastive_loss,
 )
+from models.descriptions import BUILTIN, DescriptionCatalog, DescriptionError
 from models.metrics import image_auroc
+from models.reranker import Reranker, RerankerConfig
 
 SUPERVISED, NORMAL_ONLY = "supervised", "normal-only"
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -100,6 +102,26 @@ class TrainingFamily:
     def describe(self) -> dict[str, Any]:
         """What the artifact records about how the model was trained."""
         return {"family": self.stage, "category": self.category, "augment": self.augment}
+
+    def labelled_datasets(
+        self,
+        model: nn.Module,
+        train: Sequence[Sample],
+        val: Sequence[Sample],
+        targets: Callable[[Sequence[Sample]], list[int]],
+        views: int = 1,
+    ) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+        """Augmented training images and plain validation images with class targets."""
+        train_ds = ImageTensorDataset(
+            train,
+            targets(train),
+            model.preprocessing,
+            augment=self.augment,
+            seed=self.seed,
+            repeat=self.repeat(len(train)),
+            views=views,
+        )
+        return train_ds, ImageTensorDataset(val, targets(val), model.preprocessing)
 
     # Implemented by each family.
     def build_model(self, pretrained: bool = True) -> nn.Module:  # noqa: D102
@@ -328,17 +350,9 @@ class ClassifierFamily(TrainingFamily):
         return [self.classes.index(s.label) for s in samples]
 
     def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
-        train, val = self.split("train"), self.split("val")
-        train_ds = ImageTensorDataset(
-            train,
-            self.targets(train),
-            model.preprocessing,
-            augment=self.augment,
-            seed=self.seed,
-            repeat=self.repeat(len(train)),
-            views=2,
+        return self.labelled_datasets(
+            model, self.split("train"), self.split("val"), self.targets, views=2
         )
-        return train_ds, ImageTensorDataset(val, self.targets(val), model.preprocessing)
 
     def loss(self, train: ImageTensorDataset) -> Loss:
         """SupCon over both views of every image in the batch."""
@@ -380,9 +394,107 @@ class ClassifierFamily(TrainingFamily):
         }
 
 
+class RerankerFamily(TrainingFamily):
+    """Reranker: defect images against their type's description, text tower locked.
+
+    Trains on the category's defective images only. Each step scores every image
+    against one phrasing of every type's description (a different phrasing each
+    step) with cross-entropy over the types; validation scores the held-out
+    defective images against each type's averaged phrasings, as serving does.
+
+    The descriptions come from ``model_config["descriptions"]`` (a
+    :meth:`~models.descriptions.DescriptionCatalog.to_list`) or the built-in ones.
+    """
+
+    stage = "reranker"
+    monitor = "val_accuracy"
+    min_items_per_epoch = 320
+
+    def _check(self) -> None:
+        super()._check()
+        train = self.split("train")
+        _, defects = defect_classes([s.label for s in train], [s.is_anomalous for s in train])
+        if len(defects) < 2:
+            raise DataError(
+                f"category {self.category!r} needs at least two labelled defect types to "
+                f"rerank; its training split has {list(defects)}"
+            )
+        unseen = sorted({s.label for s in self.split("val") if s.is_anomalous} - set(defects))
+        if unseen:
+            raise DataError(
+                f"category {self.category!r}: validation defect types {unseen} are not in "
+                "the training split"
+            )
+        if not any(s.is_anomalous for s in self.split("val")):
+            raise DataError(f"category {self.category!r} has no defective validation images")
+        given = DescriptionCatalog.from_list(self.model_config.get("descriptions", ()))
+        missing = [t for t in defects if t not in given and t not in BUILTIN]
+        if missing:
+            raise DescriptionError(
+                f"category {self.category!r}: no description of defect type(s) {missing}; "
+                "give them with --descriptions FILE"
+            )
+        self.defect_types = defects
+        self.catalog = DescriptionCatalog(given[t] if t in given else BUILTIN[t] for t in defects)
+        self._text_bank: list[torch.Tensor] | None = None
+
+    def build_model(self, pretrained: bool = True) -> Reranker:  # noqa: D102
+        config = self.model_config | {"descriptions": self.catalog.to_list()}
+        return Reranker(RerankerConfig.from_dict(config), pretrained)
+
+    def defective(self, split: str) -> list[Sample]:
+        """The split's defective images."""
+        return [s for s in self.split(split) if s.is_anomalous]
+
+    def targets(self, samples: Sequence[Sample]) -> list[int]:
+        """Type index of each sample."""
+        return [self.defect_types.index(s.label) for s in samples]
+
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
+        return self.labelled_datasets(
+            model, self.defective("train"), self.defective("val"), self.targets
+        )
+
+    def text_bank(self, model: nn.Module) -> list[torch.Tensor]:
+        """Each type's phrasings as locked text features (computed once)."""
+        if self._text_bank is None:
+            reranker = _unwrap(model)
+            self._text_bank = [
+                reranker.text_features(self.catalog[name].variants()) for name in self.catalog.names
+            ]
+        return self._text_bank
+
+    def loss(self, train: ImageTensorDataset) -> Loss:
+        """Cross-entropy over the types, one random phrasing of each per step."""
+        generator = torch.Generator().manual_seed(self.seed)
+
+        def contrastive(
+            model: nn.Module, images: torch.Tensor, target: torch.Tensor
+        ) -> torch.Tensor:
+            bank = self.text_bank(model)
+            picks = [int(torch.randint(len(b), (1,), generator=generator)) for b in bank]
+            features = torch.stack([b[i] for b, i in zip(bank, picks, strict=True)])
+            logits = model(images, features).float()
+            return F.cross_entropy(logits, target.long())
+
+        return contrastive
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
+        reranker = _unwrap(model)
+        texts = reranker.type_embeddings(self.catalog)
+        logits, target = predict_all(
+            reranker, loader, lambda m, x: m.logits(m.encode_images(x), texts)
+        )
+        logits_t, target_t = torch.from_numpy(logits), torch.from_numpy(target).long()
+        return {
+            "val_loss": float(F.cross_entropy(logits_t, target_t)),
+            "val_accuracy": float((logits_t.argmax(1) == target_t).float().mean()),
+        }
+
+
 FAMILIES: dict[str, type[TrainingFamily]] = {
     family.stage: family
-    for family in (DetectorFamily, VerifierFamily, RouterFamily, ClassifierFamily)
+    for family in (DetectorFamily, VerifierFamily, RouterFamily, ClassifierFamily, RerankerFamily)
 }
 
 
@@ -398,3 +510,9 @@ def build_family(spec: Mapping[str, Any]) -> TrainingFamily:
         spec.get("seed", 0),
         spec.get("augment", D4),
     )
+
+
+# At the bottom: the localizer family subclasses TrainingFamily from this module.
+from models.training.localizer_family import LocalizerFamily  # noqa: E402
+
+FAMILIES[LocalizerFamily.stage] = LocalizerFamily

@@ -86,7 +86,7 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
             "--epochs",
             "2",
             "--input-size",
-            "64",
+            "96",  # the localizer's 100 queries need 189 proposals (12² + 6² + 3²)
             "--registry",
             str(registry_dir),
             "--storage",
@@ -95,14 +95,29 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     )
     assert code == 0
     trained = json.loads(capsys.readouterr().out)["trained"]
-    assert [t["stage"] for t in trained] == ["router", "detector", "verifier", "classifier"]
+    stages = ["router", "detector", "verifier", "classifier", "reranker", "localizer"]
+    assert [t["stage"] for t in trained] == stages
     registry = ArtifactRegistry(str(registry_dir))
-    assert registry.stages(CATEGORY) == ["classifier", "decision", "detector", "verifier"]
+    assert registry.stages(CATEGORY) == [
+        "classifier",
+        "decision",
+        "detector",
+        "reranker",
+        "verifier",
+    ]
+    # The reranker's fusion weight was chosen on validation against the classifier.
+    fusion = next(t for t in trained if t["stage"] == "reranker")["fusion"]
+    assert fusion["classifier_version"] == "v1" and 0.0 <= fusion["fusion_weight"] <= 1.0
+    reranker = registry.manifest(CATEGORY, "reranker")
+    assert reranker.config["fusion_weight"] == fusion["fusion_weight"]
+    assert [d["name"] for d in reranker.config["descriptions"]] == sorted(DEFECT_TYPES)
     # The classifier's prototypes come from every training image of every class.
     classifier = next(t for t in trained if t["stage"] == "classifier")
     assert set(classifier["prototype_images"]) == {"good", *DEFECT_TYPES}
     assert min(classifier["prototype_images"].values()) > 0
-    assert registry.stages(ROUTER_CATEGORY) == ["router"]
+    assert registry.stages(ROUTER_CATEGORY) == ["localizer", "router"]
+    localizer = registry.manifest(ROUTER_CATEGORY, "localizer")
+    assert localizer.config["defect_types"] == sorted(DEFECT_TYPES)
     detector = registry.manifest(CATEGORY, "detector")
     assert detector.config["training"]["mode"] == "supervised"
     assert len(detector.metrics["history"]) == 2
@@ -132,11 +147,16 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     assert list(metrics["per_category"]) == [CATEGORY]
     assert 0.0 <= metrics["binary_accuracy"] <= 1.0
     text = (report / "report.md").read_text()
-    # Every true defect was typed by the classifier.
+    # Every true defect was typed, and ranked before and after reranking.
     assert metrics["n_typed"] == metrics["n_anomalous"] > 0
     assert 0.0 <= metrics["defect_type_top1"] <= 1.0
+    assert 0.0 <= metrics["defect_type_top1_classifier_only"] <= 1.0
+    assert "n_open_vocabulary" not in metrics  # every type had training images
+    # The localizer was scored with the COCO protocol on the test boxes.
+    assert 0.0 <= metrics["localizer_map50_95"] <= metrics["localizer_map50"] <= 1.0
+    assert set(metrics["localizer"]["ap50_per_class"]) == set(DEFECT_TYPES)
     # Each stage's training history reached the report as a learning-curve plot.
-    for stage in ("detector", "verifier", "classifier"):
+    for stage in ("detector", "verifier", "classifier", "reranker"):
         plots = list(report.glob(f"learning_*_{CATEGORY}_{stage}.png"))
         assert len(plots) == 1 and plots[0].name in text
     assert len(json.loads((report / "records.json").read_text())) == test_images
@@ -145,6 +165,60 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     code = _eval(synth_root, registry_dir, tmp_path / "routed.json", "--route")
     assert code == 0
     assert json.loads((tmp_path / "routed.json").read_text())["router_accuracy"] > 0.5
+
+
+def test_a_held_out_type_is_ranked_from_its_description(ray_cluster, synth_root, tmp_path):
+    registry_dir = tmp_path / "registry"
+    common = ["--dataset", "synthetic", "--root", str(synth_root), "--category", CATEGORY]
+    common += ["--epochs", "1", "--input-size", "64", "--registry", str(registry_dir)]
+    common += ["--storage", str(tmp_path / "runs"), "--hold-out", "perforation"]
+    for stage in ("detector", "classifier", "reranker"):
+        assert main(["train", stage, *common]) == 0
+    registry = ArtifactRegistry(str(registry_dir))
+    classifier = registry.manifest(CATEGORY, "classifier").config
+    assert "perforation" not in classifier["classes"]
+    reranker = registry.manifest(CATEGORY, "reranker").config
+    assert "perforation" not in [d["name"] for d in reranker["descriptions"]]
+    # Refitting the fusion weight stores a new reranker version, weights unchanged.
+    refit = ["refit-fusion", *common[:4], "--registry", str(registry_dir)]
+    assert main(refit) == 2  # the full training split has a type the reranker lacks
+    assert main([*refit, "--hold-out", "perforation"]) == 0
+    refitted = registry.manifest(CATEGORY, "reranker")
+    assert refitted.version == "v2" and refitted.metrics["refitted_from"] == "v1"
+    assert refitted.weights.sha256 == registry.manifest(CATEGORY, "reranker", "v1").weights.sha256
+    # Refitting the classifier's prototypes refits the fusion weight after it.
+    refit = ["refit-prototypes", *common[:4], "--registry", str(registry_dir)]
+    assert main(refit) == 2  # the full training split has a class the classifier lacks
+    assert main([*refit, "--hold-out", "perforation"]) == 0
+    assert registry.manifest(CATEGORY, "classifier").metrics["refitted_from"] == "v1"
+    assert registry.manifest(CATEGORY, "reranker").metrics["refitted_from"] == "v2"
+
+    out = tmp_path / "metrics.json"
+    assert _eval(synth_root, registry_dir, out, "--describe", "perforation") == 0
+    metrics = json.loads(out.read_text())
+    test = load_dataset("synthetic", synth_root).select(CATEGORY, "test")
+    assert metrics["n_open_vocabulary"] == sum(s.label == "perforation" for s in test) > 0
+    assert 0.0 <= metrics["open_vocabulary_top1"] <= 1.0
+    # Without the description, no image can be called a perforation.
+    assert _eval(synth_root, registry_dir, tmp_path / "closed.json") == 0
+    closed = json.loads((tmp_path / "closed.json").read_text())
+    assert "n_open_vocabulary" not in closed
+    assert "perforation" not in {k.split("->")[1] for k in closed["defect_type_confusions"]}
+    assert (
+        main(
+            [
+                "eval",
+                *common[:4],
+                "--registry",
+                str(registry_dir),
+                "--out",
+                str(out),
+                "--describe",
+                "no_such_type",
+            ]
+        )
+        == 2
+    )
 
 
 def test_two_workers_train_with_ddp(ray_cluster, synth_root, tmp_path):

@@ -135,6 +135,24 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
     )
     assert code == 2
     assert "--freeze-stages applies to the detector and classifier" in capsys.readouterr().err
+    # Descriptions and open_clip models are the reranker's; a bad file is named.
+    args = ["train", "detector", "--dataset", "elpv", "--registry", str(tmp_path / "r")]
+    descriptions = tmp_path / "d.json"
+    descriptions.write_text('[{"name": "dent", "description": "A shallow dent"}]')
+    assert main([*args, "--descriptions", str(descriptions)]) == 2
+    assert "--descriptions applies to the reranker" in capsys.readouterr().err
+    assert main([*args, "--open-clip", "ViT-B-32"]) == 2
+    assert "--open-clip applies to the reranker" in capsys.readouterr().err
+    descriptions.write_text('[{"name": "dent", "description": "<script>x</script>"}]')
+    args[1] = "reranker"
+    assert main([*args, "--descriptions", str(descriptions)]) == 2
+    assert "markup" in capsys.readouterr().err
+    assert main([*args, "--model-option", "no_such=1"]) == 2
+    assert "the reranker has no option 'no_such'" in capsys.readouterr().err
+    assert main([*args, "--model-option", "embed_dim"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main([*args, "--hold-out", "no_such_label"]) == 2
+    assert "no label(s) ['no_such_label']" in capsys.readouterr().err
     # Evaluating an empty registry says what is missing.
     code = main(
         [

@@ -107,3 +107,22 @@ def test_config_round_trips_and_refuses_nonsense():
         DefectClassifierConfig(classes=("crack",), defect_types=("crack",))
     with pytest.raises(ValueError, match="temperature"):
         DefectClassifierConfig(("good", "crack"), ("crack",), temperature=0.0)
+
+
+def test_class_priors_tilt_an_ambiguous_image_towards_the_common_class():
+    model = _model()
+    dim = model.config.embedding_dim
+    axes = torch.eye(dim)[:3]
+    # Nine good images, one of each defect; prototypes on three axes.
+    labels = torch.tensor([0] * 9 + [1, 2])
+    model.fit_prototypes(axes[labels], labels)
+    assert torch.allclose(model.log_prior.exp(), torch.tensor([9, 1, 1]) / 11)
+    halfway = F.normalize(axes[0] + axes[1], dim=-1)[None]
+    scores = model.class_logits(halfway).softmax(-1)[0]
+    assert scores[0] > scores[1]  # equally similar: the prior decides
+    assert scores[0] / scores[1] == pytest.approx(9.0, rel=1e-4)
+    # Artifacts stored before priors existed load with a uniform prior.
+    state = {k: v for k, v in model.state_dict().items() if k != "log_prior"}
+    fresh = _model()
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.log_prior, torch.zeros(3))

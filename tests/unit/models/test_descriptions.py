@@ -82,3 +82,16 @@ def test_catalog_builtin_register_and_round_trip():
         DescriptionCatalog.builtin(["scratch", "warp"])
     with pytest.raises(DescriptionError, match="expected a DefectDescription"):
         catalog.register({"name": "x"})
+
+
+def test_variants_are_the_text_its_parts_and_one_sentence_per_keyword():
+    crack = BUILTIN["crack"]
+    variants = crack.variants()
+    assert variants[0] == crack.text()
+    assert crack.description + "." in variants and crack.contrast + "." in variants
+    assert all(f"A surface with {k}." in variants for k in crack.keywords)
+    assert len(variants) == len(set(variants)) == 3 + len(crack.keywords)
+    bare = DefectDescription("dent", "A dent")
+    assert bare.variants() == [
+        "A dent.",
+    ]

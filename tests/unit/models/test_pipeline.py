@@ -19,7 +19,10 @@ from models.category_router import CategoryRouter, CategoryRouterConfig
 from models.data.sample import Sample
 from models.decision import DecisionRule
 from models.defect_classifier import DefectClassifier, DefectClassifierConfig
+from models.descriptions import BUILTIN
+from models.localizer import DefectLocalizer, DefectLocalizerConfig
 from models.pipeline import InspectionPipeline, fit_decision
+from models.reranker import Reranker, RerankerConfig
 from models.stages import ROUTER_CATEGORY, save_decision
 
 SIZE = 64
@@ -134,6 +137,74 @@ def test_defective_parts_get_ranked_defect_types(registry, images):
     assert all(r.verdict == "ok" and len(r.defect_types) == 2 for r in graded)
     with pytest.raises(ValueError, match="classify"):
         pipeline.inspect(images, ["sure"] * 3, classify="some")
+
+
+def _add_reranker(registry, category, fusion_weight):
+    descriptions = [BUILTIN[name].to_dict() for name in ("crack", "scratch")]
+    config = RerankerConfig(
+        descriptions=descriptions, input_size=SIZE, embed_dim=32, fusion_weight=fusion_weight
+    )
+    _save(registry, category, "reranker", Reranker(config, pretrained=False))
+
+
+def test_the_reranker_reorders_and_ranks_types_known_only_by_description(registry, images):
+    _add_classifier(registry, "sure")
+    _add_reranker(registry, "sure", fusion_weight=1.0)
+    pipeline = InspectionPipeline.from_registry(registry)
+    assert pipeline.stages["sure"].reranker is not None
+    # Weight 1: the classifier's order is kept.
+    for result in pipeline.inspect(images, ["sure"] * 3):
+        assert [run.stage for run in result.trace] == ["detector", "classifier", "reranker"]
+        assert [n for n, _ in result.defect_types] == [n for n, _ in result.classifier_defect_types]
+        assert result.trace[-1].output["classifier_defect_type"] == result.defect_types[0][0]
+    # A type registered with words only: the classifier abstains, CLIP scores it.
+    pipeline.register_description("sure", BUILTIN["perforation"])
+    assert pipeline.defect_catalog("sure").names == ("crack", "scratch", "perforation")
+    reranker = pipeline.stages["sure"].reranker.model
+    texts = reranker.type_embeddings(pipeline.defect_catalog("sure"))
+    transform = reranker.preprocessing.transform()
+    clip = reranker.text_probabilities(torch.stack([transform(i) for i in images]), texts)
+    for result, row in zip(pipeline.inspect(images, ["sure"] * 3), clip, strict=True):
+        scores = dict(result.defect_types)
+        assert set(scores) == {"crack", "scratch", "perforation"}
+        known = dict(result.classifier_defect_types)
+        raw = [known["crack"], known["scratch"], float(row[2])]
+        expected = torch.tensor(raw) / sum(raw)
+        got = torch.tensor([scores["crack"], scores["scratch"], scores["perforation"]])
+        assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ArtifactError, match="no reranker"):
+        pipeline.register_description("unsure", BUILTIN["perforation"])
+    with pytest.raises(ArtifactError, match="unknown category"):
+        pipeline.register_description("nope", BUILTIN["perforation"])
+
+
+def test_boxes_locate_the_defects_of_defective_parts_only(registry, images):
+    with pytest.raises(ArtifactError, match="no localizer"):
+        InspectionPipeline.from_registry(registry).inspect(images, ["sure"] * 3, boxes=True)
+    config = DefectLocalizerConfig(
+        defect_types=("crack", "scratch"),
+        input_size=SIZE,
+        hidden_dim=32,
+        decoder_layers=2,
+        num_queries=10,
+        num_denoising=4,
+        max_detections=5,
+        score_threshold=0.0,  # untrained: keep every candidate
+    )
+    _save(registry, ROUTER_CATEGORY, "localizer", DefectLocalizer(config, pretrained=False))
+    pipeline = InspectionPipeline.from_registry(registry)
+    found = pipeline.inspect(images, ["sure"] * 3, boxes=True)
+    for image, result in zip(images, found, strict=True):
+        assert len(result.boxes) == 5 and result.trace[-1].stage == "localizer"
+        scores = [score for _, score, _ in result.boxes]
+        assert scores == sorted(scores, reverse=True)
+        for label, _, (x0, y0, x1, y1) in result.boxes:
+            assert label in ("crack", "scratch")
+            assert 0 <= x0 <= x1 <= image.width and 0 <= y0 <= y1 <= image.height
+    # Parts judged ok are not localized, and boxes are only drawn when asked for.
+    ok = pipeline.inspect(images, ["unsure"] * 3, boxes=True)
+    assert all(not r.boxes and "localizer" not in [t.stage for t in r.trace] for r in ok)
+    assert all(not r.boxes for r in pipeline.inspect(images, ["sure"] * 3))
 
 
 def test_errors_are_clear(registry, images, tmp_path):

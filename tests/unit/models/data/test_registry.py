@@ -174,3 +174,16 @@ def test_val_rule_takes_one_of_two_and_none_of_one() -> None:
 def test_val_rule_leaves_other_splits_alone() -> None:
     test = [Sample(Path("t.png"), "a", "good", "test", sample_id="t")]
     assert split_off_val(test + _train("a", "good", 10))[0].split == "test"
+
+
+def test_a_label_is_held_out_of_training_and_validation_only() -> None:
+    samples = tuple(
+        Sample(Path(f"{split}-{label}.png"), "part", label, split, sample_id=f"{split}-{label}")
+        for split in ("train", "val", "test")
+        for label in ("good", "crack", "dent")
+    )
+    held = Dataset("d", samples).without_labels(["dent"])
+    assert [s.sample_id for s in held.samples if s.label == "dent"] == ["test-dent"]
+    assert len(held) == len(samples) - 2
+    with pytest.raises(DataError, match="no label"):
+        Dataset("d", samples).without_labels(["scratch"])

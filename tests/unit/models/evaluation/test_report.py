@@ -100,14 +100,15 @@ SWEEPS = {
 }
 
 
-# The defect classifier's answers on "metal" (solar has no classifier): true type,
-# top-ranked type. Two scratches are taken for cracks, one crack for a scratch.
+# The answers on "metal" (solar has no classifier): true type, top-ranked type
+# after reranking, the classifier's own. Two scratches are taken for cracks, one
+# crack for a scratch; reranking fixed d03 and broke d05.
 TYPES = {
-    "d01": ("crack", "crack"),
-    "d02": ("crack", "scratch"),
-    "d03": ("scratch", "scratch"),
-    "d04": ("scratch", "crack"),
-    "d05": ("scratch", "crack"),
+    "d01": ("crack", "crack", "crack"),
+    "d02": ("crack", "scratch", "scratch"),
+    "d03": ("scratch", "scratch", "crack"),
+    "d04": ("scratch", "crack", "crack"),
+    "d05": ("scratch", "crack", "scratch"),
 }
 
 
@@ -119,7 +120,9 @@ def _records(tmp_path: Path, cases=CASES, typed: bool = False) -> list[ImageReco
     for sample_id, category, anomalous, score, verdict, stage in cases:
         path = images / f"{sample_id}.png"
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
-        label, defect_type = TYPES.get(sample_id, ("crack" if anomalous else "good", "crack"))
+        label, defect_type, by_classifier = TYPES.get(
+            sample_id, ("crack" if anomalous else "good", "crack", "crack")
+        )
         classified = typed and category == "metal"
         records.append(
             ImageRecord(
@@ -134,6 +137,8 @@ def _records(tmp_path: Path, cases=CASES, typed: bool = False) -> list[ImageReco
                 detector_probability=score,
                 verifier_score=score if stage == "verifier" else None,
                 defect_type=defect_type if classified else None,
+                classifier_defect_type=by_classifier if classified else None,
+                predicted_class=(by_classifier if anomalous else "good") if classified else None,
                 embedding=tuple(rng.normal(size=8).tolist()) if classified else None,
             )
         )
@@ -217,8 +222,21 @@ def test_defect_types_show_confusions_and_the_embedding_map(full_report):
     section = _section(text, "Defect types")
     assert "### metal" in section and "### solar" not in section
     assert "Top-1 0.400 over 5 defective images." in section
-    assert _table_rows(section) == [["scratch", "crack", "2"], ["crack", "scratch", "1"]]
-    for figure in ("types_confusion_metal", "types_confused_metal", "types_embedding_metal"):
+    rows = _table_rows(section)
+    assert rows[:2] == [["scratch", "crack", "2"], ["crack", "scratch", "1"]]
+    # What reranking changed: d03 fixed, d05 broken, counts per confusion.
+    assert "top-1 0.400 (classifier alone) → 0.400 (reranked); 1 image(s) fixed, 1 broken" in (
+        section
+    )
+    assert ["crack → scratch", "1", "1"] in rows and ["scratch → crack", "2", "2"] in rows
+    # Every image's most probable class, good parts included.
+    assert "Every test image's most probable class: accuracy 0.700 over 10 images." in section
+    for figure in (
+        "types_confusion_metal",
+        "types_confused_metal",
+        "types_embedding_metal",
+        "classes_confusion_metal",
+    ):
         assert f"({figure}.png)" in section
 
 
@@ -391,3 +409,29 @@ def test_leaves_no_pyplot_figures(full_report):
     import matplotlib.pyplot as plt
 
     assert plt.get_fignums() == []
+
+
+def test_localizer_figures_get_their_own_section(tmp_path):
+    from models.metrics.detection import ImageBoxes, detection_metrics
+
+    truth = [
+        ImageBoxes(np.array([[10.0, 10.0, 40.0, 40.0]]), ["crack"]),
+        ImageBoxes(np.array([[5.0, 5.0, 200.0, 200.0]]), ["scratch"]),
+    ]
+    found = [
+        ImageBoxes(np.array([[10.0, 10.0, 40.0, 40.0]]), ["crack"], np.array([0.9])),
+        ImageBoxes(np.array([[5.0, 5.0, 20.0, 20.0]]), ["scratch"], np.array([0.8])),
+    ]
+    localizer = detection_metrics(truth, found, ["crack", "scratch"])
+    path = write_report(
+        tmp_path / "report",
+        dataset="toy",
+        records=_records(tmp_path),
+        metrics=METRICS | {"localizer": localizer},
+    )
+    section = _section(path.read_text(), "Defect boxes (localizer)")
+    assert "mAP@0.5 0.5000" in section and "precision 0.5000 and recall 0.5000" in section
+    rows = _table_rows(section)
+    assert rows[0][:3] == ["crack", "1.0000", "1.0000"]
+    assert rows[1][:2] == ["scratch", "0.0000"]
+    assert ["small", "1", "1.0000", "1.0000"] in rows and ["large", "1", "0.0000", "0.0000"] in rows

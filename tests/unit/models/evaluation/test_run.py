@@ -6,7 +6,7 @@ from models.evaluation.records import ImageRecord
 from models.evaluation.run import defect_type_metrics
 
 
-def _record(label, anomalous, defect_type=None, predicted_class=None):
+def _record(label, anomalous, defect_type=None, predicted_class=None, by_classifier=None):
     return ImageRecord(
         sample_id=label,
         image_path="x.png",
@@ -19,6 +19,7 @@ def _record(label, anomalous, defect_type=None, predicted_class=None):
         detector_probability=0.5,
         defect_type=defect_type,
         predicted_class=predicted_class,
+        classifier_defect_type=by_classifier,
     )
 
 
@@ -47,3 +48,23 @@ def test_four_class_accuracy_grades_every_elpv_cell():
     assert metrics["four_class_accuracy"] == pytest.approx(3 / 4)
     assert metrics["defect_type_top1"] == pytest.approx(1 / 2)
     assert defect_type_metrics([_record("good", False)], "elpv") == {"n_typed": 0}
+
+
+def test_reranking_is_scored_beside_the_classifier_alone_and_new_types_apart():
+    records = [
+        _record("crack", True, "crack", by_classifier="scratch"),  # fixed by reranking
+        _record("scratch", True, "scratch", by_classifier="scratch"),
+        _record("hole", True, "hole", by_classifier="crack"),  # known only by words
+        _record("hole", True, "crack", by_classifier="crack"),
+    ]
+    metrics = defect_type_metrics(records, "synthetic", {"c": {"hole"}})
+    assert metrics["defect_type_top1"] == pytest.approx(3 / 4)
+    assert metrics["defect_type_top1_classifier_only"] == pytest.approx(1 / 4)
+    assert metrics["defect_type_confusions"] == {"hole->crack": 1}
+    assert metrics["defect_type_confusions_classifier_only"] == {
+        "hole->crack": 2,
+        "crack->scratch": 1,
+    }
+    assert metrics["n_open_vocabulary"] == 2
+    assert metrics["open_vocabulary_top1"] == pytest.approx(1 / 2)
+    assert "n_open_vocabulary" not in defect_type_metrics(records, "synthetic")

@@ -153,3 +153,51 @@ def test_classifier_refuses_parts_without_labelled_defects(tmp_path):
     samples = _samples(tmp_path, {"train": ["good", "crack"], "val": ["dent"]})
     with pytest.raises(DataError, match="validation labels \\['dent'\\]"):
         build_family(_spec("classifier", samples))
+
+
+def test_reranker_trains_on_defective_images_against_their_descriptions(tmp_path):
+    samples = _samples(
+        tmp_path,
+        {
+            "train": ["good"] * 2 + ["crack"] * 3 + ["scratch"] * 3,
+            "val": ["good", "crack", "scratch"],
+        },
+    )
+    spec = _spec("reranker", samples)
+    spec["model_config"]["embed_dim"] = 16
+    family = build_family(spec)
+    model = family.build_model(pretrained=False)
+    assert model.config.defect_types == ("crack", "scratch") == family.defect_types
+    train, val = family.datasets(model)
+    assert {s.label for s in train.samples} == {"crack", "scratch"}
+    assert [s.label for s in val.samples] == ["crack", "scratch"]
+    images, target = next(iter(DataLoader(train, batch_size=6)))
+    loss = family.loss(train)(model.train(), images, target)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert model.clip.text.proj.weight.grad is not None
+    assert model.clip.visual.head.proj.weight.grad is not None
+    assert all(p.grad is None for p in model.clip.text.transformer.parameters())
+    model.eval()
+    metrics = family.evaluate(model, DataLoader(val, batch_size=4))
+    texts = model.type_embeddings(family.catalog)
+    with torch.no_grad():
+        batch = torch.stack([val[i][0] for i in range(len(val))])
+        predicted = model.logits(model.encode_images(batch), texts).argmax(1)
+    assert metrics["val_accuracy"] == pytest.approx(
+        float((predicted == torch.arange(2)).float().mean())
+    )
+
+
+def test_reranker_needs_described_defect_types(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good", "crack", "dent_x"], "val": ["crack"]})
+    with pytest.raises(ValueError, match="no description of defect type\\(s\\) \\['dent_x'\\]"):
+        build_family(_spec("reranker", samples))
+    spec = _spec("reranker", samples)
+    spec["model_config"]["descriptions"] = [{"name": "dent_x", "description": "A shallow dent"}]
+    family = build_family(spec)
+    assert family.catalog.names == ("crack", "dent_x")
+    assert family.catalog["crack"].description.startswith("A deep fracture")
+    samples = _samples(tmp_path, {"train": ["good", "crack"], "val": ["crack"]})
+    with pytest.raises(DataError, match="at least two labelled defect types"):
+        build_family(_spec("reranker", samples))
