@@ -25,8 +25,15 @@ from typing import Any
 DATASET_CHOICES = ["elpv", "synthetic", "mvtec-ad", "mvtec-screws", "coco"]
 TRAINABLE = ("detector", "verifier", "router", "classifier", "reranker", "localizer", "all")
 SWEEPABLE = ("detector", "verifier", "classifier", "reranker", "localizer")
-# Stages whose backbone has frozen blocks to choose (--freeze-stages).
-FREEZABLE = ("detector", "classifier")
+# The option that sets each model-config key (model options are named as such).
+OPTION_OF = {
+    "input_size": "--input-size",
+    "autocontrast": "--autocontrast",
+    "freeze_stages": "--freeze-stages",
+    "descriptions": "--descriptions",
+    "open_clip_model": "--open-clip",
+    "open_clip_pretrained": "--open-clip",
+}
 N_HEATMAPS = 4  # Grad-CAM examples per kind (worst false positives, negatives, true positives)
 
 
@@ -69,7 +76,7 @@ def _categories(dataset: Any, wanted: str | None) -> list[str]:
 
 
 def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--model-option KEY=VALUE`` pairs, checked against the stage's config fields.
+    """``--model-option KEY=VALUE`` pairs (checked by :func:`_check_options`).
 
     Values are read as JSON when they parse (numbers, lists, null), else as text.
     """
@@ -83,11 +90,6 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = option.partition("=")
         if not sep or not key:
             raise ConfigError(f"--model-option wants KEY=VALUE, got {option!r}")
-        from models.stages import STAGE_MODELS
-
-        fields = {f.name for f in dataclasses.fields(STAGE_MODELS[args.stage][0])}
-        if key not in fields:
-            raise ConfigError(f"the {args.stage} has no option {key!r}; it has {sorted(fields)}")
         try:
             found[key] = json.loads(value)
         except ValueError:
@@ -95,36 +97,55 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
     return found
 
 
+def config_fields(stage: str) -> set[str]:
+    """The fields of a stage's model config."""
+    from models.stages import STAGE_MODELS
+
+    return {f.name for f in dataclasses.fields(STAGE_MODELS[stage][0])}
+
+
+def _check_options(overrides: dict[str, Any], stage: str) -> None:
+    """Refuse a model-config override that the stage (with ``all``: every stage) lacks."""
+    from models.config import ConfigError
+
+    stages = [s for s in TRAINABLE if s != "all"]
+    for key in overrides:
+        having = [s for s in stages if key in config_fields(s)]
+        if stage in having or (stage == "all" and having):
+            continue
+        if key not in OPTION_OF:
+            fields = sorted(config_fields(stage))
+            raise ConfigError(f"the {stage} has no option {key!r}; it has {fields}")
+        names = ", ".join(having[:-1]) + " and " + having[-1] if len(having) > 1 else having[0]
+        raise ConfigError(f"{OPTION_OF[key]} applies to the {names}, not the {stage}")
+
+
+def stage_settings(settings: Any, stage: str) -> Any:
+    """``settings`` without the model-config overrides this stage has no field for."""
+    fields = config_fields(stage)
+    if set(settings.model_config) <= fields:
+        return settings
+    config = {k: v for k, v in settings.model_config.items() if k in fields}
+    return dataclasses.replace(settings, model_config=config)
+
+
 def _settings(args: argparse.Namespace, epochs: int) -> Any:
     from tune.trainer import TrainSettings
 
     overrides: dict[str, Any] = {"input_size": args.input_size} if args.input_size else {}
     if getattr(args, "open_clip", None):
-        if args.stage not in ("reranker", "all"):
-            from models.config import ConfigError
-
-            raise ConfigError(f"--open-clip applies to the reranker, not the {args.stage}")
         name, _, tag = args.open_clip.partition(":")
         overrides["open_clip_model"] = name
         overrides["open_clip_pretrained"] = tag or None
     overrides |= _model_options(args)
     descriptions = _descriptions(getattr(args, "descriptions", None))
     if descriptions is not None:
-        if args.stage not in ("reranker", "all"):
-            from models.config import ConfigError
-
-            raise ConfigError(f"--descriptions applies to the reranker, not the {args.stage}")
         overrides["descriptions"] = descriptions
     if args.autocontrast is not None:
         overrides["autocontrast"] = args.autocontrast
     if args.freeze_stages is not None:
-        if args.stage not in (*FREEZABLE, "all"):
-            from models.config import ConfigError
-
-            raise ConfigError(
-                f"--freeze-stages applies to the detector and classifier, not the {args.stage}"
-            )
         overrides["freeze_stages"] = args.freeze_stages
+    _check_options(overrides, args.stage)
     return TrainSettings(
         epochs=epochs,
         num_workers=args.num_workers,
@@ -154,13 +175,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.stage == "all" and stage == "localizer" and not has_boxes(dataset):
             print("no localizer: the training split has no boxes", file=sys.stderr)
             continue
-        stage_settings = settings
-        drop = {"freeze_stages"} if stage not in FREEZABLE else set()
-        if stage != "reranker":
-            drop |= {"descriptions", "open_clip_model", "open_clip_pretrained"}
-        if drop & set(settings.model_config):
-            config = {k: v for k, v in settings.model_config.items() if k not in drop}
-            stage_settings = dataclasses.replace(settings, model_config=config)
         for category in categories[:1] if stage in ("router", "localizer") else categories:
             skip = args.stage == "all" and stage in ("classifier", "reranker")
             if skip and not has_labelled_defects(dataset, category):
@@ -168,7 +182,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 continue
             target = "every category" if stage in ("router", "localizer") else category
             print(f"training {stage} for {target} on {args.num_workers} worker(s)", file=sys.stderr)
-            results.append(train_stage(registry, dataset, stage, category, stage_settings))
+            results.append(
+                train_stage(registry, dataset, stage, category, stage_settings(settings, stage))
+            )
     from cluster.cli import _print_json
 
     _print_json({"dataset": dataset.name, "registry": registry.uri, "trained": results})

@@ -184,6 +184,27 @@ class DefectClassifier(BackboneStage):
         embedding = self(images)
         return ClassifierOutput(self.class_logits(embedding).softmax(-1), embedding)
 
+    def defect_scores(
+        self, scores: torch.Tensor, names: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Each image's defect-type scores, renormalized over its defect types: ``(B, N)``.
+
+        Args:
+            scores: ``(B, C)`` class probabilities from :meth:`predict`.
+            names: the types to score, in order (default: its defect types); a type
+                it was not trained on scores 0.
+        """
+        defect = scores[:, self.defect_index.to(scores.device)]
+        defect = defect / defect.sum(-1, keepdim=True).clamp_min(1e-12)
+        if names is None:
+            return defect
+        own = {name: i for i, name in enumerate(self.config.defect_types)}
+        out = defect.new_zeros(defect.shape[0], len(names))
+        for j, name in enumerate(names):
+            if name in own:
+                out[:, j] = defect[:, own[name]]
+        return out
+
     def rank_defects(
         self, scores: torch.Tensor, k: int | None = None
     ) -> list[list[tuple[str, float]]]:
@@ -193,11 +214,9 @@ class DefectClassifier(BackboneStage):
             scores: ``(B, C)`` class probabilities from :meth:`predict`.
             k: keep the top ``k`` (default: all defect types).
         """
-        defect = scores[:, self.defect_index]
-        defect = defect / defect.sum(-1, keepdim=True).clamp_min(1e-12)
         names = self.config.defect_types
         ranked = []
-        for row in defect.tolist():
+        for row in self.defect_scores(scores).tolist():
             order = sorted(range(len(names)), key=lambda i: -row[i])[: k or len(names)]
             ranked.append([(names[i], row[i]) for i in order])
         return ranked

@@ -43,7 +43,13 @@ from transformers import (
     TimmBackboneConfig,
 )
 
-from models.backbone import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, create_backbone
+from models.backbone import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneStage,
+    Preprocessing,
+    create_backbone,
+)
 
 EFFICIENTNET_LITE0, HGNETV2_PICO = "efficientnet_lite0", "hgnetv2_pico"
 BACKBONES = (EFFICIENTNET_LITE0, HGNETV2_PICO)
@@ -225,7 +231,7 @@ class Detections(NamedTuple):
     labels: tuple[str, ...]
 
 
-class DefectLocalizer(nn.Module):
+class DefectLocalizer(BackboneStage):
     """DEIMv2 over a (packaged) ImageNet backbone; see the module docstring.
 
     Args:
@@ -249,13 +255,11 @@ class DefectLocalizer(nn.Module):
             self.detector = Deimv2ForObjectDetection(config.deimv2_config())
             if pretrained and config.backbone == EFFICIENTNET_LITE0:
                 self._load_imagenet_backbone()
-        self._frozen: list[nn.Module] = []
         if config.backbone == EFFICIENTNET_LITE0:
             timm_model = self.backbone
-            self._frozen = [timm_model.conv_stem, timm_model.bn1]
-            self._frozen += list(timm_model.blocks[: config.freeze_stages])
-            for module in self._frozen:
-                module.requires_grad_(False)
+            self.freeze(
+                timm_model.conv_stem, timm_model.bn1, *timm_model.blocks[: config.freeze_stages]
+            )
 
     @property
     def backbone(self) -> nn.Module:
@@ -284,10 +288,6 @@ class DefectLocalizer(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """Trainable backbone parameters (trained at a lower learning rate)."""
-        return (p for p in self.backbone.parameters() if p.requires_grad)
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """The encoder and decoder: every trainable parameter outside the backbone."""

@@ -415,10 +415,11 @@ class InspectionPipeline:
             return
         chosen_images = [images[i] for i in chosen]
         chosen_inspections = [inspections[i] for i in chosen]
+        class_scores = None
         if stages.classifier is not None:
-            _classify_into(stages.classifier, chosen_images, chosen_inspections)
+            class_scores = _classify_into(stages.classifier, chosen_images, chosen_inspections)
         if stages.reranker is not None:
-            self._rerank(category, chosen_images, chosen_inspections)
+            self._rerank(category, chosen_images, chosen_inspections, class_scores)
 
     def _localize(self, images: Sequence[Image.Image], inspections: Sequence[Inspection]) -> None:
         chosen = [i for i, inspection in enumerate(inspections) if inspection.verdict == DEFECTIVE]
@@ -446,20 +447,21 @@ class InspectionPipeline:
             )
 
     def _rerank(
-        self, category: str, images: Sequence[Image.Image], inspections: Sequence[Inspection]
+        self,
+        category: str,
+        images: Sequence[Image.Image],
+        inspections: Sequence[Inspection],
+        class_scores: torch.Tensor | None,
     ) -> None:
-        reranker = self.stages[category].reranker
+        """Reorder the types; ``class_scores`` is the classifier's ``(B, C)`` output, if any."""
+        stages = self.stages[category]
+        reranker = stages.reranker
         types = self._types(category)
         model = reranker.model
         clip, ms = _timed(model.text_probabilities, _batched_inputs(model, images), types.texts)
         classifier_scores = None
-        if self.stages[category].classifier is not None:
-            classifier_scores = torch.tensor(
-                [
-                    [dict(i.classifier_defect_types).get(n, 0.0) for n in types.names]
-                    for i in inspections
-                ]
-            )
+        if class_scores is not None:
+            classifier_scores = stages.classifier.model.defect_scores(class_scores, types.names)
         fused = model.fuse(classifier_scores, clip.cpu(), types.known)
         for inspection, row in zip(inspections, fused.tolist(), strict=True):
             ranked = sorted(zip(types.names, row, strict=True), key=lambda pair: -pair[1])
@@ -481,13 +483,15 @@ class InspectionPipeline:
 
 def _classify_into(
     classifier: LoadedStage, images: Sequence[Image.Image], inspections: Sequence[Inspection]
-) -> None:
+) -> torch.Tensor:
+    """Type the inspections; returns the class probabilities ``(B, C)`` on the CPU."""
     model = classifier.model
     output, ms = _timed(model.predict, _batched_inputs(model, images))
-    ranked = model.rank_defects(output.scores)
+    class_scores = output.scores.cpu()
+    ranked = model.rank_defects(class_scores)
     embeddings = output.embedding.cpu().numpy()
     for inspection, scores, types, embedding in zip(
-        inspections, output.scores.cpu().tolist(), ranked, embeddings, strict=True
+        inspections, class_scores.tolist(), ranked, embeddings, strict=True
     ):
         inspection.defect_types = types
         inspection.classifier_defect_types = types
@@ -501,6 +505,7 @@ def _classify_into(
                 {"defect_type": types[0][0], "score": types[0][1]},
             )
         )
+    return class_scores
 
 
 def validation_scores(

@@ -348,11 +348,7 @@ def fit_fusion(registry: ArtifactRegistry, family: Any, model: torch.nn.Module) 
         batch_size=16,
     )
     scores, _ = predict_all(classifier.model, classifier_loader, lambda m, x: m.predict(x).scores)
-    known = classifier.model.config.classes
-    columns = [known.index(t) if t in known else -1 for t in family.defect_types]
-    by_type = torch.from_numpy(scores)[:, [max(c, 0) for c in columns]]
-    by_type[:, [i for i, c in enumerate(columns) if c < 0]] = 0.0
-    by_type = by_type / by_type.sum(1, keepdim=True).clamp_min(1e-12)
+    by_type = classifier.model.defect_scores(torch.from_numpy(scores), family.defect_types)
     weight, figures = fit_fusion_weight(by_type, clip_t, truth)
     model.config = replace(model.config, fusion_weight=weight)
     return figures | {"classifier_version": classifier.manifest.version, "n_val": len(val)}
@@ -363,7 +359,6 @@ def resave(
     loaded: LoadedStage,
     data: Mapping[str, Any],
     metrics: Mapping[str, Any],
-    stage: str,
 ) -> Manifest:
     """Store a refitted production model as a new promoted version of its stage.
 
@@ -374,7 +369,7 @@ def resave(
     training = {k: manifest.config[k] for k in TRAINING_KEYS if k in manifest.config}
     return registry.save(
         manifest.category,
-        stage,
+        manifest.stage,
         loaded.model.state_dict(),
         config=loaded.model.config.to_dict() | training,
         preprocessing=manifest.preprocessing,
@@ -409,7 +404,7 @@ def refit_prototypes(registry: ArtifactRegistry, dataset: Dataset, category: str
             f"classifier's {list(classifier.model.config.classes)}; train a new classifier"
         )
     counts = family.fit_prototypes(classifier.model)
-    saved = resave(registry, classifier, fingerprint_samples(dataset.name, samples), {}, CLASSIFIER)
+    saved = resave(registry, classifier, fingerprint_samples(dataset.name, samples), {})
     summary = {"version": saved.version, "prototype_images": counts}
     if RERANKER in registry.stages(category):
         summary["reranker_fusion"] = refit_fusion(registry, samples, category)
@@ -439,7 +434,7 @@ def refit_fusion(
             f"not the reranker's {list(reranker.model.config.defect_types)}; train a new one"
         )
     figures = fit_fusion(registry, family, reranker.model)
-    saved = resave(registry, reranker, manifest.data, {"fusion": figures}, RERANKER)
+    saved = resave(registry, reranker, manifest.data, {"fusion": figures})
     return {"version": saved.version, **figures}
 
 

@@ -134,7 +134,10 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
         ["tune", "verifier", "--dataset", "elpv", "--num-samples", "2", "--freeze-stages", "0"]
     )
     assert code == 2
-    assert "--freeze-stages applies to the detector and classifier" in capsys.readouterr().err
+    assert (
+        "--freeze-stages applies to the detector, classifier and localizer, not the verifier"
+        in capsys.readouterr().err
+    )
     # Descriptions and open_clip models are the reranker's; a bad file is named.
     args = ["train", "detector", "--dataset", "elpv", "--registry", str(tmp_path / "r")]
     descriptions = tmp_path / "d.json"
@@ -168,6 +171,20 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
     assert code == 2
     assert "no category" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_train_all_gives_each_stage_only_the_options_its_model_has():
+    from cluster.cli import build_parser
+    from cluster.training_commands import _settings, stage_settings
+
+    args = build_parser().parse_args(
+        ["train", "all", "--dataset", "elpv", "--autocontrast", "1", "--freeze-stages", "1"]
+    )
+    settings = _settings(args, 1)
+    assert settings.model_config == {"autocontrast": 1.0, "freeze_stages": 1}
+    assert stage_settings(settings, "detector") is settings
+    assert stage_settings(settings, "verifier").model_config == {"autocontrast": 1.0}
+    assert stage_settings(settings, "localizer").model_config == {"freeze_stages": 1}
 
 
 def test_training_commands_parse_the_documented_options():

@@ -94,6 +94,12 @@ def test_prototypes_classify_and_rank_defects_only():
         if label:  # a defect image ranks its own type first
             assert row[0][0] == model.config.classes[label]
     assert len(model.rank_defects(scores, k=1)[0]) == 1
+    # Scores in any type order; a type the classifier never saw gets 0.
+    own = model.defect_scores(scores)
+    assert torch.allclose(own.sum(1), torch.ones(6))
+    other = model.defect_scores(scores, ["scratch", "hole", "crack"])
+    assert torch.equal(other[:, 1], torch.zeros(6))
+    assert torch.equal(other[:, [2, 0]], own)
 
 
 def test_config_round_trips_and_refuses_nonsense():
