@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 system-deps:
 	@./scripts/install-system-deps.sh
 
+# The main job: the local cluster serving inspections (Ctrl-C stops it).
 run: setup
-	$(BIN)/inspectray walkthrough
+	$(BIN)/inspectray serve
 
 test: setup
 	$(BIN)/python -m pytest

@@ -11,6 +11,7 @@ key, a truncated image) exit with status 2 and one clear line, not a traceback.
     inspectray config show
     inspectray walkthrough
     inspectray train | tune | eval        (cluster/training_commands.py)
+    inspectray serve | predict | keys     (cluster/serving_commands.py)
 """
 
 from __future__ import annotations
@@ -279,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(config, "show", cmd_config_show)
     add(commands, "walkthrough", cmd_walkthrough)
 
-    from cluster.training_commands import add_commands
+    from cluster import serving_commands, training_commands
 
-    add_commands(commands, add)
+    training_commands.add_commands(commands, add)
+    serving_commands.add_commands(commands, add)
     return parser
 
 
@@ -294,9 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.descriptions import DescriptionError
 
     args = build_parser().parse_args(argv)
+    from cluster.local import LocalClusterError
+    from cluster.redis_server import RedisServerError
+
+    user_errors = (DataError, ConfigError, ArtifactError, WeightsError, DescriptionError)
     try:
         return int(args.func(args))
-    except (DataError, ConfigError, ArtifactError, WeightsError, DescriptionError) as error:
+    except (*user_errors, LocalClusterError, RedisServerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
 

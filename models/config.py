@@ -115,7 +115,8 @@ class InspectrayConfig(_Section):
     synth: SynthConfig = SynthConfig()
 
 
-def _format_errors(error: ValidationError, origin: str) -> str:
+def format_errors(error: ValidationError, origin: str) -> str:
+    """One line per invalid key, by its dotted name, under a line naming the source."""
     lines = [f"invalid configuration ({origin}):"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "<root>"
@@ -147,14 +148,32 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys, merged section by section."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge(merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (an empty file is an empty one).
+
+    Raises:
+        ConfigError: a missing file, invalid YAML, or YAML that is not a mapping.
+    """
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"{what} not found: {path}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {path} is not valid YAML: {error}") from error
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of sections")
+    return loaded or {}
 
 
 def load_config(
@@ -176,19 +195,11 @@ def load_config(
     origin = "defaults"
     if path is not None:
         origin = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as error:
-            raise ConfigError(f"configuration file not found: {path}") from error
-        except yaml.YAMLError as error:
-            raise ConfigError(f"configuration file {path} is not valid YAML: {error}") from error
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"configuration file {path} must hold a mapping of sections")
-        data = loaded or {}
+        data = read_yaml(path, "configuration file")
     overrides = env_overrides(env)
     if overrides:
         origin += " + environment"
     try:
-        return InspectrayConfig.model_validate(_merge(data, overrides))
+        return InspectrayConfig.model_validate(merge(data, overrides))
     except ValidationError as error:
-        raise ConfigError(_format_errors(error, origin)) from error
+        raise ConfigError(format_errors(error, origin)) from error

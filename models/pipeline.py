@@ -125,7 +125,8 @@ class _RankedTypes:
     texts: torch.Tensor  # (N, D) unit-length description embeddings
 
 
-def _batched_inputs(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
+def batched_inputs(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The images as one channels-last batch ``(B, 3, S, S)``, by the model's own preprocessing."""
     transform = model.preprocessing.transform()
     device = next(model.parameters()).device
     batch = torch.stack([transform(image) for image in images]).to(device)
@@ -274,9 +275,7 @@ class InspectionPipeline:
         runs: list[StageRun] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            output, ms = _timed(
-                self.router.model.predict, _batched_inputs(self.router.model, chunk)
-            )
+            output, ms = _timed(self.router.model.predict, batched_inputs(self.router.model, chunk))
             for name, probs in zip(output.categories, output.probabilities, strict=True):
                 names.append(name)
                 runs.append(
@@ -351,7 +350,7 @@ class InspectionPipeline:
         stages = self.stages[category]
         detector = stages.detector
         output, ms = _timed(
-            detector.model.predict, _batched_inputs(detector.model, images), explain=explain
+            detector.model.predict, batched_inputs(detector.model, images), explain=explain
         )
         probabilities = output.probability.cpu().tolist()
         in_band = [i for i, p in enumerate(probabilities) if stages.rule.needs_verifier(p)]
@@ -360,7 +359,7 @@ class InspectionPipeline:
         if in_band and stages.verifier is not None:
             model = stages.verifier.model
             checked, verifier_ms = _timed(
-                model.predict, _batched_inputs(model, [images[i] for i in in_band])
+                model.predict, batched_inputs(model, [images[i] for i in in_band])
             )
             verifier_scores = dict(zip(in_band, checked.score.cpu().tolist(), strict=True))
             verifier_ms /= len(in_band)
@@ -428,7 +427,7 @@ class InspectionPipeline:
         model = self.localizer.model
         picked = [images[i] for i in chosen]
         sizes = [(image.height, image.width) for image in picked]
-        found, ms = _timed(model.predict, _batched_inputs(model, picked), image_sizes=sizes)
+        found, ms = _timed(model.predict, batched_inputs(model, picked), image_sizes=sizes)
         for i, detections in zip(chosen, found, strict=True):
             inspection = inspections[i]
             inspection.boxes = [
@@ -458,7 +457,7 @@ class InspectionPipeline:
         reranker = stages.reranker
         types = self._types(category)
         model = reranker.model
-        clip, ms = _timed(model.text_probabilities, _batched_inputs(model, images), types.texts)
+        clip, ms = _timed(model.text_probabilities, batched_inputs(model, images), types.texts)
         classifier_scores = None
         if class_scores is not None:
             classifier_scores = stages.classifier.model.defect_scores(class_scores, types.names)
@@ -486,7 +485,7 @@ def _classify_into(
 ) -> torch.Tensor:
     """Type the inspections; returns the class probabilities ``(B, C)`` on the CPU."""
     model = classifier.model
-    output, ms = _timed(model.predict, _batched_inputs(model, images))
+    output, ms = _timed(model.predict, batched_inputs(model, images))
     class_scores = output.scores.cpu()
     ranked = model.rank_defects(class_scores)
     embeddings = output.embedding.cpu().numpy()

@@ -1,0 +1,281 @@
+"""The one-command local cluster: Ray, Redis, models and the serving app on this machine.
+
+``inspectray serve`` runs :class:`LocalCluster` in the foreground:
+
+1. starts a local Ray head (or joins ``RAY_ADDRESS``), with its dashboard;
+2. starts a local ``redis-server`` (AOF on, files under the work folder) unless
+   ``REDIS_URL`` or ``--redis-url`` names one;
+3. trains the quick set of models (:mod:`cluster.quickstart`) when the registry
+   has no detector;
+4. deploys the app (:mod:`deployments.app`) and waits until ``/readyz`` says
+   every stage has its models;
+5. prints the URLs, and on Ctrl-C (or SIGTERM) shuts down what it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+
+from cluster.redis_server import RedisServer, free_port
+from models.artifacts import ArtifactRegistry
+from models.stages import DETECTOR, ROUTER_CATEGORY
+
+
+class LocalClusterError(RuntimeError):
+    """The local cluster could not start; the message says which part failed."""
+
+
+def has_models(registry: ArtifactRegistry) -> bool:
+    """Whether any category has a trained detector."""
+    return any(
+        DETECTOR in registry.stages(category)
+        for category in registry.categories()
+        if category != ROUTER_CATEGORY
+    )
+
+
+class LocalCluster:
+    """Ray + Redis + the app on this machine.
+
+    Args:
+        registry: registry folder or URL.
+        port: HTTP port of the API.
+        host: interface to listen on (127.0.0.1: this machine only).
+        config: serving YAML (default: packaged).
+        redis_url: an existing Redis (default: ``REDIS_URL``, else a local one).
+        workdir: folder for the local Redis, the quick set's data and the spool.
+        progress: show progress bars while training the quick set.
+        quick_set: what to train into an empty registry (default: QuickSet()).
+        dashboard: start the Ray dashboard.
+        serving_overrides: keys merged over the serving YAML (tests make replicas small).
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        port: int = 8000,
+        host: str = "127.0.0.1",
+        config: str | None = None,
+        redis_url: str | None = None,
+        workdir: Path = Path(".inspectray"),
+        progress: bool = True,
+        quick_set: Any = None,
+        dashboard: bool = True,
+        serving_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.registry_uri = registry if "://" in registry else str(Path(registry).resolve())
+        self.port, self.host, self.config = port, host, config
+        self.redis_url = redis_url or os.environ.get("REDIS_URL") or None
+        self.workdir = workdir.resolve()
+        self.progress = progress
+        self.quick_set = quick_set
+        self.dashboard = dashboard
+        self.serving_overrides = serving_overrides
+        self.redis: RedisServer | None = None
+        self._started_ray = False
+        self.timings: dict[str, float] = {}
+        self.trained: dict[str, Any] | None = None
+        self.dashboard_url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The API's base URL."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, ready_timeout_s: float = 600.0) -> LocalCluster:
+        """Bring everything up; returns when the app is ready.
+
+        Raises:
+            LocalClusterError: a part failed to start or the app never got ready.
+        """
+        import ray
+        from ray import serve
+
+        started = time.perf_counter()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            context = ray.init(
+                address=address,
+                include_dashboard=self.dashboard if address is None else None,
+                dashboard_host="127.0.0.1",
+                dashboard_port=free_port() if address is None else None,
+                configure_logging=False,
+            )
+            self._started_ray = address is None
+            url = getattr(context, "dashboard_url", None) or None
+            if url and self.dashboard:
+                self.dashboard_url = url if "://" in url else f"http://{url}"
+        self.timings["ray_s"] = time.perf_counter() - started
+        if self.redis_url is None:
+            self.redis = RedisServer(workdir=self.workdir / "redis", appendonly=True).start()
+            self.redis_url = self.redis.url
+        registry = ArtifactRegistry(self.registry_uri)
+        if not has_models(registry):
+            from cluster.quickstart import QuickSet, train_quick_set
+
+            print(
+                f"the registry {self.registry_uri} has no models: training a quick set "
+                "(a few minutes; train real ones with `inspectray train all`)",
+                file=sys.stderr,
+            )
+            began = time.perf_counter()
+            self.trained = train_quick_set(
+                registry, self.workdir, self.quick_set or QuickSet(), progress=self.progress
+            )
+            self.timings["training_s"] = time.perf_counter() - began
+        from deployments.config import load_serving_config
+
+        service = load_serving_config(self.config, self._overrides()).service
+        began = time.perf_counter()
+        serve.start(http_options=self._http_options(service.request_timeout_s))
+        self.deploy()
+        self._wait_ready(ready_timeout_s)
+        self.timings["deploy_s"] = time.perf_counter() - began
+        self.timings["ready_s"] = time.perf_counter() - started
+        return self
+
+    def _overrides(self) -> dict[str, Any]:
+        """The serving overrides, with the spool under the work folder."""
+        from models.config import merge
+
+        spool = {"service": {"spool_dir": str(self.workdir / "spool")}}
+        return merge(spool, self.serving_overrides or {})
+
+    def _http_options(self, request_timeout_s: float) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "request_timeout_s": request_timeout_s + 5}
+
+    def deploy(self, service: dict[str, Any] | None = None, timeout_s: float = 300.0) -> None:
+        """Deploy the app, or change the router's settings in place.
+
+        With the dashboard up this goes through Serve's REST API, as ``serve
+        deploy`` and KubeRay do: a change of ``service`` settings only reaches the
+        router's ``reconfigure``, without restarting a replica. Without the
+        dashboard it falls back to ``serve.run`` (which restarts replicas).
+
+        Args:
+            service: router settings to change (merged over the configuration).
+            timeout_s: how long to wait for the deployment to finish.
+
+        Raises:
+            LocalClusterError: Serve refused the config or did not finish in time.
+        """
+        from ray import serve
+
+        from deployments.app import (
+            APP_NAME,
+            AppArgs,
+            build_app,
+            router_user_config,
+            serve_config,
+        )
+        from deployments.config import load_serving_config
+        from models.config import merge
+
+        args = AppArgs(
+            registry=self.registry_uri,
+            redis_url=self.redis_url,
+            config=self.config,
+            overrides=self._overrides(),
+        )
+        serving = load_serving_config(
+            self.config, merge(args.overrides, {"service": service or {}})
+        )
+        if self.dashboard_url is None:
+            if service:
+                args = args.model_copy(
+                    update={"overrides": merge(args.overrides, {"service": service})}
+                )
+            serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+            return
+        before = self._deployed_at(APP_NAME)
+        config = serve_config(args, router_user_config(serving) if service is not None else None)
+        config["http_options"] = self._http_options(serving.service.request_timeout_s)
+        # The client `serve deploy` uses: Serve's REST API, with the cluster's auth token.
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        try:
+            ServeSubmissionClient(self.dashboard_url).deploy_applications(config)
+        except RuntimeError as error:
+            raise LocalClusterError(f"Serve refused the app's config: {error}") from error
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(APP_NAME)
+            if status and status.last_deployed_time_s != before and status.status == "RUNNING":
+                return
+            if status and status.status == "DEPLOY_FAILED":
+                raise LocalClusterError(f"the app failed to deploy: {status.message}")
+            time.sleep(0.25)
+        raise LocalClusterError(f"the app was not deployed after {timeout_s:.0f} s")
+
+    @staticmethod
+    def _deployed_at(name: str) -> float | None:
+        from ray import serve
+
+        status = serve.status().applications.get(name)
+        return status.last_deployed_time_s if status else None
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                answer = httpx.get(f"{self.url}/readyz", timeout=15)
+                if answer.status_code == 200:
+                    return
+                last = answer.text[:500]
+            except httpx.HTTPError as error:
+                last = f"{type(error).__name__}: {error}"
+            time.sleep(0.5)
+        raise LocalClusterError(f"the app was not ready after {timeout_s:.0f} s: {last}")
+
+    def urls(self) -> dict[str, str | None]:
+        """Where to reach everything."""
+        return {
+            "api": f"{self.url}/v1/inspect",
+            "ui": f"{self.url}/ui",
+            "docs": f"{self.url}/docs",
+            "dashboard": self.dashboard_url,
+            "redis": self.redis_url.split("@")[-1] if self.redis_url else None,
+            "registry": self.registry_uri,
+        }
+
+    def stop(self) -> None:
+        """Shut down the app, then what this cluster started (Ray, Redis)."""
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                if self._started_ray:
+                    ray.shutdown()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def wait_for_signal(self) -> None:
+        """Block until Ctrl-C or SIGTERM."""
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

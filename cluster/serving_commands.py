@@ -1,0 +1,216 @@
+"""``inspectray serve``, ``inspectray predict`` and ``inspectray keys``.
+
+inspectray serve [--port P] [--host H] [--registry DIR] [--config FILE] [--redis-url URL]
+inspectray predict IMAGE... [--url URL] [--category C] [--explain] [--boxes] [--api-key K]
+inspectray keys add --tenant T [--category C ...] [--rate N] | revoke KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start Ray, Redis and the app on this machine; train a quick set when none exists."""
+    from cluster.cli import _config
+    from cluster.local import LocalCluster
+
+    registry = args.registry or _config(args).registry.uri
+    # stdout carries this command's JSON alone: Ray's worker logs go to stderr.
+    sys.stdout.flush()
+    summary_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    saved_stdout = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    cluster = LocalCluster(
+        registry,
+        port=args.port,
+        host=args.host,
+        config=args.serving_config,
+        redis_url=args.redis_url,
+        workdir=Path(args.workdir),
+    )
+    try:
+        cluster.start()
+        summary = {
+            "urls": cluster.urls(),
+            "seconds_to_ready": round(cluster.timings["ready_s"], 1),
+            "timings": {k: round(v, 1) for k, v in cluster.timings.items()},
+            "quick_set": cluster.trained,
+        }
+        json.dump(summary, summary_out, indent=2)
+        summary_out.write("\n")
+        summary_out.flush()
+        urls = cluster.urls()
+        print(
+            f"inspectray is serving: API {urls['api']}  page {urls['ui']}  docs {urls['docs']}"
+            + (f"  Ray dashboard {urls['dashboard']}" if urls["dashboard"] else "")
+            + "\nCtrl-C stops it.",
+            file=sys.stderr,
+        )
+        if not args.exit_when_ready:
+            cluster.wait_for_signal()
+    finally:
+        print("shutting down", file=sys.stderr)
+        cluster.stop()
+        sys.stdout.flush()
+        os.dup2(saved_stdout, sys.stdout.fileno())
+        os.close(saved_stdout)
+        summary_out.close()
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Inspect image files through a running service; one JSON result per image."""
+    from cluster.cli import _print_json
+    from deployments.client import HttpClient, InspectionFailed, RetryPolicy
+    from models.data.sample import DataError
+
+    for path in args.images:
+        if not Path(path).is_file():
+            raise DataError(f"image file not found: {path}")
+    client = HttpClient(args.url, api_key=args.api_key, retry=RetryPolicy(attempts=3))
+    results: list[dict[str, Any]] = []
+    failed = 0
+    try:
+        for path in args.images:
+            try:
+                result = client.inspect(
+                    Path(path).read_bytes(),
+                    category=args.category,
+                    explain=args.explain,
+                    boxes=args.boxes,
+                    filename=Path(path).name,
+                )
+                answer = result.model_dump(mode="json")
+                if not args.explain:
+                    answer.pop("heatmap_png", None)
+                results.append({"image": str(path), "result": answer})
+            except InspectionFailed as error:
+                failed += 1
+                results.append(
+                    {"image": str(path), "error": {"status": error.status, "detail": error.detail}}
+                )
+    finally:
+        client.close()
+    _print_json(results)
+    return 1 if failed else 0
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    """Create an API key (printed once; only its hash is stored)."""
+    from cluster.cli import _print_json
+
+    store = _store(args)
+    key = store.add_api_key(args.tenant, args.category or None, args.rate)
+    _print_json(
+        {
+            "tenant": args.tenant,
+            "key": key,
+            "categories": args.category or "all",
+            "rate_per_minute": args.rate,
+        }
+    )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke an API key."""
+    from cluster.cli import _print_json
+
+    revoked = _store(args).revoke_api_key(args.key)
+    _print_json({"revoked": revoked})
+    return 0 if revoked else 1
+
+
+def cmd_results_follow(args: argparse.Namespace) -> int:
+    """Read the result stream as a consumer group: one JSON line per result, acknowledged.
+
+    This is the pattern for downstream systems (MES, dashboards, archives): each
+    group sees every result once; consumers of one group share the work; a result
+    is acknowledged only after it was handled (here: printed), so a consumer that
+    dies leaves it pending for another.
+    """
+    store = _store(args)
+    store.ensure_group(args.group, start="0" if args.from_start else "$")
+    handled = 0
+    while args.count is None or handled < args.count:
+        want = 100 if args.count is None else min(100, args.count - handled)
+        entries = store.read_group(args.group, args.consumer, count=want, block_ms=args.block_ms)
+        if not entries:
+            if args.block_ms is None:
+                break
+            continue
+        for _, result in entries:
+            sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+        store.ack(args.group, [entry_id for entry_id, _ in entries])
+        handled += len(entries)
+    store.close()
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from cluster.cli import _config
+    from deployments.store import RedisStore
+
+    url = args.redis_url or os.environ.get("REDIS_URL") or _config(args).redis.url
+    return RedisStore(url, Path(args.workdir) / "spool", socket_timeout_s=5)
+
+
+def add_commands(commands: Any, add: Any) -> None:
+    """Register the serving commands on the CLI's subparsers."""
+    serve = add(commands, "serve", cmd_serve)
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (8000)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: all)")
+    serve.add_argument("--registry", help="registry folder or URL (default: config)")
+    serve.add_argument(
+        "--config",
+        dest="serving_config",
+        help="serving YAML: replicas, batching, limits (default: deployments/serving.yaml)",
+    )
+    serve.add_argument("--redis-url", help="an existing Redis (default: REDIS_URL, else local)")
+    serve.add_argument("--workdir", default=".inspectray", help="local Redis, quick-set data")
+    serve.add_argument(
+        "--exit-when-ready", action="store_true", help="print the URLs, then shut down (checks)"
+    )
+
+    predict = add(commands, "predict", cmd_predict)
+    predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, TIFF)")
+    predict.add_argument("--url", default=DEFAULT_URL, help=f"service URL ({DEFAULT_URL})")
+    predict.add_argument("--category", help="product category (default: the router names it)")
+    predict.add_argument("--explain", action="store_true", help="include the Grad-CAM heatmap")
+    predict.add_argument("--boxes", action="store_true", help="locate the defects")
+    predict.add_argument("--api-key", default=os.environ.get("INSPECTRAY_API_KEY"))
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
+    for name, func in (("add", cmd_keys_add), ("revoke", cmd_keys_revoke)):
+        command = add(keys, name, func)
+        command.add_argument("--redis-url", help="default: REDIS_URL or config")
+        command.add_argument("--workdir", default=".inspectray")
+    keys.choices["add"].add_argument("--tenant", required=True)
+    keys.choices["add"].add_argument(
+        "--category", action="append", help="allowed category (repeat; default: all)"
+    )
+    keys.choices["add"].add_argument("--rate", type=int, help="requests per minute (default: none)")
+    keys.choices["revoke"].add_argument("key")
+
+    results = commands.add_parser("results", help="the result stream").add_subparsers(
+        dest="action", required=True
+    )
+    follow = add(results, "follow", cmd_results_follow)
+    follow.add_argument("--group", required=True, help="consumer group (one per downstream system)")
+    follow.add_argument("--consumer", default="consumer-1", help="this consumer's name")
+    follow.add_argument("--count", type=int, help="stop after N results (default: follow)")
+    follow.add_argument("--block-ms", type=int, help="wait this long for new results (default: no)")
+    follow.add_argument(
+        "--from-start", action="store_true", help="a new group starts at the oldest"
+    )
+    follow.add_argument("--redis-url", help="default: REDIS_URL or config")
+    follow.add_argument("--workdir", default=".inspectray")

@@ -1,0 +1,132 @@
+"""The serving application: the DAG wired with ``.bind()``, and its typed builder.
+
+``serve run deployments.app:app`` serves the default configuration;
+``serve run deployments.app:build_app registry=DIR redis_url=URL config=FILE``
+takes arguments (validated by :class:`AppArgs`), and ``serve build
+deployments.app:app`` writes the config KubeRay's RayService embeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from deployments.config import DeploymentSpec, ServingConfig, load_serving_config
+from deployments.router import Router
+from deployments.stages import STAGE_DEPLOYMENTS
+from models.config import load_config
+
+APP_NAME = "inspectray"
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app`; every one has a default from the configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str | None = Field(
+        default=None, description="Registry folder or URL (default: INSPECTRAY_REGISTRY / config)."
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for cache, stream, catalog and keys (default: REDIS_URL / config); "
+        "an empty string serves without Redis.",
+    )
+    config: str | None = Field(default=None, description="Serving YAML (default: packaged).")
+    device: str = Field(default="auto", description="auto, cpu or cuda.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Keys merged over the serving YAML."
+    )
+
+
+def _absolute(uri: str) -> str:
+    """Local registry folders as absolute paths: replicas run in other folders."""
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
+def deployment_options(spec: DeploymentSpec, user_config: dict[str, Any]) -> dict[str, Any]:
+    """Serve's options for one deployment from its spec."""
+    autoscaling = spec.autoscaling.model_dump(exclude_none=True)
+    return {
+        "autoscaling_config": autoscaling,
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_queued_requests": spec.max_queued_requests,
+        "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+        "user_config": user_config,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_wait_loop_s": 1,
+        "graceful_shutdown_timeout_s": 20,
+    }
+
+
+def router_user_config(serving: ServingConfig) -> dict[str, Any]:
+    """The router's ``user_config``: the service settings, the spool as an absolute path."""
+    service = serving.service.model_dump()
+    service["spool_dir"] = str(Path(service["spool_dir"]).expanduser().resolve())
+    return service | {"torch_threads": serving.deployments["router"].torch_threads}
+
+
+def serve_config(args: AppArgs, router_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The app as a Serve config (what ``serve deploy`` and KubeRay's RayService apply).
+
+    Args:
+        args: the builder's arguments; changing them rebuilds and restarts the app.
+        router_config: a new router ``user_config``; Serve applies it in place
+            (``reconfigure``), without restarting a replica.
+    """
+    application: dict[str, Any] = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": "deployments.app:build_app",
+        "args": args.model_dump(exclude_none=True),
+    }
+    if router_config is not None:
+        application["deployments"] = [{"name": "Router", "user_config": router_config}]
+    return {"applications": [application]}
+
+
+def build_app(args: AppArgs) -> Application:
+    """The router and the five model stages, each with its options from the serving YAML.
+
+    Raises:
+        ConfigError: an invalid serving or inspectray configuration.
+    """
+    if isinstance(args, dict):  # serve passes plain dicts when called by hand
+        args = AppArgs.model_validate(args)
+    base = load_config()
+    serving: ServingConfig = load_serving_config(args.config, args.overrides)
+    registry = _absolute(args.registry or base.registry.uri)
+    redis_url = base.redis.url if args.redis_url is None else args.redis_url
+    stages = {
+        name: deployment.options(
+            **deployment_options(
+                serving.deployments[name],
+                serving.deployments[name].user_config(),
+            )
+        ).bind(registry, args.device)
+        for name, deployment in STAGE_DEPLOYMENTS.items()
+    }
+    router_spec = serving.deployments["router"]
+    router_device = "cpu" if args.device == "auto" else args.device
+    return Router.options(
+        **deployment_options(
+            router_spec,
+            router_user_config(serving),
+        )
+    ).bind(
+        stages["detector"],
+        stages["verifier"],
+        stages["classifier"],
+        stages["localizer"],
+        stages["reranker"],
+        registry,
+        redis_url or None,
+        router_device,
+    )
+
+
+app = build_app(AppArgs())

@@ -1,0 +1,741 @@
+"""The Router: the DAG's ingress, its HTTP API and its Python API.
+
+It decodes and validates each image once, hashes it, looks the answer up in
+the Redis cache, names the category when none is given, runs the stages through
+their ``DeploymentHandle``s by the flow in :mod:`deployments.flow`, assembles
+the :class:`~deployments.schemas.InspectionResult`, caches it, appends it to the
+result stream (spooling to disk while Redis is down) and answers.
+
+HTTP (FastAPI, OpenAPI at ``/docs``): ``POST /v1/inspect``,
+``POST /v1/inspect/batch``, ``GET /v1/categories``,
+``POST /v1/categories/{category}/defect-types``, ``GET /healthz``,
+``GET /readyz``, ``GET /ui``. In-cluster services call :meth:`Router.inspect`
+by handle (:mod:`deployments.client`).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures
+# of the Serve ingress class at run time.
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from deployments import compute
+from deployments.config import ServiceSpec
+from deployments.flow import InspectionRefused, ServingPlan, inspect_image, load_plan
+from deployments.imaging import (
+    DecodedImage,
+    ImageLimits,
+    ImageRejected,
+    decode_base64,
+    decode_image,
+)
+from deployments.schemas import (
+    SCHEMA_VERSION,
+    BatchItem,
+    CategoriesResult,
+    CategoryInfo,
+    DefectTypeIn,
+    DefectTypeOut,
+    InspectBatchRequest,
+    InspectBatchResult,
+    InspectionError,
+    InspectionResult,
+    InspectRequest,
+    Problem,
+)
+from deployments.store import AuthError, RedisStore, StoreUnavailable
+from models.artifacts import ArtifactRegistry
+from models.descriptions import DefectDescription, DescriptionError
+from models.stages import (
+    CLASSIFIER,
+    DETECTOR,
+    LOCALIZER,
+    RERANKER,
+    ROUTER,
+    ROUTER_CATEGORY,
+    VERIFIER,
+    LoadedStage,
+    load_stage,
+)
+
+log = logging.getLogger("ray.serve")
+API_KEY_HEADER = "X-API-Key"
+TRUE = ("1", "true", "yes", "on")
+_ERRORS = {
+    401: {"model": Problem, "description": "No API key, or an unknown one."},
+    403: {"model": Problem, "description": "A revoked key, or a category the key may not use."},
+    413: {"model": Problem, "description": "Too many bytes or pixels."},
+    415: {"model": Problem, "description": "Not a PNG, JPEG, BMP or TIFF image."},
+    422: {"model": Problem, "description": "A corrupt image, bad fields, or an unknown category."},
+    429: {"model": Problem, "description": "The key's rate limit; see Retry-After."},
+    503: {"model": Problem, "description": "Overloaded or a stage unavailable; see Retry-After."},
+    504: {"model": Problem, "description": "Not answered within request_timeout_s."},
+}
+_INSPECT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "category": {"type": "string"},
+                        "explain": {"type": "boolean", "default": False},
+                        "boxes": {"type": "boolean", "default": False},
+                    },
+                }
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/InspectRequest"}},
+        },
+    }
+}
+
+api = FastAPI(
+    title="inspectray",
+    version=SCHEMA_VERSION,
+    description="Industrial visual inspection: is the part good, and if not, which defect, "
+    "where and why. Send an image (multipart or base64 JSON); the answer is an "
+    "InspectionResult. Send `X-API-Key` when keys are configured.",
+)
+
+
+class _Problem(Exception):
+    """An HTTP error answer with optional headers (Retry-After)."""
+
+    def __init__(self, status: int, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.retry_after = status, detail, retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after else {}
+
+
+class _HandleCalls:
+    """The flow's stage calls, through the stage deployments' handles."""
+
+    def __init__(self, handles: Mapping[str, DeploymentHandle], router: "_Router") -> None:
+        self.handles = handles
+        self.router = router
+
+    def _handle(self, stage: str, model_id: str) -> Any:
+        return self.handles[stage].options(multiplexed_model_id=model_id).predict
+
+    async def route(self, model_id: str, image: Image.Image) -> dict[str, Any]:
+        stage = await self.router.category_router(model_id)
+        return (await asyncio.to_thread(compute.route, stage, [image]))[0]
+
+    async def detect(self, model_id: str, image: Image.Image, explain: bool) -> dict[str, Any]:
+        return await self._handle(DETECTOR, model_id).remote(image, explain)
+
+    async def verify(self, model_id: str, image: Image.Image) -> dict[str, Any]:
+        return await self._handle(VERIFIER, model_id).remote(image)
+
+    async def classify(self, model_id: str, image: Image.Image) -> dict[str, Any]:
+        return await self._handle(CLASSIFIER, model_id).remote(image)
+
+    async def localize(self, model_id: str, image: Image.Image) -> dict[str, Any]:
+        return await self._handle(LOCALIZER, model_id).remote(image)
+
+    async def rerank(
+        self,
+        model_id: str,
+        image: Image.Image,
+        classifier_scores: Mapping[str, float] | None,
+        registered: Sequence[Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        return await self._handle(RERANKER, model_id).remote(
+            image, classifier_scores, list(registered)
+        )
+
+
+class _Router:
+    """The Router's logic; :class:`Router` adds the HTTP routes and Serve wiring."""
+
+    def __init__(
+        self,
+        detector: DeploymentHandle,
+        verifier: DeploymentHandle,
+        classifier: DeploymentHandle,
+        localizer: DeploymentHandle,
+        reranker: DeploymentHandle,
+        registry_uri: str,
+        redis_url: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.registry = ArtifactRegistry(registry_uri)
+        self.device = device
+        self.service = ServiceSpec()
+        self.plan: ServingPlan = load_plan(self.registry)
+        self.handles = {
+            DETECTOR: detector,
+            VERIFIER: verifier,
+            CLASSIFIER: classifier,
+            LOCALIZER: localizer,
+            RERANKER: reranker,
+        }
+        self.calls = _HandleCalls(self.handles, self)
+        self.redis_url = redis_url or None
+        self.store: RedisStore | None = None
+        self._memory_descriptions: dict[str, dict[str, dict[str, Any]]] = {}
+        self._routers: dict[str, LoadedStage] = {}
+        self._in_flight = 0
+        self._maintenance: asyncio.Task | None = None
+        self._configured = False  # the store opens with the first user_config
+
+    # -- configuration -------------------------------------------------------------
+
+    def _open_store(self) -> None:
+        self._configured = True
+        if self.store is not None:
+            self.store.close()
+        self.store = None
+        if self.redis_url:
+            spool = Path(self.service.spool_dir).expanduser()
+            self.store = RedisStore(
+                self.redis_url,
+                spool.resolve(),
+                stream_maxlen=self.service.stream_maxlen,
+                cache_ttl_s=self.service.cache_ttl_s,
+            )
+            self._publish_taxonomy()
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """Apply the router's ``user_config``: timeouts, limits, pins, rules, auth."""
+        previous = self.service
+        self.service = ServiceSpec.model_validate(dict(config))
+        torch.set_num_threads(self.service.torch_threads)
+        if (previous.versions, previous.rules) != (self.service.versions, self.service.rules):
+            self.plan = load_plan(self.registry, self.service.versions, self.service.rules)
+        settings = (self.service.spool_dir, self.service.stream_maxlen, self.service.cache_ttl_s)
+        if not self._configured or settings != (
+            previous.spool_dir,
+            previous.stream_maxlen,
+            previous.cache_ttl_s,
+        ):
+            self._open_store()
+
+    def _publish_taxonomy(self) -> None:
+        if self.store is None:
+            return
+        for name, models in self.plan.categories.items():
+            with contextlib.suppress(StoreUnavailable):
+                self.store.set_taxonomy(name, list(models.descriptions.values()))
+
+    def refresh(self) -> bool:
+        """Re-read the registry; returns whether the serving models changed."""
+        plan = load_plan(self.registry, self.service.versions, self.service.rules)
+        changed = plan.fingerprint() != self.plan.fingerprint()
+        if changed:
+            log.info("serving plan changed: %s", plan.versions(None))
+            self.plan = plan
+            self._publish_taxonomy()
+        return changed
+
+    async def _maintain(self) -> None:
+        """Every refresh_s: pick up promoted models; move spooled results to the stream."""
+        while True:
+            await asyncio.sleep(min(self.service.refresh_s, 2.0))
+            try:
+                store = self.store
+                if store is not None and store.spooled() and await asyncio.to_thread(store.ping):
+                    moved = await asyncio.to_thread(store.replay_spool)
+                    log.info("replayed %d spooled results into the stream", moved)
+                now = time.monotonic()
+                if now - getattr(self, "_refreshed", 0.0) >= self.service.refresh_s:
+                    self._refreshed = now
+                    await asyncio.to_thread(self.refresh)
+            except Exception:  # the loop must outlive any one failure
+                log.exception("router maintenance failed")
+
+    def _ensure_maintenance(self) -> None:
+        if not self._configured:  # deployed without a user_config: the defaults
+            self._open_store()
+        if self._maintenance is None or self._maintenance.done():
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def category_router(self, model_id: str) -> LoadedStage:
+        """The category router model (loaded in this replica on first use)."""
+        if model_id not in self._routers:
+            version = model_id.rpartition("@")[2]
+            self._routers[model_id] = await asyncio.to_thread(
+                load_stage, self.registry, ROUTER_CATEGORY, ROUTER, version, self.device
+            )
+        return self._routers[model_id]
+
+    # -- access ----------------------------------------------------------------------
+
+    def _auth_required(self) -> bool:
+        if self.service.auth == "off" or self.store is None:
+            return self.service.auth == "required"
+        if self.service.auth == "required":
+            return True
+        return self.store.auth_configured()
+
+    async def authorize(self, key: str | None, category: str | None) -> None:
+        """Check the API key (when keys are configured) and its rate limit.
+
+        Raises:
+            _Problem: 401/403 for the key, 429 over its rate, 503 when keys
+                cannot be checked.
+        """
+        if not await asyncio.to_thread(self._auth_required):
+            return
+        if self.store is None:
+            raise _Problem(503, "API keys are required but no Redis is configured to hold them")
+        try:
+            found = await asyncio.to_thread(self.store.authenticate, key, category)
+        except AuthError as error:
+            raise _Problem(error.status, error.detail) from error
+        except StoreUnavailable as error:
+            raise _Problem(503, f"cannot check the API key: {error}", 5.0) from error
+        allowed, retry_after = await asyncio.to_thread(self.store.allow, key, found.rate_per_minute)
+        if not allowed:
+            raise _Problem(
+                429, f"rate limit of {found.rate_per_minute} requests a minute reached", retry_after
+            )
+
+    # -- inspection --------------------------------------------------------------------
+
+    def decode(self, data: bytes, content_type: str | None = None) -> DecodedImage:
+        """Decode and validate an image under the configured limits (raises _Problem)."""
+        limits = ImageLimits(max_bytes=self.service.max_bytes, max_pixels=self.service.max_pixels)
+        try:
+            return decode_image(data, content_type, limits)
+        except ImageRejected as error:
+            raise _Problem(error.status, error.detail) from error
+
+    async def _registered(self, category: str) -> list[dict[str, Any]]:
+        if self.store is not None:
+            return await asyncio.to_thread(self.store.descriptions, category)
+        return sorted(self._memory_descriptions.get(category, {}).values(), key=lambda d: d["name"])
+
+    async def _catalog_fingerprint(self, plan: ServingPlan, category: str | None) -> str:
+        """Registered types change answers: they are part of the cache key."""
+        names = [category] if category is not None else sorted(plan.categories)
+        registered = []
+        for name in names:
+            if plan.categories.get(name) and plan.categories[name].has(RERANKER):
+                registered += [d | {"category": name} for d in await self._registered(name)]
+        return compute.catalog_key(registered)
+
+    async def inspect_decoded(
+        self,
+        decoded: DecodedImage,
+        category: str | None = None,
+        explain: bool = False,
+        boxes: bool = False,
+    ) -> InspectionResult:
+        """Inspect a validated image: cache, flow, result, cache, stream.
+
+        Raises:
+            _Problem: 422 refused, 503 overloaded, 504 too slow.
+        """
+        self._ensure_maintenance()
+        if self._in_flight >= self.service.max_in_flight:
+            raise _Problem(
+                503,
+                f"overloaded: {self._in_flight} inspections in flight "
+                f"(max_in_flight {self.service.max_in_flight})",
+                self.service.retry_after_s,
+            )
+        self._in_flight += 1
+        started = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(
+                self._answer(decoded, category, explain, boxes, started),
+                timeout=self.service.request_timeout_s,
+            )
+        except TimeoutError as error:
+            raise _Problem(
+                504,
+                f"no answer within request_timeout_s={self.service.request_timeout_s:g} s",
+                self.service.retry_after_s,
+            ) from error
+        except BackPressureError as error:
+            raise _Problem(
+                503, f"a stage is overloaded: {error}", self.service.retry_after_s
+            ) from error
+        except InspectionRefused as error:
+            raise _Problem(422, str(error)) from error
+        finally:
+            self._in_flight -= 1
+        if self.store is not None:
+            await asyncio.to_thread(self.store.publish, result.model_dump(mode="json"))
+        return result
+
+    async def _answer(
+        self,
+        decoded: DecodedImage,
+        category: str | None,
+        explain: bool,
+        boxes: bool,
+        started: float,
+    ) -> InspectionResult:
+        plan = self.plan
+        if category is not None and category not in plan.categories:
+            raise InspectionRefused(
+                f"unknown category {category!r}; known: {sorted(plan.categories)}"
+            )
+        key = None
+        if self.store is not None:
+            catalog = await self._catalog_fingerprint(plan, category)
+            key = self.store.cache_key(
+                decoded.sha256,
+                category,
+                {"explain": explain, "boxes": boxes},
+                {"plan": plan.fingerprint(), "registered_types": catalog},
+            )
+            cached = await asyncio.to_thread(self.store.get_cached, key)
+            if cached is not None:
+                return InspectionResult.model_validate(
+                    _without_computed(cached)
+                    | {
+                        "request_id": uuid.uuid4().hex,
+                        "cache_hit": True,
+                        "latency_ms": (time.perf_counter() - started) * 1000.0,
+                    }
+                )
+        fields = await inspect_image(
+            decoded.image,
+            category,
+            plan=plan,
+            calls=self.calls,
+            explain=explain,
+            boxes=boxes,
+            registered=self._registered,
+        )
+        result = InspectionResult(
+            request_id=uuid.uuid4().hex,
+            image_sha256=decoded.sha256,
+            cache_hit=False,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            **fields,
+        )
+        if key is not None:
+            await asyncio.to_thread(self.store.put_cached, key, result.model_dump(mode="json"))
+        return result
+
+    async def inspect_bytes(
+        self,
+        data: bytes,
+        category: str | None = None,
+        explain: bool = False,
+        boxes: bool = False,
+        content_type: str | None = None,
+    ) -> InspectionResult:
+        """Decode then inspect (raises _Problem)."""
+        decoded = await asyncio.to_thread(self.decode, data, content_type)
+        return await self.inspect_decoded(decoded, category, explain, boxes)
+
+    # -- catalog -----------------------------------------------------------------------
+
+    async def categories(self) -> CategoriesResult:
+        """Every category with its models, rule and defect catalog."""
+        infos = []
+        for name, models in sorted(self.plan.categories.items()):
+            types = [
+                DefectTypeOut(**_description_fields(d), source="trained")
+                for d in models.descriptions.values()
+            ]
+            trained = {t.name for t in types}
+            for d in await self._registered(name):
+                if d["name"] not in trained:
+                    types.append(DefectTypeOut(**_description_fields(d), source="registered"))
+            infos.append(
+                CategoryInfo(
+                    category=name,
+                    model_versions=self.plan.versions(name),
+                    decision_rule=models.rule.to_dict(),
+                    defect_types=types,
+                )
+            )
+        return CategoriesResult(
+            categories=infos,
+            router=self.plan.router_id is not None,
+            localizer=self.plan.localizer_id is not None,
+        )
+
+    async def register_defect_type(self, category: str, body: DefectTypeIn) -> DefectTypeOut:
+        """Add a described defect type; the reranker ranks it from the next request.
+
+        Raises:
+            _Problem: 404 unknown category, 409 no reranker, 422 a bad
+                description, 503 Redis down.
+        """
+        if category not in self.plan.categories:
+            raise _Problem(404, f"unknown category {category!r}")
+        if not self.plan.categories[category].has(RERANKER):
+            raise _Problem(
+                409, f"category {category!r} has no reranker: train one to rank described types"
+            )
+        try:
+            description = DefectDescription.from_dict(body.model_dump())
+        except (DescriptionError, TypeError, ValueError) as error:
+            raise _Problem(422, f"invalid defect type: {error}") from error
+        record = description.to_dict()
+        if self.store is not None:
+            try:
+                await asyncio.to_thread(self.store.register_description, category, record)
+            except StoreUnavailable as error:
+                raise _Problem(
+                    503, f"the defect catalog is unavailable: {error}", self.service.retry_after_s
+                ) from error
+        else:
+            self._memory_descriptions.setdefault(category, {})[description.name] = record
+        return DefectTypeOut(**_description_fields(record), source="registered")
+
+    # -- health ------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness: the router answers; Redis and spool state."""
+        redis_state = "not configured"
+        spooled = 0
+        if self.store is not None:
+            redis_state = "up" if await asyncio.to_thread(self.store.ping) else "down"
+            spooled = await asyncio.to_thread(self.store.spooled)
+        return {
+            "status": "ok",
+            "redis": redis_state,
+            "spooled_results": spooled,
+            "replica_pid": os.getpid(),
+            "models": self.plan.versions(None),
+        }
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether every stage deployment answers with its models loaded."""
+        stages: dict[str, Any] = {}
+        ready = True
+        for name, handle in self.handles.items():
+            try:
+                answer = await asyncio.wait_for(handle.loaded.remote(), timeout=10)
+                stages[name] = answer
+                ready &= not answer["failed"]
+            except Exception as error:  # a stage that does not answer is not ready
+                stages[name] = {"error": f"{type(error).__name__}: {error}"}
+                ready = False
+        return ready, {"ready": ready, "categories": sorted(self.plan.categories), "stages": stages}
+
+    def close(self) -> None:
+        """Graceful shutdown: move what was spooled into the stream if Redis is up."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                if self.store.spooled() and self.store.ping():
+                    self.store.replay_spool()
+            self.store.close()
+
+
+def _description_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "name": record["name"],
+        "description": record["description"],
+        "keywords": list(record.get("keywords", [])),
+        "contrast": record.get("contrast", ""),
+    }
+
+
+def _without_computed(result: Mapping[str, Any]) -> dict[str, Any]:
+    computed = ("prediction", "confidence", "processing_time")
+    return {k: v for k, v in result.items() if k not in computed}
+
+
+def _problem_response(problem: _Problem) -> JSONResponse:
+    return JSONResponse({"detail": problem.detail}, problem.status, headers=problem.headers())
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value is None or value == "":
+        return False
+    text = str(value).strip().lower()
+    if text in TRUE:
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise _Problem(422, f"expected true or false, got {value!r}")
+
+
+@serve.deployment
+@serve.ingress(api)
+class Router(_Router):
+    """The ingress deployment: HTTP routes and the by-handle ``inspect`` method."""
+
+    async def inspect(
+        self,
+        image: bytes,
+        category: str | None = None,
+        explain: bool = False,
+        boxes: bool = False,
+        api_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Inspect an image file for a caller in the same Ray cluster.
+
+        Returns:
+            The :class:`InspectionResult` as a JSON-ready dict, or ``{"error":
+            {"status", "detail", "retry_after"}}`` for what HTTP answers with 4xx/5xx.
+        """
+        try:
+            await self.authorize(api_key, category)
+            result = await self.inspect_bytes(image, category, explain, boxes)
+        except _Problem as problem:
+            return {
+                "error": {
+                    "status": problem.status,
+                    "detail": problem.detail,
+                    "retry_after": problem.retry_after,
+                }
+            }
+        return result.model_dump(mode="json")
+
+    async def check_health(self) -> None:
+        """Keep the maintenance loop (model refresh, spool replay) running."""
+        self._ensure_maintenance()
+
+    def __del__(self) -> None:
+        self.close()
+
+    @api.post(
+        "/v1/inspect",
+        response_model=InspectionResult,
+        responses=_ERRORS,
+        openapi_extra=_INSPECT_BODY,
+        summary="Inspect one image",
+    )
+    async def http_inspect(self, request: Request) -> Any:
+        """Multipart (`image` file + fields) or JSON (`InspectRequest`, image in base64)."""
+        try:
+            content_type = request.headers.get("content-type", "")
+            if content_type.startswith("multipart/form-data"):
+                form = await request.form()
+                upload = form.get("image")
+                if upload is None or isinstance(upload, str):
+                    raise _Problem(422, "the form has no file field named 'image'")
+                data = await upload.read()
+                category = form.get("category") or None
+                explain, boxes = _flag(form.get("explain")), _flag(form.get("boxes"))
+                image_type = upload.content_type
+            elif content_type.startswith("application/json"):
+                try:
+                    body = InspectRequest.model_validate_json(await request.body())
+                except ValidationError as error:
+                    raise _Problem(422, _validation_message(error)) from error
+                data = decode_base64(body.image_base64)
+                category, explain, boxes = body.category, body.explain, body.boxes
+                image_type = None
+            else:
+                sent = content_type or "no content type"
+                raise _Problem(415, f"send multipart/form-data or application/json, not {sent}")
+            await self.authorize(request.headers.get(API_KEY_HEADER), category)
+            return await self.inspect_bytes(data, category, explain, boxes, image_type)
+        except ImageRejected as error:
+            return _problem_response(_Problem(error.status, error.detail))
+        except _Problem as problem:
+            return _problem_response(problem)
+
+    @api.post(
+        "/v1/inspect/batch",
+        response_model=InspectBatchResult,
+        responses=_ERRORS,
+        summary="Inspect several images; each gets a result or an error",
+    )
+    async def http_inspect_batch(self, request: Request) -> Any:
+        """JSON `InspectBatchRequest`; answers `InspectBatchResult` in request order."""
+        try:
+            try:
+                body = InspectBatchRequest.model_validate_json(await request.body())
+            except ValidationError as error:
+                raise _Problem(422, _validation_message(error)) from error
+            key = request.headers.get(API_KEY_HEADER)
+            for category in {item.category for item in body.items}:
+                await self.authorize(key, category)
+        except _Problem as problem:
+            return _problem_response(problem)
+
+        async def one(index: int, item: InspectRequest) -> BatchItem:
+            try:
+                data = decode_base64(item.image_base64)
+                result = await self.inspect_bytes(data, item.category, item.explain, item.boxes)
+                return BatchItem(index=index, result=result)
+            except ImageRejected as error:
+                return BatchItem(
+                    index=index, error=InspectionError(status=error.status, detail=error.detail)
+                )
+            except _Problem as problem:
+                return BatchItem(
+                    index=index, error=InspectionError(status=problem.status, detail=problem.detail)
+                )
+
+        items = await asyncio.gather(*(one(i, item) for i, item in enumerate(body.items)))
+        return InspectBatchResult(items=list(items))
+
+    @api.get("/v1/categories", response_model=CategoriesResult, summary="Categories and models")
+    async def http_categories(self, request: Request) -> Any:
+        """Every category, its model versions, decision rule and defect catalog."""
+        try:
+            await self.authorize(request.headers.get(API_KEY_HEADER), None)
+        except _Problem as problem:
+            return _problem_response(problem)
+        return await self.categories()
+
+    @api.post(
+        "/v1/categories/{category}/defect-types",
+        response_model=DefectTypeOut,
+        status_code=201,
+        responses={404: {"model": Problem}, 409: {"model": Problem}, **_ERRORS},
+        summary="Register a defect type described in words",
+    )
+    async def http_register(self, category: str, body: DefectTypeIn, request: Request) -> Any:
+        """The reranker ranks the new type from the next request on, before any image of it."""
+        try:
+            await self.authorize(request.headers.get(API_KEY_HEADER), category)
+            return await self.register_defect_type(category, body)
+        except _Problem as problem:
+            return _problem_response(problem)
+
+    @api.get("/healthz", summary="Liveness")
+    async def http_health(self) -> dict[str, Any]:
+        """The router answers; Redis up or down, results waiting in the spool."""
+        return await self.health()
+
+    @api.get("/readyz", summary="Readiness")
+    async def http_ready(self) -> JSONResponse:
+        """200 when every stage answers with its models loaded, else 503."""
+        ready, body = await self.readiness()
+        return JSONResponse(body, 200 if ready else 503)
+
+    @api.get("/ui", response_class=HTMLResponse, summary="The operator page")
+    async def http_ui(self) -> HTMLResponse:
+        """Drop an image; see the verdict, heatmap, boxes, defect types and trace."""
+        page = resources.files("deployments").joinpath("ui/index.html").read_text()
+        return HTMLResponse(page)
+
+
+__all__ = ["Router", "api"]

@@ -1,0 +1,181 @@
+"""The serving contract: what callers send and what inspectray answers.
+
+Every answer is an :class:`InspectionResult`, versioned by ``schema_version``; a
+field is only ever added within a major version. The OpenAPI spec at ``/docs``
+is generated from these models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+SCHEMA_VERSION = "1.0"
+MAX_BATCH = 32  # images per /v1/inspect/batch request
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DefectTypeScore(_Schema):
+    """One defect type with its score (the scores of an answer sum to 1)."""
+
+    name: str = Field(description="The defect type, e.g. `scratch`.")
+    score: float = Field(ge=0.0, le=1.0)
+    description: str | None = Field(
+        default=None, description="What the type looks like, from the defect catalog."
+    )
+
+
+class DefectBox(_Schema):
+    """Where one defect is, in the pixels of the image sent."""
+
+    defect_type: str
+    score: float = Field(ge=0.0, le=1.0)
+    box: tuple[float, float, float, float] = Field(description="x0, y0, x1, y1 in pixels.")
+
+
+class StageTrace(_Schema):
+    """One stage's part in an answer."""
+
+    stage: str = Field(description="router, detector, verifier, classifier, localizer, reranker.")
+    model_version: str
+    latency_ms: float = Field(ge=0.0, description="Time the stage took, batching included.")
+    output: dict[str, Any] = Field(default_factory=dict, description="What the stage said.")
+
+
+class InspectionResult(_Schema):
+    """The answer for one image.
+
+    ``prediction``, ``confidence`` and ``processing_time`` keep the shape of the
+    simple classification APIs (prediction, confidence, seconds) for callers that
+    need no more.
+    """
+
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    request_id: str = Field(description="Unique per answer; also the id in the result stream.")
+    image_sha256: str
+    category: str = Field(description="The product category (given, or routed).")
+    category_routed: bool = Field(description="True when the category router chose it.")
+    verdict: Literal["ok", "defective"]
+    anomaly_score: float = Field(ge=0.0, le=1.0, description="Final score; higher is worse.")
+    decided_by: Literal["detector", "verifier"] = Field(
+        description="detector: its probability was outside the ambiguous band; "
+        "verifier: the autoencoder's score was fused in."
+    )
+    defect_types: list[DefectTypeScore] = Field(
+        default_factory=list, description="Ranked defect types, best first (defective parts)."
+    )
+    boxes: list[DefectBox] = Field(
+        default_factory=list, description="Located defects, when boxes were asked for."
+    )
+    heatmap_png: str | None = Field(
+        default=None,
+        description="Base64 PNG (grayscale, at the image's size) of where the detector "
+        "looked (Grad-CAM), when an explanation was asked for.",
+    )
+    trace: list[StageTrace] = Field(default_factory=list)
+    model_versions: dict[str, str] = Field(
+        default_factory=dict, description="stage → version of every model that could run."
+    )
+    cache_hit: bool = False
+    latency_ms: float = Field(ge=0.0, description="Time from request to answer in the router.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def prediction(self) -> str:
+        """``ok``, or the top defect type of a defective part (``defective`` if untyped)."""
+        if self.verdict == "ok":
+            return "ok"
+        return self.defect_types[0].name if self.defect_types else "defective"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def confidence(self) -> float:
+        """How sure the verdict is: the anomaly score, or one minus it for good parts."""
+        return self.anomaly_score if self.verdict == "defective" else 1.0 - self.anomaly_score
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def processing_time(self) -> float:
+        """Seconds from request to answer."""
+        return self.latency_ms / 1000.0
+
+
+class InspectRequest(_Schema):
+    """A JSON inspection request (the multipart form takes the same fields)."""
+
+    image_base64: str = Field(description="The image file (PNG, JPEG, BMP, TIFF), base64.")
+    category: str | None = Field(default=None, description="Omit to let the router name it.")
+    explain: bool = Field(default=False, description="Add the Grad-CAM heatmap.")
+    boxes: bool = Field(default=False, description="Locate the defects (the DEIMv2 localizer).")
+
+
+class InspectBatchRequest(_Schema):
+    """Several images in one request; each is judged on its own."""
+
+    items: list[InspectRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class InspectionError(_Schema):
+    """Why one image of a batch got no answer (the same status a single request gets)."""
+
+    status: int
+    detail: str
+
+
+class BatchItem(_Schema):
+    """One image's answer in a batch: a result or an error, in request order."""
+
+    index: int
+    result: InspectionResult | None = None
+    error: InspectionError | None = None
+
+
+class InspectBatchResult(_Schema):
+    """The answers of a batch request."""
+
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    items: list[BatchItem]
+
+
+class DefectTypeIn(_Schema):
+    """A defect type described in words; the reranker ranks it at once."""
+
+    name: str = Field(description="Lower-case letters, digits, `_` and `-`.")
+    description: str = Field(description="One or two sentences saying what it looks like.")
+    keywords: list[str] = Field(default_factory=list)
+    contrast: str = Field(default="", description="What separates it from its look-alike.")
+
+
+class DefectTypeOut(DefectTypeIn):
+    """A defect type in a category's catalog."""
+
+    source: Literal["trained", "registered"] = Field(
+        description="trained: the reranker learnt it; registered: described at run time."
+    )
+
+
+class CategoryInfo(_Schema):
+    """A product category the service inspects."""
+
+    category: str
+    model_versions: dict[str, str]
+    decision_rule: dict[str, float]
+    defect_types: list[DefectTypeOut]
+
+
+class CategoriesResult(_Schema):
+    """Every category, and whether images may come without one."""
+
+    categories: list[CategoryInfo]
+    router: bool = Field(description="True when a category router can name the category.")
+    localizer: bool = Field(description="True when boxes can be asked for.")
+
+
+class Problem(_Schema):
+    """An error answer: the status and what was wrong."""
+
+    detail: str

@@ -1,0 +1,766 @@
+"""The serving router's one door to Redis.
+
+It holds the result cache, the result stream, defect descriptions, API keys and
+rate limits.
+
+Redis helps inspection but must never fail or stall it. Every call carries a
+short socket timeout and no client-side retries; after a connection failure a
+circuit breaker skips Redis for ``retry_after_s``, then lets one call probe it.
+While Redis is down the cache misses, rate limits allow, descriptions come from
+an in-memory mirror, and results go to a spool on disk that
+:meth:`RedisStore.replay_spool` moves into the stream once Redis is back.
+
+Results reach the stream exactly once: one Lua script marks the request id as
+published (``SET NX``) and appends only if the mark was new, so a result
+replayed after a lost reply, or by two routers, is appended once.
+
+No Ray here: the router wraps this class, and tests run it against a real
+redis-server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long a key verified against Redis stays good while Redis is down.
+VERIFIED_KEY_GRACE_S = 60.0
+# How long auth_configured() trusts its last answer.
+AUTH_CONFIGURED_CACHE_S = 5.0
+RATE_WINDOW_S = 60
+
+# Errors that mean "Redis is unreachable", as opposed to a bad command.
+# (redis-py's TimeoutError is not a ConnectionError.)
+_DOWN_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+# KEYS: published marker, stream. ARGV: marker ttl, maxlen, request id, result json.
+# Returns the new entry id, or nil when the request id was already published.
+_PUBLISH_ONCE_LUA = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
+                    'request_id', ARGV[3], 'result', ARGV[4])
+end
+return false
+"""
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis is down and the operation cannot be done without it."""
+
+
+class AuthError(Exception):
+    """A request's API key was refused.
+
+    Args:
+        status: HTTP status to answer: 401 (missing or unknown key) or 403
+            (revoked key, or a category the key does not cover).
+        detail: Why, in words safe to send to the caller.
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """What an API key grants.
+
+    Attributes:
+        tenant: Who the key belongs to.
+        categories: Product categories the key may inspect; ``None`` means all.
+        rate_per_minute: Requests allowed per minute; ``None`` means unlimited.
+    """
+
+    tenant: str
+    categories: tuple[str, ...] | None
+    rate_per_minute: int | None
+
+
+def _key_hash(key: str) -> str:
+    # Keys are kept only as their sha256: a dump of Redis gives no usable key.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class RedisStore:
+    """Cache, result stream, descriptions and API keys in one Redis.
+
+    Args:
+        url: ``redis://`` URL (database included).
+        spool_dir: Folder for results that could not be published; several
+            routers may share it.
+        prefix: Namespace of every Redis key.
+        stream_maxlen: Approximate bound of the result stream (``MAXLEN ~``).
+        cache_ttl_s: Lifetime of a cached result.
+        socket_timeout_s: Connect and read timeout of every Redis call.
+        retry_after_s: How long to skip Redis after a connection failure.
+        published_ttl_s: How long a request id is remembered as published, i.e.
+            the window in which a replay is recognised as a duplicate.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        spool_dir: str | Path,
+        *,
+        prefix: str = "inspectray",
+        stream_maxlen: int = 100_000,
+        cache_ttl_s: int = 3600,
+        socket_timeout_s: float = 0.25,
+        retry_after_s: float = 2.0,
+        published_ttl_s: int = 7 * 24 * 3600,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.stream = f"{prefix}:results"
+        self.stream_maxlen = stream_maxlen
+        self.cache_ttl_s = cache_ttl_s
+        self.socket_timeout_s = socket_timeout_s
+        self.retry_after_s = retry_after_s
+        self.published_ttl_s = published_ttl_s
+        self._redis = self._connect(socket_timeout_s)
+        # Blocking stream reads outlive socket_timeout_s: one client per block time.
+        self._blocking: dict[int, redis.Redis] = {}
+        self._publish_once = self._redis.register_script(_PUBLISH_ONCE_LUA)
+
+        # Circuit breaker: _retry_at is when Redis may be tried again.
+        self._breaker_lock = threading.Lock()
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+
+        self.spool_dir = Path(spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._spool_lock = threading.Lock()
+        self._spool_fd: int | None = None
+        self._spool_path: Path | None = None
+
+        # What this store last saw, for answering while Redis is down.
+        self._descriptions: dict[str, list[dict]] = {}
+        self._taxonomy: dict[str, list[dict]] = {}
+        self._verified: dict[str, tuple[ApiKey, float]] = {}  # key hash -> (grant, when)
+        self._auth_configured: tuple[bool, float] | None = None
+
+    # -- connection and circuit breaker ------------------------------------------
+
+    def _connect(self, socket_timeout_s: float) -> redis.Redis:
+        # No retries: a retry multiplies the stall; the breaker and spool cover it.
+        return redis.Redis.from_url(
+            self.url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=self.socket_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+
+    @property
+    def available(self) -> bool:
+        """Whether Redis is believed up (no connection failure since the last success)."""
+        return self._down_since is None
+
+    def _may_try(self) -> bool:
+        with self._breaker_lock:
+            now = time.monotonic()
+            if now < self._retry_at:
+                return False
+            if self._down_since is not None:
+                # Half-open: this call probes, the others keep skipping meanwhile.
+                self._retry_at = now + self.retry_after_s
+            return True
+
+    def _succeeded(self) -> None:
+        if self._down_since is not None:
+            with self._breaker_lock:
+                if self._down_since is not None:
+                    logger.info(
+                        "redis %s is back after %.1f s",
+                        self._safe_url(),
+                        time.monotonic() - self._down_since,
+                    )
+                self._down_since = None
+                self._retry_at = 0.0
+
+    def _failed(self, error: Exception) -> None:
+        with self._breaker_lock:
+            now = time.monotonic()
+            if self._down_since is None:
+                # Once per outage: the breaker keeps the log quiet after that.
+                logger.warning(
+                    "redis %s unreachable (%s); skipping it for %.1f s at a time",
+                    self._safe_url(),
+                    error,
+                    self.retry_after_s,
+                )
+                self._down_since = now
+            self._retry_at = now + self.retry_after_s
+
+    def _safe_url(self) -> str:
+        # Never log a password.
+        return self.url.split("@")[-1]
+
+    def _call(self, command: Callable[[redis.Redis], T]) -> T:
+        """Run ``command`` through the breaker.
+
+        Raises:
+            StoreUnavailable: the breaker is open, or Redis could not be reached.
+        """
+        if not self._may_try():
+            raise StoreUnavailable(f"redis {self._safe_url()} is down")
+        try:
+            value = command(self._redis)
+        except _DOWN_ERRORS as error:
+            self._failed(error)
+            raise StoreUnavailable(f"redis {self._safe_url()} is down: {error}") from error
+        except redis.exceptions.ResponseError:
+            self._succeeded()  # Redis answered, if only to refuse the command
+            raise
+        self._succeeded()
+        return value
+
+    def ping(self) -> bool:
+        """Send a real PING, whatever the breaker says, and update the breaker.
+
+        Returns:
+            Whether Redis answered.
+        """
+        try:
+            self._redis.ping()
+        except _DOWN_ERRORS as error:
+            self._failed(error)
+            return False
+        self._succeeded()
+        return True
+
+    # -- result cache -------------------------------------------------------------
+
+    @staticmethod
+    def cache_key(
+        image_sha256: str,
+        category: str | None,
+        options: Mapping[str, Any],
+        model_versions: Mapping[str, str],
+    ) -> str:
+        """The cache key of one inspection: same image, options and models, same key.
+
+        Args:
+            image_sha256: Hash of the image bytes.
+            category: Product category asked for (``None`` when routed).
+            options: Request options that change the answer.
+            model_versions: Stage name to model version; a new model means a new key.
+
+        Returns:
+            ``"cache:<sha256>"``; the store puts its own prefix in front.
+        """
+        identity = {
+            "image_sha256": image_sha256,
+            "category": category,
+            "options": dict(options),
+            "model_versions": dict(model_versions),
+        }
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return "cache:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+    def get_cached(self, key: str) -> dict | None:
+        """The cached result under ``key`` (from :meth:`cache_key`).
+
+        Returns:
+            The result, or ``None`` on a miss or while Redis is down.
+        """
+        try:
+            raw = self._call(lambda r: r.get(f"{self.prefix}:{key}"))
+        except StoreUnavailable:
+            return None
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            logger.warning("cache entry %s is not JSON; treated as a miss", key)
+            return None
+
+    def put_cached(self, key: str, result: Mapping[str, Any]) -> None:
+        """Cache ``result`` for ``cache_ttl_s``; does nothing while Redis is down."""
+        payload = json.dumps(result, separators=(",", ":"))
+        with contextlib.suppress(StoreUnavailable):
+            self._call(lambda r: r.set(f"{self.prefix}:{key}", payload, ex=self.cache_ttl_s))
+
+    # -- result stream ------------------------------------------------------------
+
+    def _append_once(self, request_id: str, payload: str) -> str | None:
+        """Run the publish script: the new entry id, or ``None`` if already published.
+
+        Raises:
+            StoreUnavailable: Redis is down (the result may or may not be in).
+        """
+        marker = f"{self.prefix}:published:{request_id}"
+        return self._call(
+            lambda r: self._publish_once(
+                keys=[marker, self.stream],
+                args=[self.published_ttl_s, self.stream_maxlen, request_id, payload],
+                client=r,
+            )
+        )
+
+    def publish(self, result: Mapping[str, Any]) -> bool:
+        """Append ``result`` to the stream, or to the spool on disk if Redis is down.
+
+        Args:
+            result: A JSON-able result with a ``request_id``.
+
+        Returns:
+            ``True`` if the result is in the stream now (appended, or already
+            there), ``False`` if it was spooled for :meth:`replay_spool`.
+
+        Raises:
+            ValueError: ``result`` has no ``request_id``.
+        """
+        request_id = result.get("request_id")
+        if not request_id:
+            raise ValueError("a published result needs a request_id")
+        payload = json.dumps(result, separators=(",", ":"))
+        try:
+            self._append_once(str(request_id), payload)
+        except StoreUnavailable:
+            self._spool(payload)
+            return False
+        return True
+
+    def _spool(self, payload: str) -> None:
+        data = (payload + "\n").encode()
+        with self._spool_lock:
+            while True:
+                fd = self._open_spool()
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    # A replay holds this file: write a new one rather than wait on it.
+                    self._close_spool()
+                    continue
+                if os.fstat(fd).st_nlink == 0:
+                    # A replay emptied and unlinked it: start a fresh file.
+                    self._close_spool()  # closing releases the lock
+                    continue
+                try:
+                    size = os.fstat(fd).st_size
+                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                        # A write cut short (disk full): end that line so ours stays whole.
+                        data = b"\n" + data
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                    return
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open_spool(self) -> int:
+        if self._spool_fd is None:
+            self._spool_path = self.spool_dir / f"spool-{uuid.uuid4().hex}.jsonl"
+            self._spool_fd = os.open(self._spool_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        return self._spool_fd
+
+    def _close_spool(self) -> None:
+        if self._spool_fd is not None:
+            os.close(self._spool_fd)
+        self._spool_fd = None
+        self._spool_path = None
+
+    def _spool_files(self) -> list[Path]:
+        return sorted(self.spool_dir.glob("spool-*.jsonl"))
+
+    def spooled(self) -> int:
+        """Results waiting on disk, in every spool file of the folder."""
+        total = 0
+        for path in self._spool_files():
+            try:
+                total += sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
+            except FileNotFoundError:
+                continue  # replayed meanwhile
+        return total
+
+    def replay_spool(self) -> int:
+        """Move spooled results, from every file in the folder, into the stream.
+
+        A file is claimed under an exclusive lock (a file busy elsewhere is left
+        for the next call), its lines are published one by one, and it is
+        removed only once every line is in. If Redis fails midway the file stays
+        whole; the lines already in are recognised as duplicates next time.
+
+        Returns:
+            How many results were appended (duplicates not counted).
+        """
+        appended = 0
+        for path in self._spool_files():
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                if os.fstat(fd).st_nlink == 0:
+                    continue  # another router replayed it between our listing and lock
+                added, finished = self._replay_file(fd, path)
+                appended += added
+                if not finished:
+                    return appended  # Redis failed midway: the file stays for next time
+                path.unlink()
+            finally:
+                os.close(fd)  # also releases the lock
+        return appended
+
+    def _replay_file(self, fd: int, path: Path) -> tuple[int, bool]:
+        """Publish every line of one claimed spool file.
+
+        Returns:
+            How many results were appended, and whether every line is now in.
+        """
+        with os.fdopen(os.dup(fd), "rb") as spool:
+            lines = spool.read().split(b"\n")
+        appended = 0
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                request_id = str(json.loads(line)["request_id"])
+            except (ValueError, KeyError, TypeError):
+                # Most likely the tail of a write cut short by a crash.
+                logger.warning("skipping unreadable line %d of %s: %.80r", number, path, line)
+                continue
+            try:
+                if self._append_once(request_id, line.decode()) is not None:
+                    appended += 1
+            except StoreUnavailable:
+                return appended, False
+        return appended, True
+
+    def ensure_group(self, group: str, start: str = "0") -> None:
+        """Create consumer group ``group`` on the stream (and the stream); idempotent.
+
+        Raises:
+            StoreUnavailable: Redis is down.
+        """
+
+        def create(r: redis.Redis) -> None:
+            try:
+                r.xgroup_create(self.stream, group, id=start, mkstream=True)
+            except redis.exceptions.ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+
+        self._call(create)
+
+    def read_group(
+        self, group: str, consumer: str, count: int = 10, block_ms: int | None = None
+    ) -> list[tuple[str, dict]]:
+        """Read new results for ``consumer`` of ``group``.
+
+        Args:
+            group: Consumer group (see :meth:`ensure_group`).
+            consumer: This reader's name in the group.
+            count: At most this many entries.
+            block_ms: Wait up to this long for an entry; ``None`` returns at once.
+
+        Returns:
+            ``(entry_id, result)`` pairs, oldest first.
+
+        Raises:
+            StoreUnavailable: Redis is down.
+        """
+        if block_ms is None:
+            client = self._redis
+        else:
+            if block_ms not in self._blocking:
+                self._blocking[block_ms] = self._connect(self.socket_timeout_s + block_ms / 1000)
+            client = self._blocking[block_ms]
+        reply = self._call(
+            lambda _: client.xreadgroup(
+                group, consumer, {self.stream: ">"}, count=count, block=block_ms
+            )
+        )
+        entries: list[tuple[str, dict]] = []
+        for _stream, stream_entries in reply or []:
+            for entry_id, fields in stream_entries:
+                if fields:  # an entry trimmed away since delivery has no fields
+                    entries.append((entry_id, json.loads(fields["result"])))
+        return entries
+
+    def ack(self, group: str, entry_ids: Sequence[str]) -> int:
+        """Acknowledge entries of ``group``.
+
+        Returns:
+            How many were pending and are now acknowledged.
+
+        Raises:
+            StoreUnavailable: Redis is down.
+        """
+        if not entry_ids:
+            return 0
+        return int(self._call(lambda r: r.xack(self.stream, group, *entry_ids)))
+
+    # -- defect taxonomy and registered descriptions -----------------------------
+
+    def set_taxonomy(self, category: str, types: Sequence[Mapping[str, Any]]) -> None:
+        """Record the defect types ``category``'s classifier was trained on.
+
+        Raises:
+            StoreUnavailable: Redis is down.
+        """
+        plain = [dict(t) for t in types]
+        payload = json.dumps(plain)
+        self._call(lambda r: r.set(f"{self.prefix}:taxonomy:{category}", payload))
+        self._taxonomy[category] = plain
+
+    def taxonomy(self, category: str) -> list[dict]:
+        """The trained defect types of ``category``; the last seen ones while Redis is down."""
+        try:
+            raw = self._call(lambda r: r.get(f"{self.prefix}:taxonomy:{category}"))
+        except StoreUnavailable:
+            return list(self._taxonomy.get(category, []))
+        types = json.loads(raw) if raw else []
+        self._taxonomy[category] = types
+        return list(types)
+
+    def register_description(self, category: str, description: Mapping[str, Any]) -> None:
+        """Add or replace (by name) a defect description registered at run time.
+
+        Args:
+            category: Product category it applies to.
+            description: ``name``, ``description``, ``keywords``, ``contrast``.
+
+        Raises:
+            ValueError: ``description`` has no ``name``.
+            StoreUnavailable: Redis is down (the caller answers 503).
+        """
+        name = description.get("name")
+        if not name:
+            raise ValueError("a defect description needs a name")
+        plain = dict(description)
+        payload = json.dumps(plain)
+        self._call(lambda r: r.hset(f"{self.prefix}:descriptions:{category}", name, payload))
+        mirror = [d for d in self._descriptions.get(category, []) if d["name"] != name]
+        self._descriptions[category] = sorted([*mirror, plain], key=lambda d: d["name"])
+
+    def descriptions(self, category: str) -> list[dict]:
+        """Registered descriptions of ``category``, sorted by name.
+
+        Returns:
+            From Redis; while it is down, the last ones this store saw.
+        """
+        try:
+            raw = self._call(lambda r: r.hgetall(f"{self.prefix}:descriptions:{category}"))
+        except StoreUnavailable:
+            return list(self._descriptions.get(category, []))
+        found = sorted((json.loads(v) for v in raw.values()), key=lambda d: d["name"])
+        self._descriptions[category] = found
+        return list(found)
+
+    # -- API keys and rate limits -------------------------------------------------
+
+    def _api_key_record(self, key_hash: str) -> str:
+        return f"{self.prefix}:apikey:{key_hash}"
+
+    def add_api_key(
+        self,
+        tenant: str,
+        categories: Sequence[str] | None = None,
+        rate_per_minute: int | None = None,
+        key: str | None = None,
+    ) -> str:
+        """Create an API key for ``tenant``.
+
+        Args:
+            tenant: Who the key belongs to.
+            categories: Categories it may inspect; ``None`` means all.
+            rate_per_minute: Its rate limit; ``None`` means unlimited.
+            key: The key to use; default a new random one.
+
+        Returns:
+            The key. Only its sha256 is stored: this is the one time it is seen.
+
+        Raises:
+            StoreUnavailable: Redis is down.
+        """
+        key = key or secrets.token_urlsafe(32)
+        key_hash = _key_hash(key)
+        record = {
+            "tenant": tenant,
+            "categories": json.dumps(list(categories) if categories is not None else None),
+            "rate_per_minute": "" if rate_per_minute is None else str(rate_per_minute),
+            "revoked": "0",
+            "created_at": str(time.time()),
+        }
+
+        def add(r: redis.Redis) -> None:
+            pipe = r.pipeline(transaction=True)
+            pipe.hset(self._api_key_record(key_hash), mapping=record)
+            pipe.sadd(f"{self.prefix}:apikeys", key_hash)
+            pipe.execute()
+
+        self._call(add)
+        self._auth_configured = (True, time.monotonic())
+        return key
+
+    def revoke_api_key(self, key: str) -> bool:
+        """Revoke ``key``; it is kept, marked, so callers get 403 rather than 401.
+
+        Returns:
+            Whether the key existed and was live.
+
+        Raises:
+            StoreUnavailable: Redis is down.
+        """
+        key_hash = _key_hash(key)
+        record = self._api_key_record(key_hash)
+
+        def revoke(r: redis.Redis) -> bool:
+            previous = r.hget(record, "revoked")
+            if previous != "0":
+                return False
+            r.hset(record, "revoked", "1")
+            return True
+
+        revoked = self._call(revoke)
+        self._verified.pop(key_hash, None)
+        return revoked
+
+    def auth_configured(self) -> bool:
+        """Whether any API key was ever added; cached for a few seconds.
+
+        Revoked keys count: revoking the last key must not open the API. While
+        Redis is down: the last answer, or ``True`` if there is none, so that an
+        outage never opens a protected API.
+        """
+        cached = self._auth_configured
+        if cached is not None and time.monotonic() - cached[1] < AUTH_CONFIGURED_CACHE_S:
+            return cached[0]
+        try:
+            configured = bool(self._call(lambda r: r.exists(f"{self.prefix}:apikeys")))
+        except StoreUnavailable:
+            return True if cached is None else cached[0]
+        self._auth_configured = (configured, time.monotonic())
+        return configured
+
+    def authenticate(self, key: str | None, category: str | None = None) -> ApiKey:
+        """Check an API key, and that it covers ``category``.
+
+        Args:
+            key: The key the caller sent (``None`` if none).
+            category: The category asked for; ``None`` skips that check.
+
+        Returns:
+            What the key grants.
+
+        Raises:
+            AuthError: 401 for a missing or unknown key; 403 for a revoked key or
+                a category outside the key's categories.
+            StoreUnavailable: Redis is down and the key was not verified in the
+                last ``VERIFIED_KEY_GRACE_S`` seconds.
+        """
+        if not key:
+            raise AuthError(401, "missing API key")
+        key_hash = _key_hash(key)
+        try:
+            record = self._call(lambda r: r.hgetall(self._api_key_record(key_hash)))
+        except StoreUnavailable:
+            seen = self._verified.get(key_hash)
+            if seen is None or time.monotonic() - seen[1] > VERIFIED_KEY_GRACE_S:
+                raise
+            grant = seen[0]
+        else:
+            if not record:
+                raise AuthError(401, "unknown API key")
+            if record.get("revoked") != "0":
+                self._verified.pop(key_hash, None)
+                raise AuthError(403, "revoked API key")
+            categories = json.loads(record.get("categories") or "null")
+            rate = record.get("rate_per_minute")
+            grant = ApiKey(
+                tenant=record["tenant"],
+                categories=tuple(categories) if categories is not None else None,
+                rate_per_minute=int(rate) if rate else None,
+            )
+            self._remember_verified(key_hash, grant)
+        if (
+            category is not None
+            and grant.categories is not None
+            and category not in grant.categories
+        ):
+            raise AuthError(403, f"category {category!r} is not covered by this key")
+        return grant
+
+    def _remember_verified(self, key_hash: str, grant: ApiKey) -> None:
+        now = time.monotonic()
+        if len(self._verified) > 4096:
+            # Keep the grace cache small: drop what is past its grace anyway.
+            self._verified = {
+                h: seen
+                for h, seen in self._verified.items()
+                if now - seen[1] <= VERIFIED_KEY_GRACE_S
+            }
+        self._verified[key_hash] = (grant, now)
+
+    def allow(self, key: str, rate_per_minute: int | None) -> tuple[bool, float]:
+        """Count one request of ``key`` in the current one-minute window.
+
+        Args:
+            key: The API key (hashed before it reaches Redis).
+            rate_per_minute: The key's limit; ``None`` means unlimited.
+
+        Returns:
+            ``(allowed, retry_after_s)``; ``retry_after_s`` is the time to the next
+            window when refused, else 0. Always allowed while Redis is down.
+        """
+        if rate_per_minute is None:
+            return True, 0.0
+        now = time.time()
+        window = int(now // RATE_WINDOW_S)
+        counter = f"{self.prefix}:rate:{_key_hash(key)}:{window}"
+
+        def count(r: redis.Redis) -> int:
+            pipe = r.pipeline(transaction=True)
+            pipe.incr(counter)
+            pipe.expire(counter, RATE_WINDOW_S)
+            return int(pipe.execute()[0])
+
+        try:
+            used = self._call(count)
+        except StoreUnavailable:
+            return True, 0.0
+        if used <= rate_per_minute:
+            return True, 0.0
+        retry_after = RATE_WINDOW_S - (now % RATE_WINDOW_S)
+        return False, retry_after if retry_after > 0 else float(RATE_WINDOW_S)
+
+    def close(self) -> None:
+        """Close the spool file and the Redis connections."""
+        with self._spool_lock:
+            self._close_spool()
+        for client in [self._redis, *self._blocking.values()]:
+            client.close()
+        self._blocking.clear()
+
+
+__all__ = ["ApiKey", "AuthError", "RedisStore", "StoreUnavailable"]

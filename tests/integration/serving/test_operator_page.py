@@ -1,0 +1,246 @@
+"""The operator page (``GET /ui``) in a real browser against the running service.
+
+Each page answer is checked against the answer ``POST /v1/inspect`` gives over
+plain HTTP for the same image and options, so the page can neither invent nor
+drop what the service said.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"no browser: {CHROMIUM} is not installed", allow_module_level=True)
+
+from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# The first answer of a fresh deployment may wait for models to load.
+ANSWER_TIMEOUT_MS = 120_000
+HTTP_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page; uncaught script errors fail the test that raised them."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(ANSWER_TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"script errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def categories(serving: Any) -> dict[str, Any]:
+    response = requests.get(f"{serving.url}/v1/categories", timeout=HTTP_TIMEOUT_S)
+    response.raise_for_status()
+    return response.json()
+
+
+def inspect_over_http(
+    url: str, path: Path, category: str | None, *, explain: bool, boxes: bool
+) -> requests.Response:
+    """POST the file to /v1/inspect as the page does (multipart, "true"/"false" flags)."""
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    data = {"explain": str(explain).lower(), "boxes": str(boxes).lower()}
+    if category is not None:
+        data["category"] = category
+    return requests.post(
+        f"{url}/v1/inspect",
+        files={"image": (path.name, path.read_bytes(), mime)},
+        data=data,
+        timeout=HTTP_TIMEOUT_S,
+    )
+
+
+def open_page(page: Page, url: str) -> None:
+    page.goto(f"{url}/ui")
+    # Ready once the categories came (the select is enabled) or an error is shown.
+    page.wait_for_function(
+        "() => !document.getElementById('category').disabled"
+        " || !document.getElementById('error').hidden"
+    )
+    assert page.locator("#error").is_hidden(), page.inner_text("#error")
+
+
+def submit(page: Page, path: Path, category: str | None) -> None:
+    """Choose the category (None: auto) and the file, press Inspect, wait for the outcome."""
+    if category is None:
+        page.select_option("#category", label="auto (router)")
+    else:
+        page.select_option("#category", value=category)
+    page.set_input_files("#file", str(path))
+    page.get_by_role("button", name="Inspect").click()
+    page.wait_for_function(
+        "() => document.getElementById('verdict').dataset.verdict"
+        " || !document.getElementById('error').hidden"
+    )
+
+
+def inspect_in_page(page: Page, url: str, path: Path, category: str | None) -> None:
+    open_page(page, url)
+    submit(page, path, category)
+    assert page.locator("#error").is_hidden(), page.inner_text("#error")
+    page.locator("#verdict").wait_for(state="visible")
+
+
+def canvas_stats(page: Page) -> dict[str, float]:
+    """Size and pixel variance of the result canvas; keeps its pixels for `canvas_change`."""
+    return page.evaluate(
+        """() => {
+            const c = document.getElementById('view');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            window.__pixels = d;
+            let n = 0, sum = 0, sq = 0;
+            for (let i = 0; i < d.length; i += 4) {
+                const v = d[i] + d[i + 1] + d[i + 2];
+                n += 1; sum += v; sq += v * v;
+            }
+            return {width: c.width, height: c.height, variance: sq / n - (sum / n) ** 2};
+        }"""
+    )
+
+
+def canvas_change(page: Page) -> float:
+    """Mean absolute change per channel since the last `canvas_stats`."""
+    return page.evaluate(
+        """() => {
+            const c = document.getElementById('view');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const before = window.__pixels;
+            let diff = 0;
+            for (let i = 0; i < d.length; i++) diff += Math.abs(d[i] - before[i]);
+            return diff / d.length;
+        }"""
+    )
+
+
+def test_defective_part_shows_what_the_service_answers(
+    page: Page,
+    serving: Any,
+    categories: dict[str, Any],
+    inspection_images: dict[str, Path],
+    inspection_categories: dict[str, str],
+) -> None:
+    image = inspection_images["synthetic_defective"]
+    category = inspection_categories["synthetic_defective"]
+    inspect_in_page(page, serving.url, image, category)
+
+    # The options' defaults: explain on; boxes on exactly when a localizer exists.
+    assert page.is_checked("#explain")
+    assert page.is_checked("#boxes") == categories["localizer"]
+    assert page.is_disabled("#boxes") == (not categories["localizer"])
+    response = inspect_over_http(
+        serving.url, image, category, explain=True, boxes=categories["localizer"]
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+
+    verdict = page.locator("#verdict")
+    assert verdict.inner_text().strip().lower() == result["verdict"]
+    assert verdict.get_attribute("data-verdict") == result["verdict"]
+    assert page.inner_text("#decided-by") == result["decided_by"]
+    assert result["category"] in page.inner_text("#category-out")
+    assert page.inner_text("#latency").endswith("ms")
+
+    types = page.locator("#defect-types li")
+    assert types.count() == len(result["defect_types"])
+    if result["defect_types"]:
+        assert result["defect_types"][0]["name"] in types.first.inner_text()
+    assert page.locator("#trace tbody tr").count() == len(result["trace"])
+    assert page.locator("#trace tr").count() == len(result["trace"]) + 1  # the header row
+
+    # The canvas shows the image at its own aspect, not a blank.
+    stats = canvas_stats(page)
+    with Image.open(image) as pil:
+        width, height = pil.size
+    assert stats["width"] / stats["height"] == pytest.approx(width / height, rel=0.01)
+    assert stats["variance"] > 1.0
+    # With an explanation, the heatmap overlay shows: hiding it changes the pixels.
+    assert result["heatmap_png"], "explain=true gave no heatmap"
+    page.locator("#opacity").fill("0")
+    assert canvas_change(page) > 1.0
+
+
+def test_auto_category_shows_the_routed_category(
+    page: Page,
+    serving: Any,
+    categories: dict[str, Any],
+    inspection_images: dict[str, Path],
+) -> None:
+    if not categories["router"]:
+        pytest.skip("no category router deployed, so the page offers no auto category")
+    image = inspection_images["elpv_good"]
+    inspect_in_page(page, serving.url, image, None)
+    response = inspect_over_http(
+        serving.url, image, None, explain=True, boxes=categories["localizer"]
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+
+    assert page.get_attribute("#verdict", "data-verdict") == result["verdict"]
+    shown = page.inner_text("#category-out")
+    assert result["category"] in shown
+    assert ("routed" in shown) == result["category_routed"]
+
+
+def test_a_text_file_shows_the_415_and_its_detail(
+    page: Page,
+    serving: Any,
+    tmp_path: Path,
+    inspection_categories: dict[str, str],
+) -> None:
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("shift notes: line 3 stopped at 14:05\n")
+    category = inspection_categories["synthetic_good"]
+    response = inspect_over_http(serving.url, text_file, category, explain=True, boxes=False)
+    assert response.status_code == 415, response.text
+
+    open_page(page, serving.url)
+    submit(page, text_file, category)
+    error = page.locator("#error")
+    assert error.is_visible()
+    assert "415" in error.inner_text()
+    assert response.json()["detail"] in error.inner_text()
+    assert page.locator("#verdict").is_hidden()
+
+
+def test_screenshot_of_an_answer(
+    page: Page,
+    serving: Any,
+    tmp_path: Path,
+    inspection_images: dict[str, Path],
+    inspection_categories: dict[str, str],
+) -> None:
+    inspect_in_page(
+        page,
+        serving.url,
+        inspection_images["synthetic_defective"],
+        inspection_categories["synthetic_defective"],
+    )
+    shot = tmp_path / "operator_page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    with Image.open(shot) as png:
+        assert png.format == "PNG"
+        assert png.width >= 1280

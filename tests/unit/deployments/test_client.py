@@ -1,0 +1,51 @@
+"""The clients' retry policy: what is retried, how long it waits."""
+
+import pytest
+
+from deployments.client import InspectionFailed, RetryPolicy, _retry_sync, _retryable
+
+
+def test_only_transient_failures_are_retried():
+    assert _retryable(InspectionFailed(503, "overloaded"))
+    assert _retryable(InspectionFailed(504, "slow"))
+    assert _retryable(InspectionFailed(0, "connection refused"))
+    assert not _retryable(InspectionFailed(415, "not an image"))
+    assert not _retryable(InspectionFailed(401, "no key"))
+    assert not _retryable(ValueError("a bug"))
+
+
+def test_waits_grow_and_honour_retry_after():
+    policy = RetryPolicy(attempts=5, backoff_s=0.1, max_backoff_s=1.0)
+    waits = [policy.wait(i, None) for i in range(5)]
+    assert 0.075 <= waits[0] <= 0.125 and 0.6 <= waits[3] <= 1.0 and waits[4] <= 1.0
+    assert policy.wait(0, 0.7) == 0.7 and policy.wait(0, 30) == 1.0
+
+
+def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise InspectionFailed(503, "overloaded", retry_after=0.01)
+        return "answer"
+
+    assert _retry_sync(RetryPolicy(attempts=4), flaky) == "answer" and len(calls) == 3
+    calls.clear()
+
+    def refused():
+        calls.append(1)
+        raise InspectionFailed(422, "corrupt")
+
+    with pytest.raises(InspectionFailed):
+        _retry_sync(RetryPolicy(attempts=4), refused)
+    assert len(calls) == 1
+    calls.clear()
+
+    def down():
+        calls.append(1)
+        raise InspectionFailed(503, "overloaded")
+
+    with pytest.raises(InspectionFailed):
+        _retry_sync(RetryPolicy(attempts=2, backoff_s=0.001), down)
+    assert len(calls) == 2  # gives up after its attempts
