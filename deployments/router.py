@@ -395,7 +395,7 @@ class _Router:
                 f"unknown category {category!r}; known: {sorted(plan.categories)}"
             )
         key = None
-        if self.store is not None:
+        if self.store is not None and self.service.cache_ttl_s > 0:  # 0: no cache
             catalog = await self._catalog_fingerprint(plan, category)
             key = self.store.cache_key(
                 decoded.sha256,

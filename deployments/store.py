@@ -299,7 +299,9 @@ class RedisStore:
             return None
 
     def put_cached(self, key: str, result: Mapping[str, Any]) -> None:
-        """Cache ``result`` for ``cache_ttl_s``; does nothing while Redis is down."""
+        """Cache ``result`` for ``cache_ttl_s``; does nothing while Redis is down or at TTL 0."""
+        if self.cache_ttl_s <= 0:
+            return
         payload = json.dumps(result, separators=(",", ":"))
         with contextlib.suppress(StoreUnavailable):
             self._call(lambda r: r.set(f"{self.prefix}:{key}", payload, ex=self.cache_ttl_s))

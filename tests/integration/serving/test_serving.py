@@ -352,7 +352,8 @@ def test_overload_gets_503_with_retry_after_and_slowness_504(serving, inspection
         refused = next(a for a in answers if a.status_code == 503)
         assert int(refused.headers["Retry-After"]) >= 1 and "overloaded" in refused.json()["detail"]
         _redeploy(serving, request_timeout_s=0.001)
-        slow = _post(serving, inspection_images["elpv_good"], category=MODULE, explain=True)
+        fresh = inspection_images["elpv_good"].read_bytes() + b"not cached"  # no cache hit
+        slow = _post(serving, data=fresh, category=MODULE, explain=True)
         assert slow.status_code == 504 and "request_timeout_s" in slow.json()["detail"]
     finally:
         _redeploy(serving)
