@@ -156,6 +156,20 @@ def cmd_results_follow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    """Regenerate the RayService's serveConfigV2 from the app builder and serving YAML."""
+    from cluster.cli import _print_json
+    from cluster.k8s import render_all
+
+    up_to_date = render_all(check=args.check)
+    _print_json({"up_to_date": up_to_date, "checked_only": args.check})
+    if args.check and not all(up_to_date.values()):
+        stale = [name for name, ok in up_to_date.items() if not ok]
+        print(f"stale: {stale}; run `inspectray k8s render`", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _store(args: argparse.Namespace) -> Any:
     from cluster.cli import _config
     from deployments.store import RedisStore
@@ -214,3 +228,9 @@ def add_commands(commands: Any, add: Any) -> None:
     )
     follow.add_argument("--redis-url", help="default: REDIS_URL or config")
     follow.add_argument("--workdir", default=".inspectray")
+
+    k8s = commands.add_parser("k8s", help="KubeRay manifests").add_subparsers(
+        dest="action", required=True
+    )
+    render = add(k8s, "render", cmd_k8s_render)
+    render.add_argument("--check", action="store_true", help="fail if a manifest is stale")

@@ -1,0 +1,153 @@
+"""Every manifest in k8s/ validated offline.
+
+The Ray kinds against the OpenAPI v3 schema inside KubeRay's CRDs (v1.7.0,
+``../shared/k8s-schemas/`` or ``$INSPECTRAY_K8S_SCHEMAS``), strictly: a field
+the schema does not name is an error, as it would be silently pruned by the
+API server. The core kinds with kubernetes-validate (strict). The embedded
+``serveConfigV2`` with Serve's own config schema, and against what
+``inspectray k8s render`` generates.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.k8s import K8S, TARGETS, render_all
+
+KUBERNETES_VERSION = "1.37.0"
+# Where the KubeRay CRDs are: $INSPECTRAY_K8S_SCHEMAS, or a `shared/k8s-schemas`
+# beside the checkout, or the workplace's copy.
+_CANDIDATES = [
+    Path(os.environ["INSPECTRAY_K8S_SCHEMAS"])
+    if os.environ.get("INSPECTRAY_K8S_SCHEMAS")
+    else None,
+    Path(__file__).resolve().parents[3].parent / "shared" / "k8s-schemas",
+    Path("/work/shared/k8s-schemas"),
+]
+SCHEMAS = next(
+    (p for p in _CANDIDATES if p is not None and (p / "ray.io_rayservices.yaml").exists()),
+    _CANDIDATES[1],
+)
+CRDS = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
+PATCHES = {"overlays/gpu/serve-config.yaml"}  # partial documents kustomize merges
+
+
+def _documents() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        name = str(path.relative_to(K8S))
+        if path.name == "kustomization.yaml" or name in PATCHES or path.name == "serving.yaml":
+            continue
+        for i, document in enumerate(yaml.safe_load_all(path.read_text())):
+            if document:
+                found.append((f"{name}#{i}", document))
+    return found
+
+
+DOCUMENTS = _documents()
+
+
+def _crd_schema(kind: str) -> dict[str, Any]:
+    path = SCHEMAS / CRDS[kind]
+    if not path.exists():
+        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS}")
+    crd = yaml.safe_load(path.read_text())
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(value: Any, schema: dict[str, Any], where: str = "") -> list[str]:
+    """Keys the schema does not name (the API server would drop them silently)."""
+    problems = []
+    if isinstance(value, dict) and schema.get("type") == "object":
+        named = schema.get("properties")
+        if named is not None and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            for key, item in value.items():
+                if key not in named:
+                    problems.append(f"{where}.{key}")
+                else:
+                    problems += unknown_fields(item, named[key], f"{where}.{key}")
+        elif isinstance(schema.get("additionalProperties"), dict):
+            for key, item in value.items():
+                problems += unknown_fields(item, schema["additionalProperties"], f"{where}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            problems += unknown_fields(item, schema["items"], f"{where}[{i}]")
+    return problems
+
+
+def validate_ray(document: dict[str, Any]) -> list[str]:
+    """Schema errors and unknown fields of a RayCluster, RayJob or RayService."""
+    schema = _crd_schema(document["kind"])
+    validator = jsonschema.Draft7Validator(schema)
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(document)
+    ]
+    body = {k: v for k, v in document.items() if k not in ("apiVersion", "kind", "metadata")}
+    return errors + [f"unknown field {f}" for f in unknown_fields(body, schema)]
+
+
+def test_there_are_manifests_of_every_kind():
+    kinds = {document["kind"] for _, document in DOCUMENTS}
+    assert kinds >= {"RayService", "RayJob", "RayCluster", "Secret", "Service", "StatefulSet"}
+
+
+@pytest.mark.parametrize(("name", "document"), DOCUMENTS, ids=[n for n, _ in DOCUMENTS])
+def test_each_manifest_is_valid(name, document):
+    if document["kind"] in CRDS:
+        assert document["apiVersion"] == "ray.io/v1"
+        assert validate_ray(document) == []
+    else:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_validators_catch_mistakes():
+    service = copy.deepcopy(next(d for _, d in DOCUMENTS if d["kind"] == "RayService"))
+    service["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True  # a typo
+    del service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    errors = validate_ray(service)
+    assert any("enableInTreeAutoscalling" in e for e in errors)
+    assert any("'template' is a required property" in e for e in errors)
+    redis = copy.deepcopy(next(d for _, d in DOCUMENTS if d["kind"] == "StatefulSet"))
+    redis["spec"]["replicas"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(redis, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(("manifest", "serving"), TARGETS, ids=[str(t[0].name) for t in TARGETS])
+def test_the_serve_config_is_valid_for_serve(manifest, serving):
+    document = yaml.safe_load(manifest.read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(document["spec"]["serveConfigV2"]))
+    [app] = config.applications
+    assert app.import_path == "deployments.app:build_app"
+    names = {d.name for d in app.deployments}
+    assert names == {
+        "Router",
+        "AnomalyDetector",
+        "AutoencoderVerifier",
+        "DefectClassifier",
+        "DefectLocalizer",
+        "Reranker",
+    }
+    for deployment in app.deployments:
+        assert deployment.autoscaling_config["max_replicas"] >= 1
+        assert deployment.max_queued_requests > 0
+
+
+def test_the_committed_serve_configs_are_what_the_code_generates():
+    stale = [name for name, fresh in render_all(check=True).items() if not fresh]
+    assert stale == [], f"run `inspectray k8s render`; stale: {stale}"
