@@ -101,6 +101,93 @@ def validate_ray(document: dict[str, Any]) -> list[str]:
     return errors + [f"unknown field {f}" for f in unknown_fields(body, schema)]
 
 
+def _pointer(path: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in path.strip("/").split("/")]
+
+
+def apply_json6902(document: dict[str, Any], operations: list[dict[str, Any]]) -> None:
+    """The ``remove``/``replace``/``add`` operations kustomize's patches use here."""
+    for operation in operations:
+        *parents, last = _pointer(operation["path"])
+        node = document
+        for part in parents:
+            node = node[part]
+        if operation["op"] == "remove":
+            del node[last]
+        elif operation["op"] == "replace":
+            _ = node[last]  # replace needs the target to exist (KeyError/IndexError if not)
+            node[last] = operation["value"]
+        elif operation["op"] == "add":
+            if isinstance(node, list):
+                node.insert(len(node) if last == "-" else last, operation["value"])
+            else:
+                node[last] = operation["value"]
+        else:
+            raise ValueError(f"unsupported patch op {operation['op']!r}")
+
+
+def merge_patch(document: dict[str, Any], patch: dict[str, Any]) -> None:
+    """A strategic-merge patch of plain mappings (what serve-config.yaml is)."""
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(document.get(key), dict):
+            merge_patch(document[key], value)
+        else:
+            document[key] = value
+
+
+def build_overlay(folder: Path) -> list[dict[str, Any]]:
+    """The manifests ``kubectl apply -k folder`` would send, built in Python."""
+    spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    documents: list[dict[str, Any]] = []
+    for resource in spec.get("resources", []):
+        target = folder / resource
+        if target.is_dir():
+            documents += build_overlay(target)
+        else:
+            documents += [d for d in yaml.safe_load_all(target.read_text()) if d]
+    for patch in spec.get("patches", []):
+        if "path" in patch:
+            body = yaml.safe_load((folder / patch["path"]).read_text())
+            [document] = [
+                d
+                for d in documents
+                if d["kind"] == body["kind"] and d["metadata"]["name"] == body["metadata"]["name"]
+            ]
+            merge_patch(document, {k: v for k, v in body.items() if k != "metadata"})
+        else:
+            selector = patch["target"]
+            for document in documents:
+                if document["kind"] == selector["kind"] and (
+                    document["metadata"]["name"]
+                    == selector.get("name", document["metadata"]["name"])
+                ):
+                    apply_json6902(document, yaml.safe_load(patch["patch"]))
+    return documents
+
+
+OVERLAYS = sorted(p.parent for p in K8S.glob("overlays/*/kustomization.yaml"))
+
+
+@pytest.mark.parametrize("folder", OVERLAYS, ids=[p.name for p in OVERLAYS])
+def test_each_overlay_builds_valid_manifests(folder):
+    documents = build_overlay(folder)
+    service = next(d for d in documents if d["kind"] == "RayService")
+    assert validate_ray(service) == []
+    for document in documents:
+        if document["kind"] not in CRDS:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    if folder.name == "cpu-only":
+        assert set(groups) == {"cpu"} and groups["cpu"]["maxReplicas"] == 16
+    if folder.name == "gpu":
+        assert groups["gpu"]["minReplicas"] == 1
+        config = yaml.safe_load(service["spec"]["serveConfigV2"])
+        [detector] = [
+            d for d in config["applications"][0]["deployments"] if d["name"] == "AnomalyDetector"
+        ]
+        assert detector["ray_actor_options"]["num_gpus"] == 0.25
+
+
 def test_there_are_manifests_of_every_kind():
     kinds = {document["kind"] for _, document in DOCUMENTS}
     assert kinds >= {"RayService", "RayJob", "RayCluster", "Secret", "Service", "StatefulSet"}
