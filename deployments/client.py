@@ -107,13 +107,7 @@ def _result(answer: dict[str, Any]) -> InspectionResult:
     if "error" in answer:
         error = answer["error"]
         raise InspectionFailed(error["status"], error["detail"], error.get("retry_after"))
-    return InspectionResult.model_validate(
-        {
-            k: v
-            for k, v in answer.items()
-            if k not in ("prediction", "confidence", "processing_time")
-        }
-    )
+    return InspectionResult.model_validate(answer)
 
 
 class HandleClient:

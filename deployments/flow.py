@@ -22,6 +22,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from PIL import Image
@@ -108,8 +109,9 @@ class ServingPlan:
             }
         return shared | dict(self.categories[category].versions)
 
+    @cached_property
     def fingerprint(self) -> str:
-        """Changes whenever any serving model or rule changes."""
+        """Changes whenever any serving model or rule changes (computed once per plan)."""
         text = json.dumps(
             {
                 "versions": self.versions(None),

@@ -242,7 +242,7 @@ class _Router:
     def refresh(self) -> bool:
         """Re-read the registry; returns whether the serving models changed."""
         plan = load_plan(self.registry, self.service.versions, self.service.rules)
-        changed = plan.fingerprint() != self.plan.fingerprint()
+        changed = plan.fingerprint != self.plan.fingerprint
         if changed:
             log.info("serving plan changed: %s", plan.versions(None))
             self.plan = plan
@@ -327,14 +327,16 @@ class _Router:
             return await asyncio.to_thread(self.store.descriptions, category)
         return sorted(self._memory_descriptions.get(category, {}).values(), key=lambda d: d["name"])
 
-    async def _catalog_fingerprint(self, plan: ServingPlan, category: str | None) -> str:
-        """Registered types change answers: they are part of the cache key."""
+    async def _registered_now(
+        self, plan: ServingPlan, category: str | None
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The registered types of the categories an answer can depend on, read once."""
         names = [category] if category is not None else sorted(plan.categories)
-        registered = []
-        for name in names:
-            if plan.categories.get(name) and plan.categories[name].has(RERANKER):
-                registered += [d | {"category": name} for d in await self._registered(name)]
-        return compute.catalog_key(registered)
+        return {
+            name: await self._registered(name)
+            for name in names
+            if name in plan.categories and plan.categories[name].has(RERANKER)
+        }
 
     async def inspect_decoded(
         self,
@@ -395,18 +397,26 @@ class _Router:
                 f"unknown category {category!r}; known: {sorted(plan.categories)}"
             )
         key = None
+        registered = self._registered  # read by the flow, for defective parts only
         if self.store is not None and self.service.cache_ttl_s > 0:  # 0: no cache
-            catalog = await self._catalog_fingerprint(plan, category)
+            # Registered types change answers, so they are part of the key; the
+            # flow reuses what was read for it.
+            now = await self._registered_now(plan, category)
+            catalog = [d | {"category": name} for name, items in now.items() for d in items]
             key = self.store.cache_key(
                 decoded.sha256,
                 category,
                 {"explain": explain, "boxes": boxes},
-                {"plan": plan.fingerprint(), "registered_types": catalog},
+                {"plan": plan.fingerprint, "registered_types": compute.catalog_key(catalog)},
             )
+
+            async def registered(name: str) -> list[dict[str, Any]]:
+                return now[name] if name in now else await self._registered(name)
+
             cached = await asyncio.to_thread(self.store.get_cached, key)
             if cached is not None:
                 return InspectionResult.model_validate(
-                    _without_computed(cached)
+                    cached
                     | {
                         "request_id": uuid.uuid4().hex,
                         "cache_hit": True,
@@ -420,7 +430,7 @@ class _Router:
             calls=self.calls,
             explain=explain,
             boxes=boxes,
-            registered=self._registered,
+            registered=registered,
         )
         result = InspectionResult(
             request_id=uuid.uuid4().hex,
@@ -551,11 +561,6 @@ def _description_fields(record: Mapping[str, Any]) -> dict[str, Any]:
         "keywords": list(record.get("keywords", [])),
         "contrast": record.get("contrast", ""),
     }
-
-
-def _without_computed(result: Mapping[str, Any]) -> dict[str, Any]:
-    computed = ("prediction", "confidence", "processing_time")
-    return {k: v for k, v in result.items() if k not in computed}
 
 
 def _problem_response(problem: _Problem) -> JSONResponse:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 SCHEMA_VERSION = "1.0"
 MAX_BATCH = 32  # images per /v1/inspect/batch request
+COMPUTED_FIELDS = ("prediction", "confidence", "processing_time")
 
 
 class _Schema(BaseModel):
@@ -56,6 +57,15 @@ class InspectionResult(_Schema):
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
     request_id: str = Field(description="Unique per answer; also the id in the result stream.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recompute(cls, data: Any) -> Any:
+        """A serialized answer (cache, stream, client) reads back: computed fields are derived."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in COMPUTED_FIELDS}
+        return data
+
     image_sha256: str
     category: str = Field(description="The product category (given, or routed).")
     category_routed: bool = Field(description="True when the category router chose it.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -45,5 +46,8 @@ def test_serve_starts_everything_prints_the_urls_and_shuts_down(serving, tmp_pat
     assert summary["quick_set"] is None  # the registry had models
     assert 0 < summary["seconds_to_ready"] < 300
     assert "inspectray is serving" in done.stderr and "shutting down" in done.stderr
-    # It stopped its own Redis and left its AOF behind.
-    assert (tmp_path / "work" / "redis" / "redis.log").exists()
+    # Its own Redis ran with persistence (the AOF is left behind) and was stopped.
+    assert any((tmp_path / "work" / "redis" / "appendonlydir").glob("*.aof"))
+    redis_port = int(urls["redis"].rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", redis_port), timeout=2):
+        pass

@@ -49,3 +49,26 @@ def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised(
     with pytest.raises(InspectionFailed):
         _retry_sync(RetryPolicy(attempts=2, backoff_s=0.001), down)
     assert len(calls) == 2  # gives up after its attempts
+
+
+def test_a_serialized_answer_reads_back_with_its_computed_fields_derived():
+    from deployments.client import _result
+    from deployments.schemas import InspectionResult
+
+    result = InspectionResult(
+        request_id="r1",
+        image_sha256="0" * 64,
+        category="brushed_metal",
+        category_routed=False,
+        verdict="defective",
+        anomaly_score=0.8,
+        decided_by="detector",
+        defect_types=[{"name": "scratch", "score": 1.0}],
+        latency_ms=40.0,
+    )
+    answer = result.model_dump(mode="json")
+    assert answer["prediction"] == "scratch" and answer["processing_time"] == 0.04
+    assert _result(answer) == result
+    with pytest.raises(InspectionFailed) as failed:
+        _result({"error": {"status": 415, "detail": "not an image"}})
+    assert failed.value.status == 415

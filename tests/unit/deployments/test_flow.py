@@ -71,13 +71,13 @@ def test_the_plan_follows_pins_and_rule_overrides(registry):
     _save(registry, "sure", "detector", _detector(0.9))  # v2, promoted
     newer = load_plan(registry)
     assert newer.categories["sure"].versions["detector"] == "v2"
-    assert newer.fingerprint() != plan.fingerprint()
+    assert newer.fingerprint != plan.fingerprint
     pinned = load_plan(registry, pins={"sure": {"detector": "v1"}})
     assert pinned.categories["sure"].model_id("detector") == "sure@v1"
     with pytest.raises(ArtifactError):
         load_plan(registry, pins={"sure": {"detector": "v9"}})
     stricter = load_plan(registry, rules={"sure": {"threshold": 0.55}})
     assert stricter.categories["sure"].rule.threshold == 0.55
-    assert stricter.fingerprint() != newer.fingerprint()
+    assert stricter.fingerprint != newer.fingerprint
     with pytest.raises(ValueError):  # threshold outside the band
         load_plan(registry, rules={"sure": {"threshold": 0.9}})
