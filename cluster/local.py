@@ -136,9 +136,15 @@ class LocalCluster:
             self.timings["training_s"] = time.perf_counter() - began
         from deployments.config import load_serving_config
 
-        service = load_serving_config(self.config, self._overrides()).service
+        serving = load_serving_config(self.config, self._overrides())
+        service = serving.service
         began = time.perf_counter()
-        serve.start(http_options=self._http_options(service.request_timeout_s))
+        # The HTTP proxy logs each request when the router does.
+        access_log = serving.deployments["router"].access_log
+        serve.start(
+            http_options=self._http_options(service.request_timeout_s),
+            logging_config={"enable_access_log": access_log},
+        )
         self.deploy()
         self._wait_ready(ready_timeout_s)
         self.timings["deploy_s"] = time.perf_counter() - began

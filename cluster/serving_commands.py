@@ -1,6 +1,7 @@
 """``inspectray serve``, ``inspectray predict`` and ``inspectray keys``.
 
 inspectray serve [--port P] [--host H] [--registry DIR] [--config FILE] [--redis-url URL]
+inspectray bench [--duration S] [--users U] [--registry DIR] [--report FILE]
 inspectray predict IMAGE... [--url URL] [--category C] [--explain] [--boxes] [--api-key K]
 inspectray keys add --tenant T [--category C ...] [--rate N] | revoke KEY
 """
@@ -170,6 +171,44 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark the DAG beside a naive server and the detectors' ceiling; JSON + report."""
+    from cluster.cli import _config
+    from loadtests.bench import BenchSettings, run_bench
+
+    if args.users < 1 or args.duration <= 0 or args.warmup < 0:
+        raise ValueError("--users must be at least 1, --duration positive, --warmup >= 0")
+    settings = BenchSettings(
+        registry=args.registry or _config(args).registry.uri,
+        users=args.users,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        sweep=[int(u) for u in args.sweep.split(",") if u.strip()],
+        sweep_s=args.sweep_duration,
+        defective_share=args.defective_share,
+        config=args.serving_config,
+        workdir=Path(args.workdir) / "bench",
+        report=None if args.report == "-" else Path(args.report),
+        port=args.port,
+        skip=args.skip or (),
+    )
+    # stdout carries this command's JSON alone: Ray's and Locust's logs go to stderr.
+    sys.stdout.flush()
+    summary_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    saved_stdout = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    try:
+        result = run_bench(settings)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, sys.stdout.fileno())
+        os.close(saved_stdout)
+    json.dump(result, summary_out, indent=2)
+    summary_out.write("\n")
+    summary_out.close()
+    return 1 if result["failed_requests"] else 0
+
+
 def _store(args: argparse.Namespace) -> Any:
     from cluster.cli import _config
     from deployments.store import RedisStore
@@ -193,6 +232,25 @@ def add_commands(commands: Any, add: Any) -> None:
     serve.add_argument("--workdir", default=".inspectray", help="local Redis, quick-set data")
     serve.add_argument(
         "--exit-when-ready", action="store_true", help="print the URLs, then shut down (checks)"
+    )
+
+    bench = add(commands, "bench", cmd_bench)
+    bench.add_argument("--registry", help="registry folder or URL (default: config)")
+    bench.add_argument("--users", type=int, default=16, help="concurrent users (16)")
+    bench.add_argument("--duration", type=float, default=60, help="measured seconds per run (60)")
+    bench.add_argument("--warmup", type=float, default=10, help="unmeasured seconds first (10)")
+    bench.add_argument("--sweep", default="1,4,8,16,32", help="user counts of the curve")
+    bench.add_argument("--sweep-duration", type=float, default=15, help="seconds per point (15)")
+    bench.add_argument("--defective-share", type=float, default=0.1, help="defective parts (0.1)")
+    bench.add_argument("--config", dest="serving_config", help="the DAG's serving YAML")
+    bench.add_argument("--report", default="docs/benchmarks.md", help="Markdown report (-: none)")
+    bench.add_argument("--port", type=int, default=8000, help="the DAG's port; naive: next one")
+    bench.add_argument("--workdir", default=".inspectray", help="traffic, reports, local Redis")
+    bench.add_argument(
+        "--skip",
+        nargs="+",
+        choices=["ceiling", "naive", "sweep", "half-peak"],
+        help="parts to leave out",
     )
 
     predict = add(commands, "predict", cmd_predict)

@@ -56,6 +56,7 @@ def deployment_options(spec: DeploymentSpec, user_config: dict[str, Any]) -> dic
         "max_queued_requests": spec.max_queued_requests,
         "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
         "user_config": user_config,
+        "logging_config": {"enable_access_log": spec.access_log},
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
         "graceful_shutdown_wait_loop_s": 1,

@@ -58,6 +58,7 @@ class DeploymentSpec(_Section):
     num_gpus: float = Field(default=0, ge=0)
     torch_threads: int = Field(default=1, ge=1)
     batch: Batching = Batching()
+    access_log: bool = True
 
     def user_config(self) -> dict[str, Any]:
         """What a model stage's ``reconfigure`` receives."""

@@ -13,24 +13,27 @@ def test_the_packaged_defaults_cover_every_deployment():
     detector = config.deployments["detector"]
     assert detector.user_config() == {
         "torch_threads": 1,
-        "max_batch_size": 8,
-        "batch_wait_timeout_s": 0.005,
+        "max_batch_size": 16,
+        "batch_wait_timeout_s": 0.01,
     }
     options = deployment_options(detector, detector.user_config())
-    assert options["autoscaling_config"]["min_replicas"] == 1
-    assert options["max_queued_requests"] == 64 and options["max_ongoing_requests"] == 16
+    assert options["autoscaling_config"]["min_replicas"] == 2
+    assert options["max_queued_requests"] == 128 and options["max_ongoing_requests"] == 32
     assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0}
+    assert options["logging_config"] == {"enable_access_log": False}
+    router = config.deployments["router"]
+    assert deployment_options(router, {})["logging_config"] == {"enable_access_log": True}
 
 
 def test_a_users_file_changes_only_its_keys(tmp_path):
     path = tmp_path / "serving.yaml"
     path.write_text(
-        "deployments:\n  detector:\n    batch: {max_batch_size: 16}\n"
+        "deployments:\n  detector:\n    batch: {max_batch_size: 24}\n"
         "service:\n  request_timeout_s: 5\n"
     )
     config = load_serving_config(path)
-    assert config.deployments["detector"].batch.max_batch_size == 16
-    assert config.deployments["detector"].batch.batch_wait_timeout_s == 0.005
+    assert config.deployments["detector"].batch.max_batch_size == 24
+    assert config.deployments["detector"].batch.batch_wait_timeout_s == 0.01
     assert config.service.request_timeout_s == 5 and config.service.max_in_flight == 64
 
 

@@ -178,9 +178,8 @@ def test_the_reranker_reorders_and_ranks_types_known_only_by_description(registr
         pipeline.register_description("nope", BUILTIN["perforation"])
 
 
-def test_boxes_locate_the_defects_of_defective_parts_only(registry, images):
-    with pytest.raises(ArtifactError, match="no localizer"):
-        InspectionPipeline.from_registry(registry).inspect(images, ["sure"] * 3, boxes=True)
+def _add_localizer(registry):
+    """A small untrained DEIMv2 localizer for every category."""
     config = DefectLocalizerConfig(
         defect_types=("crack", "scratch"),
         input_size=SIZE,
@@ -192,6 +191,12 @@ def test_boxes_locate_the_defects_of_defective_parts_only(registry, images):
         score_threshold=0.0,  # untrained: keep every candidate
     )
     _save(registry, ROUTER_CATEGORY, "localizer", DefectLocalizer(config, pretrained=False))
+
+
+def test_boxes_locate_the_defects_of_defective_parts_only(registry, images):
+    with pytest.raises(ArtifactError, match="no localizer"):
+        InspectionPipeline.from_registry(registry).inspect(images, ["sure"] * 3, boxes=True)
+    _add_localizer(registry)
     pipeline = InspectionPipeline.from_registry(registry)
     found = pipeline.inspect(images, ["sure"] * 3, boxes=True)
     for image, result in zip(images, found, strict=True):
