@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint format lock clean
+.PHONY: setup run test test-fast test-faults lint format lock clean
 
 setup: $(STAMP) system-deps
 
@@ -30,6 +30,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# The fault drills and fuzzers alone; prints the fault report (docs/faults.md).
+test-faults: setup
+	$(BIN)/python -m pytest -m "faults or fuzz"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

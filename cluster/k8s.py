@@ -13,7 +13,13 @@ from typing import Any
 
 import yaml
 
-from deployments.app import AppArgs, deployment_options, router_user_config, serve_config
+from deployments.app import (
+    DEPLOYMENT_NAMES,
+    AppArgs,
+    deployment_options,
+    serve_config,
+    user_config,
+)
 from deployments.config import load_serving_config
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
@@ -31,14 +37,6 @@ CLUSTER_ARGS = AppArgs(
     redis_url=None,
     overrides={"service": {"spool_dir": "/home/ray/spool"}},
 )
-DEPLOYMENT_NAMES = {
-    "router": "Router",
-    "detector": "AnomalyDetector",
-    "verifier": "AutoencoderVerifier",
-    "classifier": "DefectClassifier",
-    "localizer": "DefectLocalizer",
-    "reranker": "Reranker",
-}
 
 
 def serve_config_v2(serving_config: str | Path | None = None) -> str:
@@ -56,9 +54,7 @@ def serve_config_v2(serving_config: str | Path | None = None) -> str:
     application["args"] = args.model_dump(exclude_none=True, exclude={"config"})
     deployments = []
     for key, name in DEPLOYMENT_NAMES.items():
-        spec = serving.deployments[key]
-        user_config = router_user_config(serving) if key == "router" else spec.user_config()
-        options = deployment_options(spec, user_config)
+        options = deployment_options(serving.deployments[key], user_config(serving, key))
         deployments.append({"name": name, **_plain(options)})
     application["deployments"] = deployments
     return yaml.safe_dump(config, sort_keys=False, width=100)

@@ -161,16 +161,26 @@ class LocalCluster:
     def _http_options(self, request_timeout_s: float) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "request_timeout_s": request_timeout_s + 5}
 
-    def deploy(self, service: dict[str, Any] | None = None, timeout_s: float = 300.0) -> None:
-        """Deploy the app, or change the router's settings in place.
+    def deploy(
+        self,
+        service: dict[str, Any] | None = None,
+        deployments: dict[str, dict[str, Any]] | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        """Deploy the app, or change settings in place.
 
         With the dashboard up this goes through Serve's REST API, as ``serve
-        deploy`` and KubeRay do: a change of ``service`` settings only reaches the
-        router's ``reconfigure``, without restarting a replica. Without the
-        dashboard it falls back to ``serve.run`` (which restarts replicas).
+        deploy`` and KubeRay do: a change of ``service`` settings, or of a
+        deployment's ``user_config`` keys (batching, threads, ``fault_delay_s``),
+        only reaches those replicas' ``reconfigure``, without restarting one.
+        Without the dashboard it falls back to ``serve.run`` (which restarts
+        replicas).
 
         Args:
             service: router settings to change (merged over the configuration).
+            deployments: per deployment key (``detector``, ...), settings to change.
+                Only ``user_config`` keys change in place; the others need a new
+                ``LocalCluster`` with ``serving_overrides``.
             timeout_s: how long to wait for the deployment to finish.
 
         Raises:
@@ -180,10 +190,11 @@ class LocalCluster:
 
         from deployments.app import (
             APP_NAME,
+            DEPLOYMENT_NAMES,
             AppArgs,
             build_app,
-            router_user_config,
             serve_config,
+            user_config,
         )
         from deployments.config import load_serving_config
         from models.config import merge
@@ -194,18 +205,17 @@ class LocalCluster:
             config=self.config,
             overrides=self._overrides(),
         )
-        serving = load_serving_config(
-            self.config, merge(args.overrides, {"service": service or {}})
-        )
+        changes = {"service": service or {}, "deployments": deployments or {}}
+        serving = load_serving_config(self.config, merge(args.overrides, changes))
         if self.dashboard_url is None:
-            if service:
-                args = args.model_copy(
-                    update={"overrides": merge(args.overrides, {"service": service})}
-                )
+            args = args.model_copy(update={"overrides": merge(args.overrides, changes)})
             serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
             return
         before = self._deployed_at(APP_NAME)
-        config = serve_config(args, router_user_config(serving) if service is not None else None)
+        changed = (["router"] if service is not None else []) + list(deployments or {})
+        config = serve_config(
+            args, {DEPLOYMENT_NAMES[key]: user_config(serving, key) for key in changed}
+        )
         config["http_options"] = self._http_options(serving.service.request_timeout_s)
         # The client `serve deploy` uses: Serve's REST API, with the cluster's auth token.
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient

@@ -8,6 +8,7 @@ deployments.app:app`` writes the config KubeRay's RayService embeds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,24 @@ def deployment_options(spec: DeploymentSpec, user_config: dict[str, Any]) -> dic
     }
 
 
+# Each deployment's key in the serving YAML and its name in Serve.
+DEPLOYMENT_NAMES = {
+    "router": "Router",
+    "detector": "AnomalyDetector",
+    "verifier": "AutoencoderVerifier",
+    "classifier": "DefectClassifier",
+    "localizer": "DefectLocalizer",
+    "reranker": "Reranker",
+}
+
+
+def user_config(serving: ServingConfig, key: str) -> dict[str, Any]:
+    """The ``user_config`` of deployment ``key`` (``router``, ``detector``, ...)."""
+    if key == "router":
+        return router_user_config(serving)
+    return serving.deployments[key].user_config()
+
+
 def router_user_config(serving: ServingConfig) -> dict[str, Any]:
     """The router's ``user_config``: the service settings, the spool as an absolute path."""
     service = serving.service.model_dump()
@@ -71,12 +90,15 @@ def router_user_config(serving: ServingConfig) -> dict[str, Any]:
     return service | {"torch_threads": serving.deployments["router"].torch_threads}
 
 
-def serve_config(args: AppArgs, router_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def serve_config(
+    args: AppArgs, user_configs: Mapping[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The app as a Serve config (what ``serve deploy`` and KubeRay's RayService apply).
 
     Args:
         args: the builder's arguments; changing them rebuilds and restarts the app.
-        router_config: a new router ``user_config``; Serve applies it in place
+        user_configs: new ``user_config`` per deployment class name (``Router``,
+            ``AnomalyDetector``, ...); Serve applies them in place
             (``reconfigure``), without restarting a replica.
     """
     application: dict[str, Any] = {
@@ -85,8 +107,10 @@ def serve_config(args: AppArgs, router_config: dict[str, Any] | None = None) -> 
         "import_path": "deployments.app:build_app",
         "args": args.model_dump(exclude_none=True),
     }
-    if router_config is not None:
-        application["deployments"] = [{"name": "Router", "user_config": router_config}]
+    if user_configs:
+        application["deployments"] = [
+            {"name": name, "user_config": config} for name, config in user_configs.items()
+        ]
     return {"applications": [application]}
 
 

@@ -3,7 +3,8 @@
 Both return :class:`~deployments.schemas.InspectionResult` and raise
 :class:`InspectionFailed` with the HTTP-style status for what the service
 refused. An inspection is idempotent (same image, same answer), so both clients
-retry what is worth retrying (503 overloaded, 504, a replica lost, a dropped
+retry what is worth retrying (503 overloaded or a replica lost, 504 and the
+proxy's 408 timeouts, the proxy's 500 when the router replica died, a dropped
 connection) with exponential backoff, honouring Retry-After.
 
 In the cluster::
@@ -33,7 +34,10 @@ import httpx
 from deployments.schemas import CategoriesResult, DefectTypeIn, DefectTypeOut, InspectionResult
 
 APP_NAME = "inspectray"
-RETRY_STATUSES = frozenset({502, 503, 504})
+# 408: Serve's proxy timed the request out (its request_timeout_s). 500: the service
+# answers its own errors with 4xx, 503 or 504 (fuzzed: never 500), so a 500 is Serve's
+# proxy reporting that the router replica died under the request (a lost node).
+RETRY_STATUSES = frozenset({408, 500, 502, 503, 504})
 T = TypeVar("T")
 
 
@@ -81,26 +85,38 @@ def _retryable(error: Exception) -> bool:
     }
 
 
-def _retry_sync(policy: RetryPolicy, call: Callable[[], T]) -> T:
-    for attempt in range(policy.attempts):
-        try:
-            return call()
-        except Exception as error:
-            if attempt + 1 == policy.attempts or not _retryable(error):
-                raise
-            time.sleep(policy.wait(attempt, getattr(error, "retry_after", None)))
-    raise AssertionError("unreachable")
+class _Retrying:
+    """A client's retry loop, counting the tries it repeated (``retried``)."""
 
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.retried = 0
 
-async def _retry_async(policy: RetryPolicy, call: Callable[[], Awaitable[T]]) -> T:
-    for attempt in range(policy.attempts):
-        try:
-            return await call()
-        except Exception as error:
-            if attempt + 1 == policy.attempts or not _retryable(error):
-                raise
-            await asyncio.sleep(policy.wait(attempt, getattr(error, "retry_after", None)))
-    raise AssertionError("unreachable")
+    def _give_up(self, attempt: int, error: Exception) -> bool:
+        if attempt + 1 == self.policy.attempts or not _retryable(error):
+            return True
+        self.retried += 1
+        return False
+
+    def sync(self, call: Callable[[], T]) -> T:
+        for attempt in range(self.policy.attempts):
+            try:
+                return call()
+            except Exception as error:
+                if self._give_up(attempt, error):
+                    raise
+                time.sleep(self.policy.wait(attempt, getattr(error, "retry_after", None)))
+        raise AssertionError("unreachable")
+
+    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.policy.attempts):
+            try:
+                return await call()
+            except Exception as error:
+                if self._give_up(attempt, error):
+                    raise
+                await asyncio.sleep(self.policy.wait(attempt, getattr(error, "retry_after", None)))
+        raise AssertionError("unreachable")
 
 
 def _result(answer: dict[str, Any]) -> InspectionResult:
@@ -128,7 +144,13 @@ class HandleClient:
         self.app_name = app_name
         self.api_key = api_key
         self.retry = retry
+        self._retrying = _Retrying(retry)
         self._handle: Any = None
+
+    @property
+    def retried(self) -> int:
+        """Tries this client repeated after a transient failure, since it was made."""
+        return self._retrying.retried
 
     @property
     def handle(self) -> Any:
@@ -151,8 +173,7 @@ class HandleClient:
         timeout_s: float = 60.0,
     ) -> InspectionResult:
         """Inspect an image file's bytes (blocking; not from inside an event loop)."""
-        return _retry_sync(
-            self.retry,
+        return self._retrying.sync(
             lambda: _result(
                 self._call(image, category, explain, boxes).result(timeout_s=timeout_s)
             ),
@@ -170,7 +191,7 @@ class HandleClient:
         async def once() -> InspectionResult:
             return _result(await self._call(image, category, explain, boxes))
 
-        return await _retry_async(self.retry, once)
+        return await self._retrying.run(once)
 
 
 class HttpClient:
@@ -192,10 +213,16 @@ class HttpClient:
     ) -> None:
         self.url = url.rstrip("/")
         self.retry = retry
+        self._retrying = _Retrying(retry)
         headers = {"X-API-Key": api_key} if api_key else {}
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._async: httpx.AsyncClient | None = None
         self._headers, self._timeout = headers, timeout_s
+
+    @property
+    def retried(self) -> int:
+        """Tries this client repeated after a transient failure, since it was made."""
+        return self._retrying.retried
 
     @staticmethod
     def _checked(response: httpx.Response) -> dict[str, Any]:
@@ -217,7 +244,7 @@ class HttpClient:
             except httpx.TransportError as error:
                 raise InspectionFailed(0, f"{type(error).__name__}: {error}") from error
 
-        return _retry_sync(self.retry, once)
+        return self._retrying.sync(once)
 
     @staticmethod
     def _form(category: str | None, explain: bool, boxes: bool) -> dict[str, str]:
@@ -267,7 +294,7 @@ class HttpClient:
                 raise InspectionFailed(0, f"{type(error).__name__}: {error}") from error
             return self._checked(response)
 
-        return _result(await _retry_async(self.retry, once))
+        return _result(await self._retrying.run(once))
 
     def inspect_batch(
         self, images: Sequence[bytes], category: str | None = None, explain: bool = False

@@ -59,10 +59,14 @@ class DeploymentSpec(_Section):
     torch_threads: int = Field(default=1, ge=1)
     batch: Batching = Batching()
     access_log: bool = True
+    fault_delay_s: float = Field(default=0, ge=0, le=600)
 
     def user_config(self) -> dict[str, Any]:
         """What a model stage's ``reconfigure`` receives."""
-        return {"torch_threads": self.torch_threads, **self.batch.model_dump()}
+        config = {"torch_threads": self.torch_threads, **self.batch.model_dump()}
+        if self.fault_delay_s:  # a fault drill's injected slowness; absent in production
+            config["fault_delay_s"] = self.fault_delay_s
+        return config
 
 
 class ServiceSpec(_Section):

@@ -28,12 +28,15 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import compute
 from deployments.config import ServiceSpec
@@ -60,7 +63,7 @@ from deployments.schemas import (
     Problem,
 )
 from deployments.store import AuthError, RedisStore, StoreUnavailable
-from models.artifacts import ArtifactRegistry
+from models.artifacts import ArtifactError, ArtifactRegistry
 from models.descriptions import DefectDescription, DescriptionError
 from models.stages import (
     CLASSIFIER,
@@ -108,6 +111,15 @@ _INSPECT_BODY = {
     }
 }
 
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InspectBatchRequest"}}
+        },
+    }
+}
+
 api = FastAPI(
     title="inspectray",
     version=SCHEMA_VERSION,
@@ -115,6 +127,29 @@ api = FastAPI(
     "where and why. Send an image (multipart or base64 JSON); the answer is an "
     "InspectionResult. Send `X-API-Key` when keys are configured.",
 )
+_fastapi_openapi = api.openapi
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's spec plus the request bodies the routes read themselves.
+
+    ``/v1/inspect`` and ``/v1/inspect/batch`` parse their bodies by hand (multipart
+    or JSON), so FastAPI does not list ``InspectRequest`` and
+    ``InspectBatchRequest``; the spec's ``$ref``s to them need them in components.
+    """
+    if api.openapi_schema is not None:
+        return api.openapi_schema
+    spec = _fastapi_openapi()
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in (InspectRequest, InspectBatchRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    api.openapi_schema = spec
+    return spec
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
 
 
 class _Problem(Exception):
@@ -348,7 +383,8 @@ class _Router:
         """Inspect a validated image: cache, flow, result, cache, stream.
 
         Raises:
-            _Problem: 422 refused, 503 overloaded, 504 too slow.
+            _Problem: 422 refused; 503 overloaded, a replica lost or a model refused;
+                504 too slow.
         """
         self._ensure_maintenance()
         if self._in_flight >= self.service.max_in_flight:
@@ -374,6 +410,25 @@ class _Router:
         except BackPressureError as error:
             raise _Problem(
                 503, f"a stage is overloaded: {error}", self.service.retry_after_s
+            ) from error
+        except ArtifactError as error:
+            # A promoted artifact that fails its checks (tampered weights, a pickle
+            # in place of safetensors) is never loaded; the category waits for a
+            # good version to be promoted. The caller is not told the registry's paths.
+            log.error("refused a model: %s", getattr(error, "cause", None) or error)
+            raise _Problem(
+                503,
+                "a promoted model failed its integrity check and was refused; "
+                "promote a good version (the router's log names the artifact)",
+                self.service.retry_after_s,
+            ) from error
+        except (RayActorError, DeploymentUnavailableError) as error:
+            # A replica died mid-request (killed, OOM, its node lost): Serve starts
+            # another; the inspection is idempotent, so the caller retries.
+            raise _Problem(
+                503,
+                f"a stage replica was lost mid-request ({type(error).__name__}); retry",
+                self.service.retry_after_s,
             ) from error
         except InspectionRefused as error:
             raise _Problem(422, str(error)) from error
@@ -492,14 +547,14 @@ class _Router:
         """
         if category not in self.plan.categories:
             raise _Problem(404, f"unknown category {category!r}")
+        try:  # a bad description is refused whatever the category has
+            description = DefectDescription.from_dict(body.model_dump())
+        except (DescriptionError, TypeError, ValueError) as error:
+            raise _Problem(422, f"invalid defect type: {error}") from error
         if not self.plan.categories[category].has(RERANKER):
             raise _Problem(
                 409, f"category {category!r} has no reranker: train one to rank described types"
             )
-        try:
-            description = DefectDescription.from_dict(body.model_dump())
-        except (DescriptionError, TypeError, ValueError) as error:
-            raise _Problem(422, f"invalid defect type: {error}") from error
         record = description.to_dict()
         if self.store is not None:
             try:
@@ -515,7 +570,7 @@ class _Router:
     # -- health ------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """Liveness: the router answers; Redis and spool state."""
+        """Liveness: the router answers; Redis and spool state, inspections in flight."""
         redis_state = "not configured"
         spooled = 0
         if self.store is not None:
@@ -525,6 +580,8 @@ class _Router:
             "status": "ok",
             "redis": redis_state,
             "spooled_results": spooled,
+            "in_flight": self._in_flight,
+            "max_in_flight": self.service.max_in_flight,
             "replica_pid": os.getpid(),
             "models": self.plan.versions(None),
         }
@@ -567,12 +624,25 @@ def _problem_response(problem: _Problem) -> JSONResponse:
     return JSONResponse({"detail": problem.detail}, problem.status, headers=problem.headers())
 
 
-def _validation_message(error: ValidationError) -> str:
+def _validation_message(error: ValidationError | RequestValidationError) -> str:
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "body"
         parts.append(f"{where}: {item['msg']}")
     return "invalid request: " + "; ".join(parts)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Errors FastAPI raises itself, in the API's Problem shape; an unparseable body is 422."""
+    status = 422 if error.status_code == 400 else error.status_code
+    return JSONResponse({"detail": str(error.detail)}, status, headers=error.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's own body and parameter checks answer in the API's Problem shape."""
+    return JSONResponse({"detail": _validation_message(error)}, 422)
 
 
 def _flag(value: Any) -> bool:
@@ -639,7 +709,10 @@ class Router(_Router):
         try:
             content_type = request.headers.get("content-type", "")
             if content_type.startswith("multipart/form-data"):
-                form = await request.form()
+                try:
+                    form = await request.form()
+                except StarletteHTTPException as error:  # a body that is not multipart
+                    raise _Problem(422, f"unreadable multipart body: {error.detail}") from error
                 upload = form.get("image")
                 if upload is None or isinstance(upload, str):
                     raise _Problem(422, "the form has no file field named 'image'")
@@ -669,6 +742,7 @@ class Router(_Router):
         "/v1/inspect/batch",
         response_model=InspectBatchResult,
         responses=_ERRORS,
+        openapi_extra=_BATCH_BODY,
         summary="Inspect several images; each gets a result or an error",
     )
     async def http_inspect_batch(self, request: Request) -> Any:

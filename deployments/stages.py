@@ -9,7 +9,8 @@ production model of every category its stage has; ``check_health`` fails while
 any of them could not be loaded, so Serve replaces the replica.
 
 ``reconfigure`` (the deployment's ``user_config``) sets the batch size, the
-batch wait and torch's threads without a restart.
+batch wait and torch's threads without a restart, and ``fault_delay_s``: a
+fault drill's injected slowness before each batch (never set in production).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class _ModelStage:
         self._warm: dict[str, LoadedStage] = {}
         self._failed: dict[str, str] = {}
         self._served: set[str] = set()
+        self.fault_delay_s = 0.0
         for category in self.registry.categories():
             if self.stage not in self.registry.stages(category):
                 continue
@@ -75,6 +77,7 @@ class _ModelStage:
     def reconfigure(self, config: Mapping[str, Any]) -> None:
         """Apply the deployment's ``user_config`` (batching, threads) without a restart."""
         torch.set_num_threads(int(config.get("torch_threads", 1)))
+        self.fault_delay_s = float(config.get("fault_delay_s", 0))
         batched = self._batched_method()
         if "max_batch_size" in config:
             batched.set_max_batch_size(int(config["max_batch_size"]))
@@ -110,6 +113,9 @@ class _ModelStage:
         )
 
     async def _model(self) -> LoadedStage:
+        """The request's model, after the injected delay of a fault drill (if any)."""
+        if self.fault_delay_s:
+            await asyncio.sleep(self.fault_delay_s)
         return await self.get_model(serve.get_multiplexed_model_id())
 
 
@@ -210,7 +216,7 @@ class Reranker(_ModelStage):
         registered: list[Sequence[Mapping[str, Any]]],
     ) -> list[dict[str, Any]]:
         model_id = serve.get_multiplexed_model_id()
-        stage = await self.get_model(model_id)
+        stage = await self._model()
         return await asyncio.to_thread(
             compute.rerank, stage, model_id, images, classifier_scores, registered, self._texts
         )

@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -93,7 +93,6 @@ class BenchSettings:
     skip: Sequence[str] = ()
     images_per_class: int = 8
     image_size: int = 256
-    serving_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -305,10 +304,11 @@ class NaiveServer:
     def __init__(self, registry_uri: str, port: int, log: Path) -> None:
         self.registry_uri, self.port, self.log = registry_uri, port, log
         self.process: subprocess.Popen | None = None
+        self._out: IO[str] | None = None
 
     def __enter__(self) -> str:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        out = self.log.open("w")
+        self._out = out = self.log.open("w")
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -343,6 +343,20 @@ class NaiveServer:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        if self._out is not None:
+            self._out.close()
+
+
+def _figures(prefix: str, run: LoadResult) -> dict[str, Any]:
+    """A run's headline figures, named ``<prefix>_rps``, ``<prefix>_p50_ms``, ..."""
+    return {
+        f"{prefix}_rps": round(run.rps, 2),
+        f"{prefix}_p50_ms": round(run.p50_ms, 1),
+        f"{prefix}_p95_ms": round(run.p95_ms, 1),
+        f"{prefix}_p99_ms": round(run.p99_ms, 1),
+        f"{prefix}_error_rate": round(run.error_rate, 5),
+        f"{prefix}_accuracy": run.summary()["accuracy"],
+    }
 
 
 def _loads(
@@ -444,7 +458,6 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             port=settings.port,
             config=settings.config,
             workdir=out / "cluster",
-            serving_overrides=settings.serving_overrides or None,
         )
 
     if not has_models(ArtifactRegistry(cluster().registry_uri)):
@@ -472,27 +485,14 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     if "naive" not in settings.skip:
         with NaiveServer(registry_uri, settings.port + 1, out / "naive.log") as url:
             naive, naive_sweep = _loads("naive", url, settings, traffic_file, out)
-        result |= {
-            "naive_rps": round(naive.rps, 2),
-            "naive_p50_ms": round(naive.p50_ms, 1),
-            "naive_p95_ms": round(naive.p95_ms, 1),
-            "naive_p99_ms": round(naive.p99_ms, 1),
-            "naive_error_rate": round(naive.error_rate, 5),
-            "naive_accuracy": naive.summary()["accuracy"],
-        }
+        result |= _figures("naive", naive)
 
     dag_cluster = cluster()
     try:
         dag_cluster.start()
         result["dag_ready_s"] = round(dag_cluster.timings["ready_s"], 1)
         dag, dag_sweep = _loads("dag", dag_cluster.url, settings, traffic_file, out)
-        result |= {
-            "dag_rps": round(dag.rps, 2),
-            "dag_p50_ms": round(dag.p50_ms, 1),
-            "dag_p95_ms": round(dag.p95_ms, 1),
-            "dag_p99_ms": round(dag.p99_ms, 1),
-            "dag_error_rate": round(dag.error_rate, 5),
-            "dag_accuracy": dag.summary()["accuracy"],
+        result |= _figures("dag", dag) | {
             "dag_over_naive": _ratio(dag.rps, naive.rps if naive else None),
             "dag_over_ceiling": _ratio(dag.rps, ceiling["rps"] if ceiling else None),
         }
@@ -512,14 +512,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
                 settings.defective_share,
                 user_rps=rate / settings.users,
             )
-            result |= {
-                "half_peak_target_rps": round(rate, 2),
-                "half_peak_rps": round(half.rps, 2),
-                "half_peak_p50_ms": round(half.p50_ms, 1),
-                "half_peak_p99_ms": round(half.p99_ms, 1),
-                "half_peak_error_rate": round(half.error_rate, 5),
-                "half_peak_by_verdict": half.by_verdict,
-            }
+            result |= {"half_peak_target_rps": round(rate, 2)} | _figures("half_peak", half)
+            result["half_peak_by_verdict"] = half.by_verdict
         runs = [("dag", r) for r in dag_sweep] + [("naive", r) for r in naive_sweep]
         if half is not None:
             runs.append(("dag-half-peak", half))

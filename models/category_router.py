@@ -7,7 +7,7 @@ separate well, so only the head is trained.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -83,8 +83,25 @@ class CategoryRouter(BackboneStage):
         return self.head(features)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> RouterOutput:
-        """The most probable category of each image."""
+    def predict(self, images: torch.Tensor, allowed: Collection[str] | None = None) -> RouterOutput:
+        """The most probable category of each image.
+
+        Args:
+            images: a preprocessed batch.
+            allowed: choose only among these categories (those with models), the
+                probabilities renormalised over them; ``None``: every category.
+
+        Raises:
+            ValueError: ``allowed`` names none of the router's categories.
+        """
         probabilities = torch.softmax(self(images).float(), dim=-1)
+        if allowed is not None:
+            keep = torch.tensor([c in allowed for c in self.config.categories])
+            if not keep.any():
+                raise ValueError(
+                    f"the router knows {list(self.config.categories)}, none of {sorted(allowed)}"
+                )
+            probabilities = probabilities * keep
+            probabilities = probabilities / probabilities.sum(dim=-1, keepdim=True)
         names = [self.config.categories[i] for i in probabilities.argmax(dim=-1).tolist()]
         return RouterOutput(categories=names, probabilities=probabilities)

@@ -268,14 +268,16 @@ class InspectionPipeline:
         return self._ranked_types[category]
 
     def route(self, images: Sequence[Image.Image]) -> tuple[list[str], list[StageRun]]:
-        """Predict each image's category with the router."""
+        """Predict each image's category with the router, among those with models."""
         if self.router is None:
             raise ArtifactError("an image came without a category and no router is trained")
         names: list[str] = []
         runs: list[StageRun] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            output, ms = _timed(self.router.model.predict, batched_inputs(self.router.model, chunk))
+            # Only categories this pipeline has models for can be named.
+            inputs = batched_inputs(self.router.model, chunk)
+            output, ms = _timed(self.router.model.predict, inputs, set(self.stages))
             for name, probs in zip(output.categories, output.probabilities, strict=True):
                 names.append(name)
                 runs.append(

@@ -29,3 +29,32 @@ def redis_client(redis_server: object) -> Iterator[object]:
     client.flushdb()
     yield client
     client.close()
+
+
+# -- the fault report -------------------------------------------------------------------
+# Fault drills and fuzzers add rows (loadtests.faults.FaultRow); pytest prints the
+# table after the run and writes it as JSON to $INSPECTRAY_FAULT_REPORT when set.
+FAULT_REPORT_ENV = "INSPECTRAY_FAULT_REPORT"
+_fault_rows: list = []
+
+
+@pytest.fixture(scope="session")
+def fault_report() -> list:
+    """Append a FaultRow per drill or attack; reported at the end of the session."""
+    return _fault_rows
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not _fault_rows:
+        return
+    import json
+
+    from loadtests.faults import markdown_table
+
+    terminalreporter.section("fault report")
+    terminalreporter.write_line(markdown_table(_fault_rows))
+    path = os.environ.get(FAULT_REPORT_ENV)
+    if path:
+        with open(path, "w") as out:
+            json.dump([row.as_dict() for row in _fault_rows], out, indent=1)
+        terminalreporter.write_line(f"written to {path}")

@@ -153,6 +153,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(state["epoch"], epochs):
         started = time.perf_counter()
+        # Each epoch's shuffle and dropout draw from a seed of its own, so a run
+        # resumed from a checkpoint repeats the epochs the uninterrupted run would.
+        torch.manual_seed(int(config.get("seed", 0)) * 1_000_003 + epoch)
         train_ds.set_epoch(epoch)
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)

@@ -16,10 +16,10 @@ import pytest
 
 from cluster.local import LocalCluster
 from cluster.quickstart import QuickSet, quick_datasets
-from cluster.redis_server import free_port
 from deployments.flow import LocalStageCalls, inspect_image, load_plan
 from models.artifacts import ArtifactRegistry
 from models.data import read_image
+from tests.integration.conftest import local_cluster
 
 SURFACE, MODULE = "brushed_metal", "solar_cell_mono"
 QUICK = QuickSet(surfaces=(SURFACE,), elpv_categories=(MODULE,), elpv_train=64)
@@ -40,19 +40,9 @@ def serving(tmp_path_factory) -> Iterator[LocalCluster]:
     The dashboard is on: settings change through Serve's REST API, in place.
     """
     work = tmp_path_factory.mktemp("serving")
-    cluster = LocalCluster(
-        str(work / "registry"),
-        port=free_port(),
-        workdir=work,
-        progress=False,
-        quick_set=QUICK,
-        serving_overrides=SMALL,
-    )
-    try:
-        cluster.start(ready_timeout_s=300)
+    registry = str(work / "registry")
+    with local_cluster(registry, work, quick_set=QUICK, serving_overrides=SMALL) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="package")

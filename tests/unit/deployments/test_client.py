@@ -2,12 +2,14 @@
 
 import pytest
 
-from deployments.client import InspectionFailed, RetryPolicy, _retry_sync, _retryable
+from deployments.client import InspectionFailed, RetryPolicy, _retryable, _Retrying
 
 
 def test_only_transient_failures_are_retried():
     assert _retryable(InspectionFailed(503, "overloaded"))
     assert _retryable(InspectionFailed(504, "slow"))
+    assert _retryable(InspectionFailed(408, "the proxy timed it out"))
+    assert _retryable(InspectionFailed(500, "Internal Server Error"))  # the router died
     assert _retryable(InspectionFailed(0, "connection refused"))
     assert not _retryable(InspectionFailed(415, "not an image"))
     assert not _retryable(InspectionFailed(401, "no key"))
@@ -30,7 +32,9 @@ def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised(
             raise InspectionFailed(503, "overloaded", retry_after=0.01)
         return "answer"
 
-    assert _retry_sync(RetryPolicy(attempts=4), flaky) == "answer" and len(calls) == 3
+    retrying = _Retrying(RetryPolicy(attempts=4))
+    assert retrying.sync(flaky) == "answer" and len(calls) == 3
+    assert retrying.retried == 2  # two tries repeated
     calls.clear()
 
     def refused():
@@ -38,8 +42,8 @@ def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised(
         raise InspectionFailed(422, "corrupt")
 
     with pytest.raises(InspectionFailed):
-        _retry_sync(RetryPolicy(attempts=4), refused)
-    assert len(calls) == 1
+        retrying.sync(refused)
+    assert len(calls) == 1 and retrying.retried == 2  # a refusal is not retried
     calls.clear()
 
     def down():
@@ -47,7 +51,7 @@ def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised(
         raise InspectionFailed(503, "overloaded")
 
     with pytest.raises(InspectionFailed):
-        _retry_sync(RetryPolicy(attempts=2, backoff_s=0.001), down)
+        _Retrying(RetryPolicy(attempts=2, backoff_s=0.001)).sync(down)
     assert len(calls) == 2  # gives up after its attempts
 
 

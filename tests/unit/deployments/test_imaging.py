@@ -482,6 +482,7 @@ _FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthC
 _QUIET = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
 
 
+@pytest.mark.fuzz
 @_QUIET
 @_FUZZ
 @given(st.binary(max_size=4096))
@@ -489,6 +490,7 @@ def test_arbitrary_bytes_never_escape(data: bytes) -> None:
     _assert_decoded_or_rejected(data)
 
 
+@pytest.mark.fuzz
 @_QUIET
 @_FUZZ
 @given(st.sampled_from(_MAGICS), st.binary(max_size=2048))
@@ -497,6 +499,7 @@ def test_bytes_behind_a_known_magic_never_escape(magic: bytes, tail: bytes) -> N
     _assert_decoded_or_rejected(magic + tail)
 
 
+@pytest.mark.fuzz
 @_QUIET
 @_FUZZ
 @given(

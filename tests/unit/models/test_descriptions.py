@@ -58,6 +58,7 @@ def test_from_dict_refuses_unknown_fields_and_bad_keywords():
         DefectDescription.from_dict({"name": "burr", "description": "x", "keywords": "edge"})
 
 
+@pytest.mark.fuzz
 @given(st.text(max_size=600))
 def test_any_text_is_either_clean_or_refused(text):
     try:

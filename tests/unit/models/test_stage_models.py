@@ -96,3 +96,9 @@ def test_router_predicts_a_known_category(images):
     assert CategoryRouterConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError):
         CategoryRouterConfig(categories=("a", "a"))
+    # Among the categories that have models only: "b" alone, with all the probability.
+    only_b = model.predict(images, allowed={"b", "z"})
+    assert only_b.categories == ["b"] * 3
+    assert torch.allclose(only_b.probabilities[:, 1], torch.ones(3))
+    with pytest.raises(ValueError, match="none of"):
+        model.predict(images, allowed={"z"})

@@ -1,0 +1,219 @@
+"""Fault drills on the live local cluster, with steady traffic through the retrying client.
+
+Each drill breaks one thing while three callers keep inspecting, then checks
+that no request failed after the client's retries and that every answered
+result is in the stream exactly once, and adds its figures to the fault report.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from ray.util.state import list_actors
+
+from cluster.multinode import wait_until
+from deployments.app import APP_NAME
+from loadtests.faults import FaultRow, SteadyTraffic, check_stream, stream_reader
+from tests.integration.faults.conftest import CATEGORY
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+DETECTOR = "AnomalyDetector"
+
+
+def _replicas(deployment: str) -> list:
+    return list_actors(
+        filters=[
+            ("class_name", "=", f"ServeReplica:{APP_NAME}:{deployment}"),
+            ("state", "=", "ALIVE"),
+        ]
+    )
+
+
+def _running(deployment: str) -> int:
+    app = serve.status().applications.get(APP_NAME)
+    if app is None or deployment not in app.deployments:
+        return 0
+    return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def _whole(victim_id: str) -> bool:
+    alive = {a.actor_id for a in _replicas(DETECTOR)}
+    return victim_id not in alive and _running(DETECTOR) == 2 and len(alive) == 2
+
+
+def _survived(fault_report: list, row: FaultRow, traffic: SteadyTraffic, stream) -> None:
+    """Report the row; no request failed, no result lost or doubled, no long silence."""
+    fault_report.append(row)
+    assert not traffic.failed(), traffic.failed()[:5]
+    assert stream.lost == 0 and stream.duplicated == 0, stream
+    assert row.outage_s < 10, row
+
+
+def _kill_under_load(drill, part, store, group: str, kill, tries: int = 2):
+    """Kill something ``tries`` times under traffic; ``kill()`` returns "whole again?".
+
+    Returns:
+        The traffic, the stream check, when the first kill came, the slowest recovery.
+    """
+    stream_reader(store, group)
+    recoveries = []
+    with SteadyTraffic(drill.url, part, CATEGORY) as traffic:
+        traffic.wait_for_answers(20)
+        first_kill = time.monotonic()
+        for _ in range(tries):
+            killed = time.monotonic()
+            whole = kill()
+            wait_until(whole, timeout_s=180)
+            recoveries.append(time.monotonic() - killed)
+            traffic.wait_for_answers(20)
+    stream = check_stream(store, group, traffic.answered_ids())
+    return traffic, stream, first_kill, max(recoveries)
+
+
+def test_a_replica_killed_under_load_costs_no_request(drill, part, store, fault_report):
+    def kill():
+        victim = _replicas(DETECTOR)[0]
+        # The actor, by its id: its name in Serve's namespace gives the handle.
+        ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+        return lambda: _whole(victim.actor_id)
+
+    traffic, stream, first_kill, recover_s = _kill_under_load(
+        drill, part, store, "replica-drill", kill
+    )
+    row = FaultRow.from_traffic(
+        "detector replica killed (ray.kill by actor id) under load",
+        2,
+        traffic,
+        first_kill,
+        recover_s,
+        stream,
+    )
+    _survived(fault_report, row, traffic, stream)  # the other replica kept answering
+
+
+def test_the_serve_controller_killed_under_load_costs_no_request(drill, part, store, fault_report):
+    def back() -> bool:
+        try:
+            app = serve.status().applications.get(APP_NAME)
+        except Exception:  # the controller is still restarting
+            return False
+        return app is not None and app.status == "RUNNING"
+
+    def kill():
+        controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        ray.kill(controller, no_restart=False)  # Ray restarts it, as after a crash
+        return back
+
+    traffic, stream, first_kill, recover_s = _kill_under_load(
+        drill, part, store, "controller-drill", kill
+    )
+    row = FaultRow.from_traffic(
+        "Serve controller killed under load", 2, traffic, first_kill, recover_s, stream
+    )
+    # The proxy and the replicas answer without the controller.
+    _survived(fault_report, row, traffic, stream)
+
+
+def test_redis_stopped_30_s_under_load_loses_no_result(drill, part, store, fault_report):
+    stream_reader(store, "redis-drill")
+    with SteadyTraffic(drill.url, part, CATEGORY) as traffic:
+        traffic.wait_for_answers(20)
+        drill.redis.stop()
+        stopped = time.monotonic()
+        try:
+            time.sleep(30)
+            answered_while_down = sum(
+                1 for a in traffic.answers if a.status == 200 and a.sent >= stopped
+            )
+        finally:
+            drill.redis.start()
+        restarted = time.monotonic()
+
+        def replayed() -> bool:
+            health = httpx.get(f"{drill.url}/healthz", timeout=30).json()
+            return health["redis"] == "up" and health["spooled_results"] == 0
+
+        recover_s = wait_until(replayed, timeout_s=120)
+        traffic.wait_for_answers(20)
+    stream = check_stream(store, "redis-drill", traffic.answered_ids())
+    row = FaultRow.from_traffic(
+        "Redis stopped 30 s under load, then started",
+        1,
+        traffic,
+        stopped,
+        recover_s,
+        stream,
+        answered_while_down=answered_while_down,
+        answered=stream.answered,
+        results_in_stream=stream.in_stream,
+        replayed_within_s_of_restart=round(time.monotonic() - restarted, 2),
+    )
+    _survived(fault_report, row, traffic, stream)
+    assert answered_while_down >= 20, row  # the service answered throughout
+    assert stream.in_stream == stream.answered, stream  # count and ids
+
+
+def test_a_slow_stage_times_out_quickly_and_overload_is_refused(drill, part, fault_report):
+    timeout_s, max_in_flight, flood = 1.0, 6, 24
+
+    def send(i: int) -> tuple[int, float, dict]:
+        started = time.monotonic()
+        answer = httpx.post(
+            f"{drill.url}/v1/inspect",
+            files={"image": ("part.png", part + i.to_bytes(8, "big"), "image/png")},
+            data={"category": CATEGORY},
+            timeout=60,
+        )
+        return answer.status_code, time.monotonic() - started, dict(answer.headers)
+
+    peak_in_flight = 0
+    try:
+        drill.deploy(
+            service={"request_timeout_s": timeout_s, "max_in_flight": max_in_flight},
+            deployments={"detector": {"fault_delay_s": 3.0}},
+        )
+        with ThreadPoolExecutor(flood) as pool:
+            futures = [pool.submit(send, i) for i in range(flood)]
+            while not all(f.done() for f in futures):
+                health = httpx.get(f"{drill.url}/healthz", timeout=30).json()
+                peak_in_flight = max(peak_in_flight, health["in_flight"])
+                time.sleep(0.05)
+            answers = [f.result() for f in futures]
+    finally:
+        drill.deploy(service={}, deployments={"detector": {}})
+
+    def answers_again() -> bool:
+        return send(10_000 + int(time.monotonic() * 1000))[0] == 200
+
+    recover_s = wait_until(answers_again, timeout_s=60, every_s=0.1)
+    statuses = [status for status, _, _ in answers]
+    timed_out = [seconds for status, seconds, _ in answers if status == 504]
+    refused = [(seconds, headers) for status, seconds, headers in answers if status == 503]
+    fault_report.append(
+        FaultRow(
+            "slow detector (3 s injected per batch), 24 concurrent requests",
+            tries=1,
+            requests=flood,
+            failed=sum(1 for s in statuses if s not in (503, 504)),
+            recover_s=recover_s,
+            extra={
+                "504": len(timed_out),
+                "504_slowest_s": round(max(timed_out, default=0), 2),
+                "503": len(refused),
+                "503_slowest_s": round(max((s for s, _ in refused), default=0), 2),
+                "peak_in_flight": peak_in_flight,
+                "max_in_flight": max_in_flight,
+            },
+        )
+    )
+    assert set(statuses) <= {503, 504}, statuses  # nobody waits for the slow stage
+    assert timed_out and refused, statuses
+    assert max(timed_out) < timeout_s + 1.5, timed_out  # the timeout fires on time
+    assert max(s for s, _ in refused) < 1.0, refused  # overload is refused at once
+    assert all(int(h["retry-after"]) >= 1 for _, h in refused)
+    assert peak_in_flight <= max_in_flight  # the router's queue is bounded
