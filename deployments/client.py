@@ -25,6 +25,7 @@ import asyncio
 import base64
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -86,16 +87,21 @@ def _retryable(error: Exception) -> bool:
 
 
 class _Retrying:
-    """A client's retry loop, counting the tries it repeated (``retried``)."""
+    """A client's retry loop, counting the tries it repeated by what failed them.
+
+    ``because`` counts them by HTTP status (0: no connection) or, for a Ray
+    error by handle, by the error's type name.
+    """
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-        self.retried = 0
+        self.because: Counter[int | str] = Counter()
 
     def _give_up(self, attempt: int, error: Exception) -> bool:
         if attempt + 1 == self.policy.attempts or not _retryable(error):
             return True
-        self.retried += 1
+        reason = error.status if isinstance(error, InspectionFailed) else type(error).__name__
+        self.because[reason] += 1
         return False
 
     def sync(self, call: Callable[[], T]) -> T:
@@ -148,9 +154,9 @@ class HandleClient:
         self._handle: Any = None
 
     @property
-    def retried(self) -> int:
-        """Tries this client repeated after a transient failure, since it was made."""
-        return self._retrying.retried
+    def retried(self) -> Counter[int | str]:
+        """Tries this client repeated since it was made, by the status that failed them."""
+        return self._retrying.because
 
     @property
     def handle(self) -> Any:
@@ -220,9 +226,9 @@ class HttpClient:
         self._headers, self._timeout = headers, timeout_s
 
     @property
-    def retried(self) -> int:
-        """Tries this client repeated after a transient failure, since it was made."""
-        return self._retrying.retried
+    def retried(self) -> Counter[int | str]:
+        """Tries this client repeated since it was made, by the status that failed them."""
+        return self._retrying.because
 
     @staticmethod
     def _checked(response: httpx.Response) -> dict[str, Any]:

@@ -709,10 +709,7 @@ class Router(_Router):
         try:
             content_type = request.headers.get("content-type", "")
             if content_type.startswith("multipart/form-data"):
-                try:
-                    form = await request.form()
-                except StarletteHTTPException as error:  # a body that is not multipart
-                    raise _Problem(422, f"unreadable multipart body: {error.detail}") from error
+                form = await request.form()  # unreadable: 422 from _http_error
                 upload = form.get("image")
                 if upload is None or isinstance(upload, str):
                     raise _Problem(422, "the form has no file field named 'image'")

@@ -133,9 +133,9 @@ class SteadyTraffic:
             time.sleep(0.05)
 
     @property
-    def retried(self) -> int:
-        """Tries the callers repeated after a transient failure."""
-        return sum(client.retried for client in self.clients)
+    def retried(self) -> Counter[int | str]:
+        """Tries the callers repeated, by the status that failed them."""
+        return sum((client.retried for client in self.clients), Counter())
 
     def failed(self) -> list[Answer]:
         """The requests that failed even after the retries."""
@@ -221,7 +221,8 @@ class FaultRow:
         requests: requests sent meanwhile (or the attack's requests).
         failed: requests that failed after the client's retries (for attacks:
             answers other than the expected clear 4xx, e.g. a 500).
-        retried: tries the client repeated (failures callers without retries see).
+        retried: tries the client repeated (failures callers without retries see);
+            ``extra["retried_because"]`` gives their statuses.
         results_lost: answered results missing from the stream (or duplicated).
         recover_s: seconds until the service was whole again (the slowest try).
         outage_s: the longest time without an answer.
@@ -255,11 +256,11 @@ class FaultRow:
             tries=tries,
             requests=len(traffic.answers),
             failed=len(traffic.failed()),
-            retried=traffic.retried,
+            retried=traffic.retried.total(),
             results_lost=None if stream is None else stream.lost + stream.duplicated,
             recover_s=recover_s,
             outage_s=traffic.longest_silence(broken_at),
-            extra=extra,
+            extra=({"retried_because": dict(traffic.retried)} if traffic.retried else {}) | extra,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised(
 
     retrying = _Retrying(RetryPolicy(attempts=4))
     assert retrying.sync(flaky) == "answer" and len(calls) == 3
-    assert retrying.retried == 2  # two tries repeated
+    assert retrying.because == {503: 2}  # two tries repeated, both for a 503
     calls.clear()
 
     def refused():
@@ -43,7 +43,7 @@ def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised(
 
     with pytest.raises(InspectionFailed):
         retrying.sync(refused)
-    assert len(calls) == 1 and retrying.retried == 2  # a refusal is not retried
+    assert len(calls) == 1 and retrying.because == {503: 2}  # a refusal is not retried
     calls.clear()
 
     def down():
