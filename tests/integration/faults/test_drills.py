@@ -75,15 +75,33 @@ def _kill_under_load(drill, part, store, group: str, kill, tries: int = 2):
     return traffic, stream, first_kill, max(recoveries)
 
 
+def _busy_replica(deployment: str, timeout_s: float = 30.0):
+    """A replica of ``deployment`` holding requests now: its state entry and actor handle.
+
+    Serve sends a model's requests to the replicas that have it loaded, so under
+    light traffic one replica may hold them all while another stays idle; killing
+    the idle one would test nothing. Each replica actor counts its ongoing requests.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in _replicas(deployment):
+            actor = ray.get_actor(entry.name, namespace="serve")
+            if ray.get(actor.get_num_ongoing_requests.remote(), timeout=10) > 0:
+                return entry, actor
+        time.sleep(0.02)
+    raise TimeoutError(f"no {deployment} replica held a request within {timeout_s:.0f} s")
+
+
 def test_a_replica_killed_under_load_costs_no_request(drill, part, store, fault_report):
     def kill():
-        victim = _replicas(DETECTOR)[0]
-        # The actor, by its id: its name in Serve's namespace gives the handle.
-        ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+        # The actor, by its id (its name in Serve's namespace gives the handle).
+        victim, actor = _busy_replica(DETECTOR)
+        ray.kill(actor, no_restart=True)
         return lambda: _whole(victim.actor_id)
 
-    # Each batch waits 0.3 s, so the victim always dies with requests in it: the
-    # router must answer those 503 and the client must retry them elsewhere.
+    # Each batch waits 0.3 s and the victim is a replica with requests in it, so
+    # it always dies holding some: the router must answer those 503 and the
+    # client must retry them elsewhere.
     drill.deploy(deployments={"detector": {"fault_delay_s": 0.3}})
     try:
         traffic, stream, first_kill, recover_s = _kill_under_load(
