@@ -20,6 +20,7 @@ import redis
 import torch
 from PIL import Image
 
+from deployments.imaging import encode_png
 from loadtests.faults import FaultRow
 from models.artifacts import ArtifactRegistry
 from tests.integration.faults.conftest import CATEGORY
@@ -87,9 +88,7 @@ def _record(
 
 
 def _png(seed: int, size: int = 96) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (size, size), (seed % 256, 90, 60)).save(out, "PNG")
-    return out.getvalue()
+    return encode_png(Image.new("RGB", (size, size), (seed % 256, 90, 60)))
 
 
 def test_bad_images_and_bodies_get_a_clear_4xx(drill, fault_report):
@@ -342,8 +341,9 @@ def _inspect_after_promotion(
     deadline = time.monotonic() + 30
     while True:  # until the router serves the promoted version
         models = httpx.get(f"{drill.url}/healthz", timeout=30).json()["models"]
-        if f"{CATEGORY}@{version}" in str(models) or time.monotonic() > deadline:
+        if models.get(f"{CATEGORY}/detector") == version:
             break
+        assert time.monotonic() < deadline, f"version {version} not served after 30 s: {models}"
         time.sleep(0.5)
     return [_multipart(drill.url, _png(100 + i)) for i in range(TRIES)]
 
