@@ -17,11 +17,13 @@ key, a truncated image) exit with status 2 and one clear line, not a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from cluster import serving_commands, training_commands
+from cluster.arguments import add_command as add
+from cluster.arguments import dataset_choices, dataset_root, print_json, registry, settings
 
 EXIT_USER_ERROR = 2
 
@@ -29,18 +31,6 @@ EXIT_USER_ERROR = 2
 # classes the check requires (the rest are reported, not required).
 CHECK_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 REQUIRED_CLASSES = {"chelsea": 285, "coffee": 967}  # Egyptian cat, espresso
-
-
-def _print_json(payload: Any) -> None:
-    json.dump(payload, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
-def _config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing pydantic at parse time
-    from models.config import load_config
-
-    return load_config(args.config)
 
 
 # -- weights -----------------------------------------------------------------------
@@ -72,7 +62,7 @@ def weights_check() -> tuple[dict[str, int], list[str]]:
 def cmd_weights_check(args: argparse.Namespace) -> int:
     """Print each photo's top-1 ImageNet class; fail if a required one is wrong."""
     top1, failures = weights_check()
-    _print_json(top1)
+    print_json(top1)
     for failure in failures:
         print(f"error: pretrained weights check failed: {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -97,16 +87,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     if args.preview:
         render_preview(Path(args.out), Path(args.preview))
         print(f"preview written to {args.preview}", file=sys.stderr)
-    _print_json(manifest)
+    print_json(manifest)
     return 0
-
-
-def _dataset_root(args: argparse.Namespace) -> Path | None:
-    if args.root:
-        return Path(args.root)
-    if args.dataset == "synthetic":
-        return _config(args).data.root / "synthetic"
-    return None
 
 
 def cmd_data_show(args: argparse.Namespace) -> int:
@@ -114,51 +96,44 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     from models.data import load_dataset
     from models.data.registry import verify_images
 
-    dataset = load_dataset(args.dataset, _dataset_root(args))
+    dataset = load_dataset(args.dataset, dataset_root(args))
     if args.verify:
         checked = verify_images(dataset)
         print(f"verified {checked} image files: all decode", file=sys.stderr)
-    _print_json(dataset.summary())
+    print_json(dataset.summary())
     return 0
 
 
 # -- registry ----------------------------------------------------------------------
 
 
-def _registry(args: argparse.Namespace):  # noqa: ANN202
-    from models.artifacts import ArtifactRegistry
-
-    return ArtifactRegistry(args.registry or _config(args).registry.uri)
-
-
 def cmd_registry_list(args: argparse.Namespace) -> int:
     """List categories, stages, versions and aliases."""
-    registry = _registry(args)
+    store = registry(args)
     listing = {
         category: {
             stage: {
-                "versions": registry.versions(category, stage),
-                "aliases": registry.aliases(category, stage),
+                "versions": store.versions(category, stage),
+                "aliases": store.aliases(category, stage),
             }
-            for stage in registry.stages(category)
+            for stage in store.stages(category)
         }
-        for category in registry.categories()
+        for category in store.categories()
     }
-    _print_json({"registry": registry.uri, "artifacts": listing})
+    print_json({"registry": store.uri, "artifacts": listing})
     return 0
 
 
 def cmd_registry_show(args: argparse.Namespace) -> int:
     """Print one artifact's manifest."""
-    _print_json(_registry(args).manifest(args.category, args.stage, args.ref).model_dump())
+    print_json(registry(args).manifest(args.category, args.stage, args.ref).model_dump())
     return 0
 
 
 def cmd_registry_promote(args: argparse.Namespace) -> int:
     """Point an alias (default ``production``) at a version."""
-    registry = _registry(args)
-    registry.promote(args.category, args.stage, args.version, args.alias)
-    _print_json({"category": args.category, "stage": args.stage, args.alias: args.version})
+    registry(args).promote(args.category, args.stage, args.version, args.alias)
+    print_json({"category": args.category, "stage": args.stage, args.alias: args.version})
     return 0
 
 
@@ -167,7 +142,7 @@ def cmd_registry_promote(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     """Print the effective configuration (file + environment + defaults)."""
-    _print_json(_config(args).model_dump(mode="json"))
+    print_json(settings(args).model_dump(mode="json"))
     return 0
 
 
@@ -179,21 +154,21 @@ def cmd_walkthrough(args: argparse.Namespace) -> int:
     from models.data import load_dataset
     from models.data.synthetic import generate, render_preview
 
-    config = _config(args)
+    config = settings(args)
 
     def step(title: str) -> None:
         print(f"\n== {title}", file=sys.stderr)
 
     step("1/4 pretrained EfficientNet-Lite0 from its package: top-1 ImageNet class per photo")
     top1, failures = weights_check()
-    _print_json(top1)
+    print_json(top1)
     if failures:
         for failure in failures:
             print(f"error: {failure}", file=sys.stderr)
         return 1
 
     step("2/4 ELPV solar cells (real electroluminescence images, from the elpv-dataset package)")
-    _print_json(load_dataset("elpv").summary())
+    print_json(load_dataset("elpv").summary())
 
     out = config.data.root / "synthetic"
     step(f"3/4 synthetic industrial defects in {out}")
@@ -209,11 +184,11 @@ def cmd_walkthrough(args: argparse.Namespace) -> int:
         )
     preview = out / "preview.png"
     render_preview(out, preview)
-    _print_json(load_dataset("synthetic", out).summary())
+    print_json(load_dataset("synthetic", out).summary())
     print(f"one image per defect type: {preview}", file=sys.stderr)
 
     step("4/4 configuration in effect")
-    _print_json(config.model_dump(mode="json"))
+    print_json(config.model_dump(mode="json"))
     print("\nNext: `make test` runs the test suite.", file=sys.stderr)
     return 0
 
@@ -226,13 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inspectray", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file (default: $INSPECTRAY_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def add(
-        sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int]
-    ) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=(func.__doc__ or "").splitlines()[0])
-        command.set_defaults(func=func)
-        return command
 
     weights = commands.add_parser("weights", help="pretrained weights").add_subparsers(
         dest="action", required=True
@@ -252,12 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument(
         "--dataset",
         required=True,
-        choices=["elpv", "synthetic", "mvtec-ad", "mvtec-screws", "coco"],
+        choices=dataset_choices(),
     )
     show.add_argument("--root", help="dataset folder (ELPV: the installed package by default)")
     show.add_argument("--verify", action="store_true", help="decode every image to find bad files")
 
-    registry = commands.add_parser("registry", help="trained artifacts").add_subparsers(
+    artifacts = commands.add_parser("registry", help="trained artifacts").add_subparsers(
         dest="action", required=True
     )
     for name, func in (
@@ -265,14 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("show", cmd_registry_show),
         ("promote", cmd_registry_promote),
     ):
-        command = add(registry, name, func)
+        command = add(artifacts, name, func)
         command.add_argument("--registry", help="registry folder or URL (default: config)")
         if name != "list":
             command.add_argument("category")
             command.add_argument("stage")
-    registry.choices["show"].add_argument("ref", nargs="?", default="production")
-    registry.choices["promote"].add_argument("version")
-    registry.choices["promote"].add_argument("--alias", default="production")
+    artifacts.choices["show"].add_argument("ref", nargs="?", default="production")
+    artifacts.choices["promote"].add_argument("version")
+    artifacts.choices["promote"].add_argument("--alias", default="production")
 
     config = commands.add_parser("config", help="configuration").add_subparsers(
         dest="action", required=True
@@ -280,10 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(config, "show", cmd_config_show)
     add(commands, "walkthrough", cmd_walkthrough)
 
-    from cluster import serving_commands, training_commands
-
-    training_commands.add_commands(commands, add)
-    serving_commands.add_commands(commands, add)
+    training_commands.add_commands(commands)
+    serving_commands.add_commands(commands)
     return parser
 
 

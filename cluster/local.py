@@ -27,7 +27,7 @@ import httpx
 
 from cluster.redis_server import RedisServer, free_port
 from models.artifacts import ArtifactRegistry
-from models.stages import DETECTOR, ROUTER_CATEGORY
+from models.stages import DETECTOR, SHARED_CATEGORY
 
 
 class LocalClusterError(RuntimeError):
@@ -39,7 +39,7 @@ def has_models(registry: ArtifactRegistry) -> bool:
     return any(
         DETECTOR in registry.stages(category)
         for category in registry.categories()
-        if category != ROUTER_CATEGORY
+        if category != SHARED_CATEGORY
     )
 
 

@@ -15,15 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.arguments import add_command, print_json, settings
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start Ray, Redis and the app on this machine; train a quick set when none exists."""
-    from cluster.cli import _config
     from cluster.local import LocalCluster
 
-    registry = args.registry or _config(args).registry.uri
+    registry = args.registry or settings(args).registry.uri
     # stdout carries this command's JSON alone: Ray's worker logs go to stderr.
     sys.stdout.flush()
     summary_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -69,7 +70,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Inspect image files through a running service; one JSON result per image."""
-    from cluster.cli import _print_json
     from deployments.client import HttpClient, InspectionFailed, RetryPolicy
     from models.data.sample import DataError
 
@@ -100,17 +100,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 )
     finally:
         client.close()
-    _print_json(results)
+    print_json(results)
     return 1 if failed else 0
 
 
 def cmd_keys_add(args: argparse.Namespace) -> int:
     """Create an API key (printed once; only its hash is stored)."""
-    from cluster.cli import _print_json
-
     store = _store(args)
     key = store.add_api_key(args.tenant, args.category or None, args.rate)
-    _print_json(
+    print_json(
         {
             "tenant": args.tenant,
             "key": key,
@@ -123,10 +121,8 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     """Revoke an API key."""
-    from cluster.cli import _print_json
-
     revoked = _store(args).revoke_api_key(args.key)
-    _print_json({"revoked": revoked})
+    print_json({"revoked": revoked})
     return 0 if revoked else 1
 
 
@@ -159,11 +155,10 @@ def cmd_results_follow(args: argparse.Namespace) -> int:
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:
     """Regenerate the RayService's serveConfigV2 from the app builder and serving YAML."""
-    from cluster.cli import _print_json
     from cluster.k8s import render_all
 
     up_to_date = render_all(check=args.check)
-    _print_json({"up_to_date": up_to_date, "checked_only": args.check})
+    print_json({"up_to_date": up_to_date, "checked_only": args.check})
     if args.check and not all(up_to_date.values()):
         stale = [name for name, ok in up_to_date.items() if not ok]
         print(f"stale: {stale}; run `inspectray k8s render`", file=sys.stderr)
@@ -173,13 +168,13 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark the DAG beside a naive server and the detectors' ceiling; JSON + report."""
-    from cluster.cli import _config
-    from loadtests.bench import BenchSettings, run_bench
+    from cluster.bench import run_bench
+    from loadtests.bench import BenchSettings
 
     if args.users < 1 or args.duration <= 0 or args.warmup < 0:
         raise ValueError("--users must be at least 1, --duration positive, --warmup >= 0")
-    settings = BenchSettings(
-        registry=args.registry or _config(args).registry.uri,
+    bench = BenchSettings(
+        registry=args.registry or settings(args).registry.uri,
         users=args.users,
         duration_s=args.duration,
         warmup_s=args.warmup,
@@ -198,7 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     saved_stdout = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:
-        result = run_bench(settings)
+        result = run_bench(bench)
     finally:
         sys.stdout.flush()
         os.dup2(saved_stdout, sys.stdout.fileno())
@@ -210,15 +205,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from cluster.cli import _config
     from deployments.store import RedisStore
 
-    url = args.redis_url or os.environ.get("REDIS_URL") or _config(args).redis.url
+    url = args.redis_url or os.environ.get("REDIS_URL") or settings(args).redis.url
     return RedisStore(url, Path(args.workdir) / "spool", socket_timeout_s=5)
 
 
-def add_commands(commands: Any, add: Any) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the serving commands on the CLI's subparsers."""
+    add = add_command
     serve = add(commands, "serve", cmd_serve)
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (8000)")
     serve.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: all)")

@@ -1,11 +1,13 @@
 """``inspectray train``, ``inspectray tune`` and ``inspectray eval``.
 
-    inspectray train {detector|verifier|router|all} --dataset NAME [--root DIR]
+    inspectray train {STAGE|all} --dataset NAME [--root DIR]
         [--category C] [--epochs N] [--num-workers W] [--use-gpu] [--registry DIR]
-    inspectray tune {detector|verifier} --dataset NAME [--root DIR] --num-samples N
+    inspectray tune STAGE --dataset NAME [--root DIR] --num-samples N
         [--max-epochs N] [--registry DIR]
-    inspectray eval --dataset NAME [--root DIR] [--registry DIR] --out metrics.json
-        [--report DIR]
+    inspectray eval --dataset NAME [--root DIR] [--registry DIR] [--config serving.yaml]
+        --out metrics.json [--report DIR]
+
+The stages are those :data:`models.stages.STAGES` declares.
 
 Training and sweeps run on Ray (a local cluster, or the one ``RAY_ADDRESS`` names);
 each epoch prints a log line; the result is printed as JSON.
@@ -18,13 +20,14 @@ import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-DATASET_CHOICES = ["elpv", "synthetic", "mvtec-ad", "mvtec-screws", "coco"]
-TRAINABLE = ("detector", "verifier", "router", "classifier", "reranker", "localizer", "all")
-SWEEPABLE = ("detector", "verifier", "classifier", "reranker", "localizer")
+from cluster.arguments import add_command, dataset_choices, dataset_root, print_json, registry
+from models.stages import STAGES
+
+ALL = "all"
+SWEEPABLE = tuple(name for name, stage in STAGES.items() if stage.sweepable)
 # The option that sets each model-config key (model options are named as such).
 OPTION_OF = {
     "input_size": "--input-size",
@@ -38,13 +41,12 @@ N_HEATMAPS = 4  # Grad-CAM examples per kind (worst false positives, negatives, 
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from cluster.cli import _dataset_root, _registry
     from models.data import load_dataset
 
-    dataset = load_dataset(args.dataset, _dataset_root(args))
+    dataset = load_dataset(args.dataset, dataset_root(args))
     if getattr(args, "hold_out", None):
         dataset = dataset.without_labels(args.hold_out)
-    return dataset, _registry(args)
+    return dataset, registry(args)
 
 
 def _descriptions(path: str | None) -> list[dict[str, Any]] | None:
@@ -83,7 +85,7 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
     from models.config import ConfigError
 
     options = getattr(args, "model_option", None) or []
-    if options and args.stage == "all":
+    if options and args.stage == ALL:
         raise ConfigError("--model-option applies to one stage, not 'all'")
     found: dict[str, Any] = {}
     for option in options:
@@ -99,19 +101,16 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_fields(stage: str) -> set[str]:
     """The fields of a stage's model config."""
-    from models.stages import STAGE_MODELS
-
-    return {f.name for f in dataclasses.fields(STAGE_MODELS[stage][0])}
+    return {f.name for f in dataclasses.fields(STAGES[stage].config_type)}
 
 
 def _check_options(overrides: dict[str, Any], stage: str) -> None:
     """Refuse a model-config override that the stage (with ``all``: every stage) lacks."""
     from models.config import ConfigError
 
-    stages = [s for s in TRAINABLE if s != "all"]
     for key in overrides:
-        having = [s for s in stages if key in config_fields(s)]
-        if stage in having or (stage == "all" and having):
+        having = [s for s in STAGES if key in config_fields(s)]
+        if stage in having or (stage == ALL and having):
             continue
         if key not in OPTION_OF:
             fields = sorted(config_fields(stage))
@@ -129,7 +128,8 @@ def stage_settings(settings: Any, stage: str) -> Any:
     return dataclasses.replace(settings, model_config=config)
 
 
-def _settings(args: argparse.Namespace, epochs: int) -> Any:
+def train_settings(args: argparse.Namespace, epochs: int) -> Any:
+    """The TrainSettings the command's options ask for (model options checked)."""
     from tune.trainer import TrainSettings
 
     overrides: dict[str, Any] = {"input_size": args.input_size} if args.input_size else {}
@@ -164,30 +164,32 @@ def _settings(args: argparse.Namespace, epochs: int) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train stages on Ray Train, register and promote them, refit the decision rules."""
-    from tune.trainer import STAGES_IN_ORDER, has_boxes, has_labelled_defects, train_stage
+    from tune.trainer import has_boxes, has_labelled_defects, train_stage
 
-    dataset, registry = _load(args)
+    dataset, store = _load(args)
     categories = _categories(dataset, args.category)
-    stages = STAGES_IN_ORDER if args.stage == "all" else (args.stage,)
-    settings = _settings(args, args.epochs)
+    stages = list(STAGES) if args.stage == ALL else [args.stage]
+    settings = train_settings(args, args.epochs)
     results = []
-    for stage in stages:
-        if args.stage == "all" and stage == "localizer" and not has_boxes(dataset):
-            print("no localizer: the training split has no boxes", file=sys.stderr)
+    for name in stages:
+        stage = STAGES[name]
+        if args.stage == ALL and stage.needs == "boxes" and not has_boxes(dataset):
+            print(f"no {name}: the training split has no boxes", file=sys.stderr)
             continue
-        for category in categories[:1] if stage in ("router", "localizer") else categories:
-            skip = args.stage == "all" and stage in ("classifier", "reranker")
-            if skip and not has_labelled_defects(dataset, category):
-                print(f"no {stage} for {category}: no labelled defects", file=sys.stderr)
+        for category in categories[:1] if stage.shared else categories:
+            if (
+                args.stage == ALL
+                and stage.needs == "labelled-defects"
+                and not has_labelled_defects(dataset, category)
+            ):
+                print(f"no {name} for {category}: no labelled defects", file=sys.stderr)
                 continue
-            target = "every category" if stage in ("router", "localizer") else category
-            print(f"training {stage} for {target} on {args.num_workers} worker(s)", file=sys.stderr)
+            target = "every category" if stage.shared else category
+            print(f"training {name} for {target} on {args.num_workers} worker(s)", file=sys.stderr)
             results.append(
-                train_stage(registry, dataset, stage, category, stage_settings(settings, stage))
+                train_stage(store, dataset, name, category, stage_settings(settings, name))
             )
-    from cluster.cli import _print_json
-
-    _print_json({"dataset": dataset.name, "registry": registry.uri, "trained": results})
+    print_json({"dataset": dataset.name, "registry": store.uri, "trained": results})
     return 0
 
 
@@ -195,35 +197,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Sweep lr x batch size x optimizer with ASHA; promote each category's best trial."""
     from tune.sweep import sweep_stage
 
-    dataset, registry = _load(args)
-    settings = _settings(args, args.max_epochs)
+    dataset, store = _load(args)
+    settings = train_settings(args, args.max_epochs)
     # Tune prints its trial table on stdout; this command's stdout is its JSON.
     with contextlib.redirect_stdout(sys.stderr):
         sweeps = [
             sweep_stage(
-                registry, dataset, args.stage, category, args.num_samples, settings, args.mlflow_uri
+                store, dataset, args.stage, category, args.num_samples, settings, args.mlflow_uri
             )
-            # One localizer serves every category: sweep it once.
+            # A shared stage serves every category: sweep it once.
             for category in _categories(dataset, args.category)[
-                : 1 if args.stage == "localizer" else None
+                : 1 if STAGES[args.stage].shared else None
             ]
         ]
-    from cluster.cli import _print_json
-
-    _print_json({"dataset": dataset.name, "stage": args.stage, "sweeps": sweeps})
+    print_json({"dataset": dataset.name, "stage": args.stage, "sweeps": sweeps})
     return 0
 
 
-def _histories_and_sweeps(registry: Any, categories: list[str]) -> tuple[dict, dict]:
-    from models.stages import CLASSIFIER, DETECTOR, RERANKER, ROUTER, ROUTER_CATEGORY, VERIFIER
+def _histories_and_sweeps(store: Any, plan: Any, evaluated: set[str]) -> tuple[dict, dict]:
+    """The training curves and sweeps of the evaluated categories' models and the shared ones."""
+    from models.inspection.plan import split_model_id
+    from models.stages import SHARED_CATEGORY
 
     histories, sweeps = {}, {}
-    owners = [(c, s) for c in categories for s in (DETECTOR, VERIFIER, CLASSIFIER, RERANKER)]
-    owners.append((ROUTER_CATEGORY, ROUTER))
-    for category, stage in owners:
-        if category not in registry.categories() or stage not in registry.stages(category):
+    for stage, model_id in plan.model_ids():
+        category, version = split_model_id(model_id)
+        if category not in evaluated | {SHARED_CATEGORY}:
             continue
-        metrics = registry.manifest(category, stage).metrics
+        metrics = store.manifest(category, stage, version).metrics
         key = f"{category}/{stage}"
         if metrics.get("history"):
             histories[key] = metrics["history"]
@@ -232,7 +233,7 @@ def _histories_and_sweeps(registry: Any, categories: list[str]) -> tuple[dict, d
     return histories, sweeps
 
 
-def _heatmaps(pipeline: Any, records: list[Any]) -> dict[str, Any]:
+def _heatmaps(inspector: Any, records: list[Any]) -> dict[str, Any]:
     """Grad-CAM maps of the worst false positives and negatives and the surest defects."""
     from models.data.sample import read_image
 
@@ -249,26 +250,25 @@ def _heatmaps(pipeline: Any, records: list[Any]) -> dict[str, Any]:
         key=lambda r: -r.anomaly_score,
     )
     chosen = fp[:N_HEATMAPS] + fn[:N_HEATMAPS] + tp[:N_HEATMAPS]
-    maps = {}
-    for record in chosen:
-        inspection = pipeline.inspect(
-            [read_image(Path(record.image_path))], [record.category], explain=True
-        )[0]
-        maps[record.sample_id] = inspection.heatmap
-    return maps
+    explained = inspector.inspect_images(
+        [read_image(Path(r.image_path)) for r in chosen],
+        [r.category for r in chosen],
+        explain=True,
+    )
+    return {r.sample_id: found.detected.heatmap for r, found in zip(chosen, explained, strict=True)}
 
 
-def _models_of(stage: str, dataset: Any, registry: Any, wanted: str | None) -> list[str]:
+def _models_of(stage: str, dataset: Any, store: Any, wanted: str | None) -> list[str]:
     """The dataset's categories that have a production ``stage`` in the registry."""
     categories = [
         c
         for c in _categories(dataset, wanted)
-        if c in registry.categories() and stage in registry.stages(c)
+        if c in store.categories() and stage in store.stages(c)
     ]
     if not categories:
         from models.artifacts import ArtifactError
 
-        raise ArtifactError(f"no category of {dataset.name!r} has a {stage} in {registry.uri}")
+        raise ArtifactError(f"no category of {dataset.name!r} has a {stage} in {store.uri}")
     return categories
 
 
@@ -276,14 +276,12 @@ def cmd_refit_prototypes(args: argparse.Namespace) -> int:
     """Refit each classifier's prototypes and class priors on the current training split."""
     from tune.trainer import refit_prototypes
 
-    dataset, registry = _load(args)
+    dataset, store = _load(args)
     refitted = {
-        c: refit_prototypes(registry, dataset, c)
-        for c in _models_of("classifier", dataset, registry, args.category)
+        c: refit_prototypes(store, dataset, c)
+        for c in _models_of("classifier", dataset, store, args.category)
     }
-    from cluster.cli import _print_json
-
-    _print_json({"dataset": dataset.name, "refitted": refitted})
+    print_json({"dataset": dataset.name, "refitted": refitted})
     return 0
 
 
@@ -295,20 +293,19 @@ def cmd_refit_fusion(args: argparse.Namespace) -> int:
     """
     from tune.trainer import refit_fusion
 
-    dataset, registry = _load(args)
+    dataset, store = _load(args)
     refitted = {
-        c: refit_fusion(registry, dataset.samples, c)
-        for c in _models_of("reranker", dataset, registry, args.category)
+        c: refit_fusion(store, dataset.samples, c)
+        for c in _models_of("reranker", dataset, store, args.category)
     }
-    from cluster.cli import _print_json
-
-    _print_json({"dataset": dataset.name, "refitted": refitted})
+    print_json({"dataset": dataset.name, "refitted": refitted})
     return 0
 
 
-def _register_descriptions(pipeline: Any, args: argparse.Namespace) -> None:
+def _register_descriptions(inspector: Any, args: argparse.Namespace) -> None:
     """Register ``--describe`` (built-in) and ``--descriptions`` types with every reranker."""
     from models.descriptions import BUILTIN, DescriptionCatalog, DescriptionError
+    from models.stages import RERANKER
 
     catalog = DescriptionCatalog.from_list(_descriptions(args.descriptions) or [])
     for name in args.describe or []:
@@ -319,32 +316,49 @@ def _register_descriptions(pipeline: Any, args: argparse.Namespace) -> None:
         catalog.register(BUILTIN[name])
     if not len(catalog):
         return
-    ranked = [c for c, stages in pipeline.stages.items() if stages.reranker is not None]
+    ranked = [c for c, models in inspector.plan.categories.items() if models.has(RERANKER)]
     if not ranked:
         raise DescriptionError("no category has a reranker to rank the described types")
     for category in ranked:
         for name in catalog.names:
-            pipeline.register_description(category, catalog[name])
+            inspector.register_description(category, catalog[name])
+
+
+def evaluation_inspector(store: Any, serving_config: str | Path | None = None) -> Any:
+    """The flow ``inspectray eval`` judges with: the served plan, every part typed.
+
+    Args:
+        store: the artifact registry.
+        serving_config: the serving YAML whose pinned versions and rule
+            overrides the service runs with (None: the packaged one).
+    """
+    from deployments.config import load_serving_config
+    from models.inspection import Coverage, LocalInspector
+
+    service = load_serving_config(serving_config).service
+    return LocalInspector(store, service.versions, service.rules, Coverage.TYPE_ALL)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Run the InspectionPipeline over the test split; write metrics and a report."""
-    from models.evaluation.run import evaluate
-    from models.pipeline import InspectionPipeline
+    """Inspect the test split through the served flow; write metrics and a report.
 
-    dataset, registry = _load(args)
-    pipeline = InspectionPipeline.from_registry(
-        registry, [c for c in dataset.categories if c in registry.categories()] or None
-    )
-    _register_descriptions(pipeline, args)
-    records, metrics = evaluate(pipeline, dataset, split=args.split, route=args.route)
+    The models, pinned versions and rule overrides are those the serving YAML
+    (``--config``) makes the service use.
+    """
+    from models.evaluation.run import evaluate
+
+    dataset, store = _load(args)
+    inspector = evaluation_inspector(store, args.serving_config)
+    _register_descriptions(inspector, args)
+    records, metrics = evaluate(inspector, dataset, split=args.split, route=args.route)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     if args.report:
         from models.evaluation.report import write_report
 
-        histories, sweeps = _histories_and_sweeps(registry, pipeline.categories)
+        evaluated = {r.category for r in records}
+        histories, sweeps = _histories_and_sweeps(store, inspector.plan, evaluated)
         report = write_report(
             Path(args.report),
             dataset=dataset.name,
@@ -352,20 +366,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             metrics=metrics,
             histories=histories,
             sweeps=sweeps,
-            heatmaps=_heatmaps(pipeline, records),
+            heatmaps=_heatmaps(inspector, records),
         )
         (Path(args.report) / "records.json").write_text(
             json.dumps([r.to_dict() for r in records], indent=1) + "\n"
         )
         print(f"report: {report}", file=sys.stderr)
-    from cluster.cli import _print_json
-
-    _print_json(metrics)
+    print_json(metrics)
     return 0
 
 
 def _common(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
+    command.add_argument("--dataset", required=True, choices=dataset_choices())
     command.add_argument("--root", help="dataset folder (ELPV: the installed package by default)")
     command.add_argument("--registry", help="registry folder or URL (default: config)")
 
@@ -431,13 +443,11 @@ def _training_options(command: argparse.ArgumentParser) -> None:
     )
 
 
-def add_commands(
-    commands: argparse._SubParsersAction,
-    add: Callable[..., argparse.ArgumentParser],
-) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register train, tune and eval on the main parser."""
+    add = add_command
     train = add(commands, "train", cmd_train)
-    train.add_argument("stage", choices=TRAINABLE)
+    train.add_argument("stage", choices=[*STAGES, ALL])
     _common(train)
     _training_options(train)
     train.add_argument("--epochs", type=int, default=8, help="maximum epochs (early stopping)")
@@ -469,6 +479,12 @@ def add_commands(
     evaluate.add_argument("--out", required=True, help="metrics JSON file")
     evaluate.add_argument("--report", help="folder for report.md and its plots")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument(
+        "--config",
+        dest="serving_config",
+        help="serving YAML whose pinned versions and rule overrides to evaluate "
+        "(default: deployments/serving.yaml)",
+    )
     evaluate.add_argument(
         "--describe",
         action="append",

@@ -15,10 +15,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
-from deployments.config import DeploymentSpec, ServingConfig, load_serving_config
+from deployments.config import INGRESS, DeploymentSpec, ServingConfig, load_serving_config
 from deployments.router import Router
 from deployments.stages import STAGE_DEPLOYMENTS
 from models.config import load_config
+from models.stages import DEPLOYED_STAGES, STAGES
 
 APP_NAME = "inspectray"
 
@@ -65,20 +66,14 @@ def deployment_options(spec: DeploymentSpec, user_config: dict[str, Any]) -> dic
     }
 
 
-# Each deployment's key in the serving YAML and its name in Serve.
-DEPLOYMENT_NAMES = {
-    "router": "Router",
-    "detector": "AnomalyDetector",
-    "verifier": "AutoencoderVerifier",
-    "classifier": "DefectClassifier",
-    "localizer": "DefectLocalizer",
-    "reranker": "Reranker",
-}
+# Each deployment's key in the serving YAML and its name in Serve: the ingress,
+# then every stage that declares a deployment (models.stages.STAGES).
+DEPLOYMENT_NAMES = {INGRESS: "Router"} | {name: STAGES[name].deployment for name in DEPLOYED_STAGES}
 
 
 def user_config(serving: ServingConfig, key: str) -> dict[str, Any]:
     """The ``user_config`` of deployment ``key`` (``router``, ``detector``, ...)."""
-    if key == "router":
+    if key == INGRESS:
         return router_user_config(serving)
     return serving.deployments[key].user_config()
 
@@ -87,7 +82,7 @@ def router_user_config(serving: ServingConfig) -> dict[str, Any]:
     """The router's ``user_config``: the service settings, the spool as an absolute path."""
     service = serving.service.model_dump()
     service["spool_dir"] = str(Path(service["spool_dir"]).expanduser().resolve())
-    return service | {"torch_threads": serving.deployments["router"].torch_threads}
+    return service | {"torch_threads": serving.deployments[INGRESS].torch_threads}
 
 
 def serve_config(
@@ -115,7 +110,7 @@ def serve_config(
 
 
 def build_app(args: AppArgs) -> Application:
-    """The router and the five model stages, each with its options from the serving YAML.
+    """The router and the model stages, each with its options from the serving YAML.
 
     Raises:
         ConfigError: an invalid serving or inspectray configuration.
@@ -135,23 +130,10 @@ def build_app(args: AppArgs) -> Application:
         ).bind(registry, args.device)
         for name, deployment in STAGE_DEPLOYMENTS.items()
     }
-    router_spec = serving.deployments["router"]
     router_device = "cpu" if args.device == "auto" else args.device
     return Router.options(
-        **deployment_options(
-            router_spec,
-            router_user_config(serving),
-        )
-    ).bind(
-        stages["detector"],
-        stages["verifier"],
-        stages["classifier"],
-        stages["localizer"],
-        stages["reranker"],
-        registry,
-        redis_url or None,
-        router_device,
-    )
+        **deployment_options(serving.deployments[INGRESS], router_user_config(serving))
+    ).bind(stages, registry, redis_url or None, router_device)
 
 
 app = build_app(AppArgs())

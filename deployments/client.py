@@ -72,7 +72,8 @@ class RetryPolicy:
         return min(jittered, self.max_backoff_s)
 
 
-def _retryable(error: Exception) -> bool:
+def retryable(error: Exception) -> bool:
+    """Whether a failure is transient: overload, slowness, a lost replica or connection."""
     if isinstance(error, InspectionFailed):
         return error.status in RETRY_STATUSES or error.status == 0
     # A lost replica or an unavailable deployment surfaces as a Ray error.
@@ -86,7 +87,7 @@ def _retryable(error: Exception) -> bool:
     }
 
 
-class _Retrying:
+class Retrying:
     """A client's retry loop, counting the tries it repeated by what failed them.
 
     ``because`` counts them by HTTP status (0: no connection) or, for a Ray
@@ -98,13 +99,14 @@ class _Retrying:
         self.because: Counter[int | str] = Counter()
 
     def _give_up(self, attempt: int, error: Exception) -> bool:
-        if attempt + 1 == self.policy.attempts or not _retryable(error):
+        if attempt + 1 == self.policy.attempts or not retryable(error):
             return True
         reason = error.status if isinstance(error, InspectionFailed) else type(error).__name__
         self.because[reason] += 1
         return False
 
     def sync(self, call: Callable[[], T]) -> T:
+        """``call()``, tried again after transient failures."""
         for attempt in range(self.policy.attempts):
             try:
                 return call()
@@ -115,6 +117,7 @@ class _Retrying:
         raise AssertionError("unreachable")
 
     async def run(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()``, tried again after transient failures."""
         for attempt in range(self.policy.attempts):
             try:
                 return await call()
@@ -125,7 +128,8 @@ class _Retrying:
         raise AssertionError("unreachable")
 
 
-def _result(answer: dict[str, Any]) -> InspectionResult:
+def read_answer(answer: dict[str, Any]) -> InspectionResult:
+    """A by-handle answer as an InspectionResult; its ``error`` as InspectionFailed."""
     if "error" in answer:
         error = answer["error"]
         raise InspectionFailed(error["status"], error["detail"], error.get("retry_after"))
@@ -150,7 +154,7 @@ class HandleClient:
         self.app_name = app_name
         self.api_key = api_key
         self.retry = retry
-        self._retrying = _Retrying(retry)
+        self._retrying = Retrying(retry)
         self._handle: Any = None
 
     @property
@@ -180,7 +184,7 @@ class HandleClient:
     ) -> InspectionResult:
         """Inspect an image file's bytes (blocking; not from inside an event loop)."""
         return self._retrying.sync(
-            lambda: _result(
+            lambda: read_answer(
                 self._call(image, category, explain, boxes).result(timeout_s=timeout_s)
             ),
         )
@@ -195,7 +199,7 @@ class HandleClient:
         """Inspect an image file's bytes (from async code, e.g. another deployment)."""
 
         async def once() -> InspectionResult:
-            return _result(await self._call(image, category, explain, boxes))
+            return read_answer(await self._call(image, category, explain, boxes))
 
         return await self._retrying.run(once)
 
@@ -219,7 +223,7 @@ class HttpClient:
     ) -> None:
         self.url = url.rstrip("/")
         self.retry = retry
-        self._retrying = _Retrying(retry)
+        self._retrying = Retrying(retry)
         headers = {"X-API-Key": api_key} if api_key else {}
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._async: httpx.AsyncClient | None = None
@@ -274,7 +278,7 @@ class HttpClient:
             files={"image": (filename, image, "application/octet-stream")},
             data=self._form(category, explain, boxes),
         )
-        return _result(answer)
+        return read_answer(answer)
 
     async def inspect_async(
         self,
@@ -300,7 +304,7 @@ class HttpClient:
                 raise InspectionFailed(0, f"{type(error).__name__}: {error}") from error
             return self._checked(response)
 
-        return _result(await self._retrying.run(once))
+        return read_answer(await self._retrying.run(once))
 
     def inspect_batch(
         self, images: Sequence[bytes], category: str | None = None, explain: bool = False
@@ -320,7 +324,7 @@ class HttpClient:
             if item.get("error"):
                 out.append(InspectionFailed(item["error"]["status"], item["error"]["detail"]))
             else:
-                out.append(_result(item["result"]))
+                out.append(read_answer(item["result"]))
         return out
 
     def categories(self) -> CategoriesResult:

@@ -14,10 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.config import ConfigError, format_errors, merge, read_yaml
+from models.stages import DEPLOYED_STAGES
 
 DEFAULTS = Path(__file__).with_name("serving.yaml")
-STAGE_DEPLOYMENTS = ("detector", "verifier", "classifier", "localizer", "reranker")
-DEPLOYMENTS = ("router", *STAGE_DEPLOYMENTS)
+INGRESS = "router"  # the ingress deployment's key; the others are the stages'
+DEPLOYMENTS = (INGRESS, *DEPLOYED_STAGES)
 
 
 class _Section(BaseModel):

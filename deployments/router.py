@@ -1,9 +1,10 @@
 """The Router: the DAG's ingress, its HTTP API and its Python API.
 
 It decodes and validates each image once, hashes it, looks the answer up in
-the Redis cache, names the category when none is given, runs the stages through
-their ``DeploymentHandle``s by the flow in :mod:`deployments.flow`, assembles
-the :class:`~deployments.schemas.InspectionResult`, caches it, appends it to the
+the Redis cache, runs the inspection flow (:mod:`models.inspection.flow`) with
+the stages reached through their ``DeploymentHandle``s (the category router runs
+here), turns its answer into the :class:`~deployments.schemas.InspectionResult`,
+caches it, appends it to the
 result stream (spooling to disk while Redis is down) and answers.
 
 HTTP (FastAPI, OpenAPI at ``/docs``): ``POST /v1/inspect``,
@@ -21,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import compute
 from deployments.config import ServiceSpec
-from deployments.flow import InspectionRefused, ServingPlan, inspect_image, load_plan
 from deployments.imaging import (
     DecodedImage,
     ImageLimits,
@@ -65,13 +64,28 @@ from deployments.schemas import (
 from deployments.store import AuthError, RedisStore, StoreUnavailable
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.descriptions import DefectDescription, DescriptionError
+from models.inspection import (
+    Classified,
+    Detected,
+    InspectionPlan,
+    InspectionRefused,
+    InspectionRequest,
+    Located,
+    Reranked,
+    Routed,
+    StageCalls,
+    Verified,
+    compute,
+    inspect,
+    load_plan,
+)
+from models.inspection.plan import split_model_id
 from models.stages import (
     CLASSIFIER,
     DETECTOR,
     LOCALIZER,
     RERANKER,
     ROUTER,
-    ROUTER_CATEGORY,
     VERIFIER,
     LoadedStage,
     load_stage,
@@ -163,30 +177,42 @@ class _Problem(Exception):
         return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after else {}
 
 
-class _HandleCalls:
-    """The flow's stage calls, through the stage deployments' handles."""
+class HandleStageCalls(StageCalls):
+    """The flow's stage calls through the stage deployments' handles.
 
-    def __init__(self, handles: Mapping[str, DeploymentHandle], router: "_Router") -> None:
+    The category router runs in the router's own replica (``category_router``).
+    """
+
+    def __init__(
+        self,
+        handles: Mapping[str, DeploymentHandle],
+        category_router: Callable[[str], Awaitable[LoadedStage]],
+    ) -> None:
         self.handles = handles
-        self.router = router
+        self.category_router = category_router
 
     def _handle(self, stage: str, model_id: str) -> Any:
         return self.handles[stage].options(multiplexed_model_id=model_id).predict
 
-    async def route(self, model_id: str, image: Image.Image) -> dict[str, Any]:
-        stage = await self.router.category_router(model_id)
-        return (await asyncio.to_thread(compute.route, stage, [image]))[0]
+    async def route(self, model_id: str, image: Image.Image, allowed: Collection[str]) -> Routed:
+        """See :class:`~models.inspection.flow.StageCalls`."""
+        stage = await self.category_router(model_id)
+        return (await asyncio.to_thread(compute.route, stage, [image], allowed))[0]
 
-    async def detect(self, model_id: str, image: Image.Image, explain: bool) -> dict[str, Any]:
+    async def detect(self, model_id: str, image: Image.Image, explain: bool) -> Detected:
+        """See :class:`~models.inspection.flow.StageCalls`."""
         return await self._handle(DETECTOR, model_id).remote(image, explain)
 
-    async def verify(self, model_id: str, image: Image.Image) -> dict[str, Any]:
+    async def verify(self, model_id: str, image: Image.Image) -> Verified:
+        """See :class:`~models.inspection.flow.StageCalls`."""
         return await self._handle(VERIFIER, model_id).remote(image)
 
-    async def classify(self, model_id: str, image: Image.Image) -> dict[str, Any]:
+    async def classify(self, model_id: str, image: Image.Image) -> Classified:
+        """See :class:`~models.inspection.flow.StageCalls`."""
         return await self._handle(CLASSIFIER, model_id).remote(image)
 
-    async def localize(self, model_id: str, image: Image.Image) -> dict[str, Any]:
+    async def localize(self, model_id: str, image: Image.Image) -> Located:
+        """See :class:`~models.inspection.flow.StageCalls`."""
         return await self._handle(LOCALIZER, model_id).remote(image)
 
     async def rerank(
@@ -195,7 +221,8 @@ class _HandleCalls:
         image: Image.Image,
         classifier_scores: Mapping[str, float] | None,
         registered: Sequence[Mapping[str, Any]],
-    ) -> dict[str, Any]:
+    ) -> Reranked:
+        """See :class:`~models.inspection.flow.StageCalls`."""
         return await self._handle(RERANKER, model_id).remote(
             image, classifier_scores, list(registered)
         )
@@ -206,11 +233,7 @@ class _Router:
 
     def __init__(
         self,
-        detector: DeploymentHandle,
-        verifier: DeploymentHandle,
-        classifier: DeploymentHandle,
-        localizer: DeploymentHandle,
-        reranker: DeploymentHandle,
+        stages: Mapping[str, DeploymentHandle],
         registry_uri: str,
         redis_url: str | None = None,
         device: str = "cpu",
@@ -218,15 +241,9 @@ class _Router:
         self.registry = ArtifactRegistry(registry_uri)
         self.device = device
         self.service = ServiceSpec()
-        self.plan: ServingPlan = load_plan(self.registry)
-        self.handles = {
-            DETECTOR: detector,
-            VERIFIER: verifier,
-            CLASSIFIER: classifier,
-            LOCALIZER: localizer,
-            RERANKER: reranker,
-        }
-        self.calls = _HandleCalls(self.handles, self)
+        self.plan: InspectionPlan = load_plan(self.registry)
+        self.handles = dict(stages)  # stage → its deployment's handle
+        self.calls = HandleStageCalls(self.handles, self.category_router)
         self.redis_url = redis_url or None
         self.store: RedisStore | None = None
         self._memory_descriptions: dict[str, dict[str, dict[str, Any]]] = {}
@@ -309,9 +326,9 @@ class _Router:
     async def category_router(self, model_id: str) -> LoadedStage:
         """The category router model (loaded in this replica on first use)."""
         if model_id not in self._routers:
-            version = model_id.rpartition("@")[2]
+            category, version = split_model_id(model_id)
             self._routers[model_id] = await asyncio.to_thread(
-                load_stage, self.registry, ROUTER_CATEGORY, ROUTER, version, self.device
+                load_stage, self.registry, category, ROUTER, version, self.device
             )
         return self._routers[model_id]
 
@@ -363,7 +380,7 @@ class _Router:
         return sorted(self._memory_descriptions.get(category, {}).values(), key=lambda d: d["name"])
 
     async def _registered_now(
-        self, plan: ServingPlan, category: str | None
+        self, plan: InspectionPlan, category: str | None
     ) -> dict[str, list[dict[str, Any]]]:
         """The registered types of the categories an answer can depend on, read once."""
         names = [category] if category is not None else sorted(plan.categories)
@@ -478,21 +495,14 @@ class _Router:
                         "latency_ms": (time.perf_counter() - started) * 1000.0,
                     }
                 )
-        fields = await inspect_image(
-            decoded.image,
-            category,
-            plan=plan,
-            calls=self.calls,
-            explain=explain,
-            boxes=boxes,
-            registered=registered,
-        )
-        result = InspectionResult(
+        request = InspectionRequest(decoded.image, category, explain, boxes)
+        inspection = await inspect(request, plan, self.calls, registered)
+        result = InspectionResult.from_inspection(
+            inspection,
             request_id=uuid.uuid4().hex,
             image_sha256=decoded.sha256,
-            cache_hit=False,
+            image_size=decoded.image.size,
             latency_ms=(time.perf_counter() - started) * 1000.0,
-            **fields,
         )
         if key is not None:
             await asyncio.to_thread(self.store.put_cached, key, result.model_dump(mode="json"))

@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from deployments.imaging import encode_heatmap
+from models.inspection.answers import Inspection
+
 SCHEMA_VERSION = "1.0"
 MAX_BATCH = 32  # images per /v1/inspect/batch request
 COMPUTED_FIELDS = ("prediction", "confidence", "processing_time")
@@ -92,6 +95,61 @@ class InspectionResult(_Schema):
     )
     cache_hit: bool = False
     latency_ms: float = Field(ge=0.0, description="Time from request to answer in the router.")
+
+    @classmethod
+    def from_inspection(
+        cls,
+        inspection: Inspection,
+        *,
+        request_id: str,
+        image_sha256: str,
+        image_size: tuple[int, int],
+        latency_ms: float,
+        cache_hit: bool = False,
+    ) -> InspectionResult:
+        """The answer for a caller, from the flow's typed inspection.
+
+        Args:
+            inspection: the flow's answer.
+            request_id: unique per answer.
+            image_sha256: the hash of the image file sent.
+            image_size: ``(width, height)`` of the image: the heatmap is drawn at it.
+            latency_ms: time from request to answer.
+            cache_hit: whether it came from the result cache.
+        """
+        heatmap = inspection.detected.heatmap
+        return cls(
+            request_id=request_id,
+            image_sha256=image_sha256,
+            category=inspection.category,
+            category_routed=inspection.routed is not None,
+            verdict=inspection.verdict,
+            anomaly_score=inspection.anomaly_score,
+            decided_by=inspection.decided_by,  # type: ignore[arg-type]
+            defect_types=[
+                DefectTypeScore(
+                    name=t.name, score=t.score, description=inspection.descriptions.get(t.name)
+                )
+                for t in inspection.defect_types
+            ],
+            boxes=[
+                DefectBox(defect_type=b.defect_type, score=b.score, box=b.box)
+                for b in inspection.boxes
+            ],
+            heatmap_png=encode_heatmap(heatmap, image_size) if heatmap is not None else None,
+            trace=[
+                StageTrace(
+                    stage=run.stage,
+                    model_version=run.model_version,
+                    latency_ms=run.latency_ms,
+                    output=dict(run.output),
+                )
+                for run in inspection.trace
+            ],
+            model_versions=dict(inspection.model_versions),
+            cache_hit=cache_hit,
+            latency_ms=latency_ms,
+        )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

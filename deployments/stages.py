@@ -15,22 +15,28 @@ fault drill's injected slowness before each batch (never set in production).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from ray import serve
 
-from deployments import compute
 from models.artifacts import ArtifactRegistry
+from models.inspection import compute
+from models.inspection.answers import Detected, Reranked
+from models.inspection.plan import model_id as make_model_id
+from models.inspection.plan import split_model_id
 from models.stages import (
     CLASSIFIER,
+    DEPLOYED_STAGES,
     DETECTOR,
     LOCALIZER,
     RERANKER,
+    STAGES,
     VERIFIER,
     LoadedStage,
     load_stage,
@@ -48,8 +54,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class _ModelStage:
-    """What every model-stage replica does: load, multiplex, reconfigure, report health."""
+class ModelStage(abc.ABC):
+    """What every model-stage replica does: load, multiplex, reconfigure, report health.
+
+    A subclass names its ``stage`` and its ``@serve.batch`` method
+    (:meth:`batched_method`), and is registered with :func:`stage_deployment`.
+    """
 
     stage: ClassVar[str]
 
@@ -66,7 +76,7 @@ class _ModelStage:
             model_id = category
             try:
                 version = self.registry.manifest(category, self.stage).version
-                model_id = f"{category}@{version}"
+                model_id = make_model_id(category, version)
                 self._warm[model_id] = load_stage(
                     self.registry, category, self.stage, version, self.device
                 )
@@ -78,14 +88,15 @@ class _ModelStage:
         """Apply the deployment's ``user_config`` (batching, threads) without a restart."""
         torch.set_num_threads(int(config.get("torch_threads", 1)))
         self.fault_delay_s = float(config.get("fault_delay_s", 0))
-        batched = self._batched_method()
+        batched = self.batched_method()
         if "max_batch_size" in config:
             batched.set_max_batch_size(int(config["max_batch_size"]))
         if "batch_wait_timeout_s" in config:
             batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
-    def _batched_method(self) -> Any:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def batched_method(self) -> Any:
+        """The ``@serve.batch`` method whose batching ``reconfigure`` sets."""
 
     def check_health(self) -> None:
         """Fail while a production model of this stage could not be loaded."""
@@ -107,7 +118,7 @@ class _ModelStage:
         self._served.add(model_id)
         if model_id in self._warm:
             return self._warm.pop(model_id)
-        category, _, version = model_id.rpartition("@")
+        category, version = split_model_id(model_id)
         return await asyncio.to_thread(
             load_stage, self.registry, category, self.stage, version, self.device
         )
@@ -119,84 +130,91 @@ class _ModelStage:
         return await self.get_model(serve.get_multiplexed_model_id())
 
 
-@serve.deployment
-class AnomalyDetector(_ModelStage):
+STAGE_DEPLOYMENTS: dict[str, Any] = {}
+"""Each served stage's Serve deployment, by stage name (see :data:`models.stages.STAGES`)."""
+
+
+def stage_deployment(cls: type[ModelStage]) -> type[ModelStage]:
+    """Make ``cls`` the Serve deployment of its stage, named as the stage declares."""
+    declared = STAGES[cls.stage]
+    if declared.deployment is None:
+        raise ValueError(f"stage {cls.stage!r} declares no deployment")
+    STAGE_DEPLOYMENTS[cls.stage] = serve.deployment(name=declared.deployment)(cls)
+    return STAGE_DEPLOYMENTS[cls.stage]
+
+
+@stage_deployment
+class AnomalyDetector(ModelStage):
     """p(anomalous) per image, batched; Grad-CAM heatmaps on request."""
 
     stage = DETECTOR
 
-    def _batched_method(self) -> Any:
+    def batched_method(self) -> Any:
+        """See :class:`ModelStage`."""
         return self._batch
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batch(self, images: list[Image.Image], explain: list[bool]) -> list[dict[str, Any]]:
+    async def _batch(self, images: list[Image.Image], explain: list[bool]) -> list[Detected]:
         stage = await self._model()
         return await asyncio.to_thread(compute.detect, stage, images, explain)
 
-    async def predict(self, image: Image.Image, explain: bool = False) -> dict[str, Any]:
-        """See :func:`deployments.compute.detect`."""
+    async def predict(self, image: Image.Image, explain: bool = False) -> Detected:
+        """See :func:`models.inspection.compute.detect`."""
         return await self._batch(image, explain)
 
 
-@serve.deployment
-class AutoencoderVerifier(_ModelStage):
-    """The calibrated reconstruction score, for images in the ambiguous band."""
+class _OneImageStage(ModelStage):
+    """A stage whose answer needs the image alone: ``answer(model, images)`` batched."""
+
+    answer: ClassVar[Callable[[LoadedStage, list[Image.Image]], list[Any]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+
+        # One @serve.batch queue per stage class: the decorator keeps its queue
+        # per decorated function, so each subclass gets a function of its own.
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+        async def _batch(self: _OneImageStage, images: list[Image.Image]) -> list[Any]:
+            stage = await self._model()
+            return await asyncio.to_thread(type(self).answer, stage, images)
+
+        cls._batch = _batch  # type: ignore[attr-defined]
+
+    def batched_method(self) -> Any:
+        """See :class:`ModelStage`."""
+        return self._batch  # type: ignore[attr-defined]
+
+    async def predict(self, image: Image.Image) -> Any:
+        """The stage's answer for one image (batched with others)."""
+        return await self._batch(image)  # type: ignore[attr-defined]
+
+
+@stage_deployment
+class AutoencoderVerifier(_OneImageStage):
+    """The calibrated reconstruction score and error map, for images in the band."""
 
     stage = VERIFIER
-
-    def _batched_method(self) -> Any:
-        return self._batch
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batch(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        stage = await self._model()
-        return await asyncio.to_thread(compute.verify, stage, images)
-
-    async def predict(self, image: Image.Image) -> dict[str, Any]:
-        """See :func:`deployments.compute.verify`."""
-        return await self._batch(image)
+    answer = compute.verify
 
 
-@serve.deployment
-class DefectClassifier(_ModelStage):
+@stage_deployment
+class DefectClassifier(_OneImageStage):
     """Ranked defect types from the SupCon embedding's prototypes."""
 
     stage = CLASSIFIER
-
-    def _batched_method(self) -> Any:
-        return self._batch
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batch(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        stage = await self._model()
-        return await asyncio.to_thread(compute.classify, stage, images)
-
-    async def predict(self, image: Image.Image) -> dict[str, Any]:
-        """See :func:`deployments.compute.classify`."""
-        return await self._batch(image)
+    answer = compute.classify
 
 
-@serve.deployment
-class DefectLocalizer(_ModelStage):
+@stage_deployment
+class DefectLocalizer(_OneImageStage):
     """DEIMv2 boxes of the defects, in the image's pixels."""
 
     stage = LOCALIZER
-
-    def _batched_method(self) -> Any:
-        return self._batch
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
-    async def _batch(self, images: list[Image.Image]) -> list[dict[str, Any]]:
-        stage = await self._model()
-        return await asyncio.to_thread(compute.localize, stage, images)
-
-    async def predict(self, image: Image.Image) -> dict[str, Any]:
-        """See :func:`deployments.compute.localize`."""
-        return await self._batch(image)
+    answer = compute.localize
 
 
-@serve.deployment
-class Reranker(_ModelStage):
+@stage_deployment
+class Reranker(ModelStage):
     """The classifier's types reordered with CLIP image-description similarity."""
 
     stage = RERANKER
@@ -205,7 +223,8 @@ class Reranker(_ModelStage):
         super().__init__(registry_uri, device)
         self._texts = compute.TypeTexts()
 
-    def _batched_method(self) -> Any:
+    def batched_method(self) -> Any:
+        """See :class:`ModelStage`."""
         return self._batch
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
@@ -214,7 +233,7 @@ class Reranker(_ModelStage):
         images: list[Image.Image],
         classifier_scores: list[Mapping[str, float] | None],
         registered: list[Sequence[Mapping[str, Any]]],
-    ) -> list[dict[str, Any]]:
+    ) -> list[Reranked]:
         model_id = serve.get_multiplexed_model_id()
         stage = await self._model()
         return await asyncio.to_thread(
@@ -226,15 +245,11 @@ class Reranker(_ModelStage):
         image: Image.Image,
         classifier_scores: Mapping[str, float] | None,
         registered: Sequence[Mapping[str, Any]],
-    ) -> dict[str, Any]:
-        """See :func:`deployments.compute.rerank`."""
+    ) -> Reranked:
+        """See :func:`models.inspection.compute.rerank`."""
         return await self._batch(image, classifier_scores, registered)
 
 
-STAGE_DEPLOYMENTS = {
-    DETECTOR: AnomalyDetector,
-    VERIFIER: AutoencoderVerifier,
-    CLASSIFIER: DefectClassifier,
-    LOCALIZER: DefectLocalizer,
-    RERANKER: Reranker,
-}
+missing = sorted(set(DEPLOYED_STAGES) - set(STAGE_DEPLOYMENTS))
+if missing:  # every stage that declares a deployment has one
+    raise ImportError(f"stages without a Serve deployment: {missing}")

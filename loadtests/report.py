@@ -7,11 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests.bench import BELT_MM_PER_S, CAMERAS, PX_PER_MM, LoadResult
+from loadtests.runs import LoadResult
+
+# A part's time in a line camera's view: 22.5 px/mm across the belt's direction,
+# belt at 1 m/s; a part is in view for (sensor width / 22.5) mm, i.e. that many ms.
+PX_PER_MM = 22.5
+BELT_MM_PER_S = 1000.0
+CAMERAS = (("2 MP (1920x1080)", 1920), ("5 MP (2592x1944)", 2592), ("8 MP (3840x2160)", 3840))
 
 
 def time_windows(p99_ms: float | None) -> list[dict[str, Any]]:
-    """Seed 001's time window per camera, and whether ``p99_ms`` fits in it."""
+    """The time window of each camera on the line, and whether ``p99_ms`` fits in it."""
     rows = []
     for camera, width_px in CAMERAS:
         window_ms = width_px / PX_PER_MM / BELT_MM_PER_S * 1000.0
@@ -173,7 +179,7 @@ def write_report(
             f"{half.users} users: {half.rps:.1f} requests/s answered, p50 {half.p50_ms:.1f} ms, "
             f"**p99 {half.p99_ms:.1f} ms**, {half.failed} failed.",
             "",
-            "Seed 001's time window: the camera's width across the belt at 22.5 px/mm "
+            "A part's time in view: the camera's width across the belt at 22.5 px/mm "
             "(a 6 mm nut over 135 px), the belt at 1 m/s; a part is in view for "
             "(width / 22.5) ms.",
             "",

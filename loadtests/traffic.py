@@ -224,8 +224,8 @@ def write_traffic(
 
 def served_categories(registry_uri: str) -> list[str]:
     """The categories a registry serves (those with a detector)."""
-    from deployments.flow import load_plan
     from models.artifacts import ArtifactRegistry
+    from models.inspection import load_plan
 
     return sorted(load_plan(ArtifactRegistry(registry_uri)).categories)
 

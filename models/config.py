@@ -74,28 +74,6 @@ class DataConfig(_Section):
     root: Path = Field(default=Path("data"), description="Folder for generated and user datasets.")
 
 
-class BackboneConfig(_Section):
-    """The pretrained image backbone."""
-
-    name: str = Field(
-        default="efficientnet_lite0", description="Key of models.backbone.PRETRAINED."
-    )
-    pretrained: bool = True
-
-
-class TextConfig(_Section):
-    """The sentence encoder for defect descriptions."""
-
-    path: str | None = Field(
-        default=None, description="Local HF model folder; default: packaged MiniLM."
-    )
-    hub_id: str | None = None
-    allow_hub: bool = Field(
-        default=False, description="Allow model-hub downloads (needs internet)."
-    )
-    max_length: int = Field(default=128, ge=8, le=512)
-
-
 class SynthConfig(_Section):
     """Defaults of ``inspectray data synth``."""
 
@@ -110,8 +88,6 @@ class InspectrayConfig(_Section):
     registry: RegistryConfig = RegistryConfig()
     redis: RedisConfig = RedisConfig()
     data: DataConfig = DataConfig()
-    backbone: BackboneConfig = BackboneConfig()
-    text: TextConfig = TextConfig()
     synth: SynthConfig = SynthConfig()
 
 

@@ -137,8 +137,8 @@ def _d(
     return DefectDescription(name, description, tuple(keywords), contrast)
 
 
-# The generator's five defect types, after seed 000's CLASS_DESCRIPTIONS (with its
-# contrast sentences for the scratch and crack look-alikes).
+# The generator's five defect types (with contrast sentences for the scratch and
+# crack look-alikes).
 SYNTHETIC = (
     _d(
         "scratch",

@@ -1,44 +1,125 @@
-"""The pipeline's stages by name: build from a config, load from the registry.
+"""The inspection's stages, each declared once: the registry everything else reads.
 
-The registry keys artifacts by ``(category, stage)``. Stage models are
-``detector``, ``verifier``, ``classifier``, ``reranker``, ``router`` and
-``localizer`` (the router and the localizer are trained over all categories and
-stored under :data:`ROUTER_CATEGORY`); ``decision`` holds the category's
-:class:`~models.decision.DecisionRule`.
+A :class:`Stage` names a model family (its config dataclass and ``nn.Module``),
+whether one model serves every category, the Ray Serve deployment that serves
+it, and what ``train all`` needs to train it. The CLI's stage choices,
+``train all``'s order, the training families (:mod:`models.training`), the Serve
+deployments (:mod:`deployments.stages`), the serving YAML's keys and the
+KubeRay renderer all read :data:`STAGES`, as timm's ``create_model`` reads the
+models its ``register_model`` entries declare.
+
+The registry keys artifacts by ``(category, stage)``; shared stages (the router
+and the localizer) are stored under :data:`SHARED_CATEGORY`, and ``decision``
+holds a category's :class:`~models.decision.DecisionRule`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import torch
-from torch import nn
+# This module is read when the command line is parsed: torch and the model
+# families load only when a stage is built or loaded.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
-from models.artifacts import ArtifactError, ArtifactRegistry, Manifest
-from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
-from models.category_router import CategoryRouter, CategoryRouterConfig
-from models.decision import DecisionRule
-from models.defect_classifier import DefectClassifier, DefectClassifierConfig
-from models.localizer import DefectLocalizer, DefectLocalizerConfig
-from models.reranker import Reranker, RerankerConfig
+    from models.artifacts import ArtifactRegistry, Manifest
+    from models.decision import DecisionRule
 
 DETECTOR, VERIFIER, ROUTER, DECISION = "detector", "verifier", "router", "decision"
-CLASSIFIER, RERANKER = "classifier", "reranker"
-ROUTER_CATEGORY = "all-categories"
-LOCALIZER = "localizer"  # one DefectLocalizer for every category, under ROUTER_CATEGORY
-
-STAGE_MODELS: dict[str, tuple[type, type[nn.Module]]] = {
-    DETECTOR: (AnomalyDetectorConfig, AnomalyDetector),
-    VERIFIER: (AutoencoderVerifierConfig, AutoencoderVerifier),
-    ROUTER: (CategoryRouterConfig, CategoryRouter),
-    CLASSIFIER: (DefectClassifierConfig, DefectClassifier),
-    RERANKER: (RerankerConfig, Reranker),
-    LOCALIZER: (DefectLocalizerConfig, DefectLocalizer),
-}
+CLASSIFIER, RERANKER, LOCALIZER = "classifier", "reranker", "localizer"
+SHARED_CATEGORY = "all-categories"  # where the stages trained over every category live
 # Keys of an artifact's config that describe training, not the architecture.
 TRAINING_KEYS = ("training", "hyperparameters")
+
+Needs = Literal["always", "labelled-defects", "boxes"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the inspection.
+
+    Attributes:
+        name: its key everywhere: artifacts, traces, ``serving.yaml``, the CLI.
+        family: ``module:ModelClass`` of its ``nn.Module``; the config dataclass
+            is ``ModelClassConfig`` in the same module.
+        shared: one model for every category (stored under :data:`SHARED_CATEGORY`).
+        deployment: the name of the Ray Serve deployment that serves it; None
+            for a stage the ingress runs itself (the category router).
+        needs: what ``train all`` needs to train it: ``always``, a category's
+            ``labelled-defects``, or annotated ``boxes``.
+        sweepable: whether ``inspectray tune`` sweeps it.
+    """
+
+    name: str
+    family: str
+    shared: bool = False
+    deployment: str | None = None
+    needs: Needs = "always"
+    sweepable: bool = True
+
+    @property
+    def model_type(self) -> type[nn.Module]:
+        """The model class (imported on first use)."""
+        module, _, name = self.family.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    @property
+    def config_type(self) -> type:
+        """The model's config dataclass."""
+        module, _, name = self.family.partition(":")
+        return getattr(importlib.import_module(module), f"{name}Config")
+
+
+# In training order: the decision is fitted after the verifier; the reranker's
+# fusion weight is fitted against the production classifier.
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(ROUTER, "models.category_router:CategoryRouter", shared=True, sweepable=False),
+        Stage(DETECTOR, "models.anomaly_detector:AnomalyDetector", deployment="AnomalyDetector"),
+        Stage(
+            VERIFIER,
+            "models.autoencoder_verifier:AutoencoderVerifier",
+            deployment="AutoencoderVerifier",
+        ),
+        Stage(
+            CLASSIFIER,
+            "models.defect_classifier:DefectClassifier",
+            deployment="DefectClassifier",
+            needs="labelled-defects",
+        ),
+        Stage(
+            RERANKER, "models.reranker:Reranker", deployment="Reranker", needs="labelled-defects"
+        ),
+        Stage(
+            LOCALIZER,
+            "models.localizer:DefectLocalizer",
+            shared=True,
+            deployment="DefectLocalizer",
+            needs="boxes",
+        ),
+    )
+}
+CATEGORY_STAGES = tuple(name for name, stage in STAGES.items() if not stage.shared)
+SHARED_STAGES = tuple(name for name, stage in STAGES.items() if stage.shared)
+DEPLOYED_STAGES = tuple(name for name, stage in STAGES.items() if stage.deployment)
+
+
+def stage(name: str) -> Stage:
+    """The declared stage of that name.
+
+    Raises:
+        ArtifactError: no such stage.
+    """
+    if name not in STAGES:
+        from models.artifacts import ArtifactError
+
+        raise ArtifactError(f"unknown stage {name!r}; known: {list(STAGES)}")
+    return STAGES[name]
 
 
 class LoadedStage(NamedTuple):
@@ -48,19 +129,17 @@ class LoadedStage(NamedTuple):
     manifest: Manifest
 
 
-def build_stage(stage: str, config: Mapping[str, Any], pretrained: bool = False) -> nn.Module:
+def build_stage(name: str, config: Mapping[str, Any], pretrained: bool = False) -> nn.Module:
     """Build a stage model from its config dict (as stored in an artifact)."""
-    if stage not in STAGE_MODELS:
-        raise ArtifactError(f"unknown stage {stage!r}; known: {sorted(STAGE_MODELS)}")
-    config_type, model_type = STAGE_MODELS[stage]
+    declared = stage(name)
     architecture = {k: v for k, v in config.items() if k not in TRAINING_KEYS}
-    return model_type(config_type.from_dict(architecture), pretrained=pretrained)
+    return declared.model_type(declared.config_type.from_dict(architecture), pretrained=pretrained)
 
 
 def load_stage(
     registry: ArtifactRegistry,
     category: str,
-    stage: str,
+    name: str,
     ref: str = "production",
     device: str | torch.device = "cpu",
 ) -> LoadedStage:
@@ -69,14 +148,16 @@ def load_stage(
     Raises:
         ArtifactError: no such artifact, or weights that do not fit its config.
     """
-    artifact = registry.load(category, stage, ref)
-    model = build_stage(stage, artifact.manifest.config)
+    import torch
+
+    from models.artifacts import ArtifactError
+
+    artifact = registry.load(category, name, ref)
+    model = build_stage(name, artifact.manifest.config)
     try:
         model.load_state_dict(artifact.state_dict, strict=True)
     except RuntimeError as error:
-        raise ArtifactError(
-            f"{category}/{stage}: weights do not fit the config: {error}"
-        ) from error
+        raise ArtifactError(f"{category}/{name}: weights do not fit the config: {error}") from error
     model = model.to(device, memory_format=torch.channels_last).eval()
     return LoadedStage(model, artifact.manifest)
 
@@ -90,6 +171,8 @@ def save_decision(
     metrics: Mapping[str, Any],
 ) -> Manifest:
     """Store a category's decision rule as its ``decision`` artifact (promoted)."""
+    import torch
+
     values = torch.tensor(list(rule.to_dict().values()), dtype=torch.float64)
     return registry.save(
         category,
@@ -107,5 +190,7 @@ def load_decision(
     registry: ArtifactRegistry, category: str, ref: str = "production"
 ) -> tuple[DecisionRule, Manifest]:
     """A category's decision rule and its manifest."""
+    from models.decision import DecisionRule
+
     artifact = registry.load(category, DECISION, ref)
     return DecisionRule.from_dict(artifact.manifest.config["rule"]), artifact.manifest

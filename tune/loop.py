@@ -64,7 +64,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
     return factor
 
 
-def _improved(metrics: dict[str, float], best: dict[str, float] | None, monitor: str) -> bool:
+def improved(metrics: dict[str, float], best: dict[str, float] | None, monitor: str) -> bool:
     """Higher monitored metric wins; a tie (within 1e-4) goes to the lower validation loss."""
     if best is None:
         return True
@@ -184,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "world_size": world,
         }
         history.append(metrics)
-        if _improved(metrics, state["best"], family.monitor):
+        if improved(metrics, state["best"], family.monitor):
             state["best"], state["stale"] = dict(metrics), 0
             state["best_state"] = {
                 k: v.detach().cpu().clone() for k, v in core.state_dict().items()

@@ -42,7 +42,7 @@ OPTIMIZERS = ("adamw", "sgd")
 
 
 def search_space(stage: str) -> dict[str, Any]:
-    """Log-uniform learning rate over two decades around the family's default (seed 004)."""
+    """Log-uniform learning rate over two decades around the family's default."""
     default = DEFAULT_LR[stage]
     return {
         "lr": tune.loguniform(default / 10.0, default * 10.0),

@@ -25,32 +25,24 @@ from models.autoencoder_verifier import calibrate
 from models.data import GOOD, DataError, Dataset, Sample
 from models.data.fingerprint import fingerprint_samples
 from models.data.tensors import ImageTensorDataset, predict_all
-from models.pipeline import fit_decision, validation_scores
 from models.reranker import fit_fusion_weight
 from models.stages import (
     CLASSIFIER,
     DETECTOR,
-    LOCALIZER,
     RERANKER,
-    ROUTER,
-    ROUTER_CATEGORY,
+    SHARED_CATEGORY,
+    STAGES,
     TRAINING_KEYS,
     VERIFIER,
     LoadedStage,
     load_stage,
 )
 from models.training import FAMILIES, build_family
+from models.training.decision import fit_decision, validation_scores
 from tune.loop import CHECKPOINT_FILE, train_loop_per_worker
 
 # Learning rates that suit each family with AdamW (the head; the backbone gets less).
-DEFAULT_LR = {
-    DETECTOR: 3e-3,
-    VERIFIER: 2e-3,
-    ROUTER: 3e-3,
-    CLASSIFIER: 1e-3,
-    RERANKER: 1e-3,
-    LOCALIZER: 5e-4,
-}
+DEFAULT_LR = {stage: family.default_lr for stage, family in FAMILIES.items()}
 MIN_CALIBRATION_GOODS = 8
 
 
@@ -205,9 +197,9 @@ def family_spec(
     dataset: Dataset, stage: str, category: str, settings: TrainSettings
 ) -> dict[str, Any]:
     """The family dict shipped to the workers: stage, samples, model config, seed."""
-    if stage in (ROUTER, LOCALIZER):  # one model for every category
+    if STAGES[stage].shared:  # one model for every category
         samples = list(dataset.samples)
-        category = ROUTER_CATEGORY
+        category = SHARED_CATEGORY
     else:
         samples = [s for s in dataset.samples if s.category == category]
         if not samples:
@@ -436,11 +428,6 @@ def refit_fusion(
     figures = fit_fusion(registry, family, reranker.model)
     saved = resave(registry, reranker, manifest.data, {"fusion": figures})
     return {"version": saved.version, **figures}
-
-
-# "all": the decision is fitted after the verifier; the classifier needs labelled
-# defects, and the reranker's fusion weight is fitted against the classifier.
-STAGES_IN_ORDER = (ROUTER, DETECTOR, VERIFIER, CLASSIFIER, RERANKER, LOCALIZER)
 
 
 def has_boxes(dataset: Dataset) -> bool:

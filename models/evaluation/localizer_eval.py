@@ -33,7 +33,7 @@ def localizer_metrics(
     """COCO metrics of a registered localizer on ``samples`` (e.g. the test split).
 
     Args:
-        localizer: the loaded localizer (``InspectionPipeline.localizer``).
+        localizer: the loaded localizer.
         samples: the images to score, good ones included (their detections are
             false positives).
         batch_size: images per forward pass.

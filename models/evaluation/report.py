@@ -25,12 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
-from sklearn.metrics import (
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
 from models.evaluation.defect_report import defect_type_section
 from models.evaluation.figures import (
@@ -46,6 +41,7 @@ from models.evaluation.figures import (
     slug,
 )
 from models.evaluation.records import ImageRecord
+from models.metrics import image_auroc
 
 REPORT_FILE = "report.md"
 HEATMAP_CMAP = "jet"
@@ -295,7 +291,7 @@ def _roc_pr_section(out_dir: Path, groups: list[tuple[str, list[ImageRecord]]]) 
             continue
         fpr, tpr, _ = roc_curve(truth, scores)
         precision, recall, _ = precision_recall_curve(truth, scores)
-        auroc = float(roc_auc_score(truth, scores))
+        auroc = image_auroc(truth.astype(bool), scores)
         ap = float(average_precision_score(truth, scores))
         style = {"color": "black", "linewidth": 2.2} if name == "overall" else {"linewidth": 1.2}
         ax_roc.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.4f})", **style)

@@ -1,11 +1,13 @@
-"""Evaluate the InspectionPipeline on a dataset split: records and metrics.
+"""Evaluate the inspection flow on a dataset split: records and metrics.
 
-The same pipeline object serving uses judges every test image; the metrics are
-computed from its verdicts and final scores, overall and per category.
+The flow serving runs judges every test image, with the plan serving loads
+(pinned versions and rule overrides included); the metrics are computed from
+its verdicts and final scores, overall and per category.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sys
 import time
@@ -16,6 +18,7 @@ from typing import Any
 from models.data import Dataset, Sample
 from models.evaluation.localizer_eval import localizer_metrics
 from models.evaluation.records import ImageRecord
+from models.inspection import Inspection, InspectionRequest, LocalInspector
 from models.metrics import (
     balanced_accuracy,
     binary_accuracy,
@@ -23,8 +26,7 @@ from models.metrics import (
     binary_f1,
     image_auroc,
 )
-from models.pipeline import CLASSIFY_ALL, InspectionPipeline
-from models.stages import VERIFIER
+from models.stages import LOCALIZER, RERANKER, VERIFIER
 
 
 def _finite(value: float) -> float | None:
@@ -109,36 +111,60 @@ def defect_type_metrics(
     return metrics
 
 
-def described_only(pipeline: InspectionPipeline) -> dict[str, set[str]]:
-    """Per category, the ranked types no model was trained on (registered by description)."""
+def described_only(inspector: LocalInspector) -> dict[str, set[str]]:
+    """Per category, the types registered by description that no model was trained on."""
     found = {}
-    for category, stages in pipeline.stages.items():
-        if stages.reranker is None:
-            continue
-        trained = set(stages.reranker.model.config.defect_types)
-        if stages.classifier is not None:
-            trained |= set(stages.classifier.model.config.defect_types)
-        found[category] = set(pipeline.defect_catalog(category).names) - trained
+    for category, models in inspector.plan.categories.items():
+        if models.has(RERANKER):
+            names = set(inspector.registered_types(category))
+            found[category] = names - models.trained_types
     return found
 
 
+def record(sample: Sample, found: Inspection) -> ImageRecord:
+    """What evaluation keeps of one judged test image."""
+    ranking, classified = found.ranking, found.classified
+    return ImageRecord(
+        sample_id=sample.sample_id,
+        image_path=str(sample.image_path),
+        category=sample.category,
+        label=sample.label,
+        is_anomalous=sample.is_anomalous,
+        anomaly_score=found.anomaly_score,
+        verdict=found.verdict,
+        decided_by=found.decided_by,
+        detector_probability=found.detector_probability,
+        verifier_score=found.verifier_score,
+        routed_category=found.category if found.routed else None,
+        defect_type=ranking[0].name if ranking else None,
+        classifier_defect_type=classified.ranked[0].name if classified else None,
+        predicted_class=classified.predicted_class if classified else None,
+        embedding=tuple(classified.embedding.tolist()) if classified else None,
+    )
+
+
 def evaluate(
-    pipeline: InspectionPipeline,
+    inspector: LocalInspector,
     dataset: Dataset,
     split: str = "test",
     route: bool = False,
     batch_size: int = 32,
     progress: bool = True,
 ) -> tuple[list[ImageRecord], dict[str, Any]]:
-    """Run the pipeline over a split and score it.
+    """Inspect a split through the inspection flow and score it.
+
+    Every image is also typed when judged ok (the inspector's coverage should be
+    :attr:`~models.inspection.flow.Coverage.TYPE_ALL`), so defect typing is
+    scored on every true defect, caught or not, and every ELPV cell is graded;
+    the served answer is the same whatever the coverage.
 
     Args:
-        pipeline: the loaded pipeline.
-        dataset: the data; its categories must be in the pipeline.
+        inspector: the flow over the models (its plan is what serves).
+        dataset: the data; its categories without models are reported.
         split: the split to judge.
         route: withhold each image's category so the router must name it (its
             accuracy is reported as ``router_accuracy``).
-        batch_size: images per pipeline call.
+        batch_size: images inspected together (each stage batches over them).
         progress: print a progress line to stderr every batch.
 
     Returns:
@@ -147,62 +173,35 @@ def evaluate(
         ``localizer_map50``, ``localizer_map50_95`` and the full COCO figures
         under ``localizer``.
     """
+    plan = inspector.plan
     samples: list[Sample] = [
-        s for s in dataset.samples if s.split == split and s.category in pipeline.stages
+        s for s in dataset.samples if s.split == split and s.category in plan.categories
     ]
-    missing = sorted(set(dataset.categories) - set(pipeline.stages))
+    missing = sorted(set(dataset.categories) - set(plan.categories))
     if not samples:
         raise ValueError(
-            f"no {split} images of {dataset.name!r} in a category the pipeline knows "
-            f"({pipeline.categories})"
+            f"no {split} images of {dataset.name!r} in a category with models "
+            f"({inspector.categories})"
         )
     records: list[ImageRecord] = []
     started = time.perf_counter()
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        given = [None if route else s.category for s in chunk]
-        for sample, found in zip(
-            chunk,
-            # Every image is typed, so defect typing is scored on every true defect,
-            # not only on those the detector caught.
-            pipeline.inspect([s.load_image() for s in chunk], given, classify=CLASSIFY_ALL),
-            strict=True,
-        ):
-            records.append(
-                ImageRecord(
-                    sample_id=sample.sample_id,
-                    image_path=str(sample.image_path),
-                    category=sample.category,
-                    label=sample.label,
-                    is_anomalous=sample.is_anomalous,
-                    anomaly_score=found.anomaly_score,
-                    verdict=found.verdict,
-                    decided_by=found.decided_by,
-                    detector_probability=found.detector_probability,
-                    verifier_score=found.verifier_score,
-                    routed_category=found.category if found.routed else None,
-                    defect_type=found.defect_types[0][0] if found.defect_types else None,
-                    classifier_defect_type=(
-                        found.classifier_defect_types[0][0]
-                        if found.classifier_defect_types
-                        else None
-                    ),
-                    predicted_class=(
-                        max(found.class_scores, key=found.class_scores.get)
-                        if found.class_scores
-                        else None
-                    ),
-                    embedding=(
-                        tuple(found.embedding.tolist()) if found.embedding is not None else None
-                    ),
-                )
-            )
-        if progress:
-            done = len(records)
-            rate = done / (time.perf_counter() - started)
-            print(f"eval {done}/{len(samples)} images ({rate:.1f} img/s)", file=sys.stderr)
-    thresholds = {c: s.rule.threshold for c, s in pipeline.stages.items()}
-    described = described_only(pipeline)
+
+    async def judge() -> None:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            requests = [
+                InspectionRequest(s.load_image(), None if route else s.category) for s in chunk
+            ]
+            for sample, found in zip(chunk, await inspector.inspect_all(requests), strict=True):
+                records.append(record(sample, found))
+            if progress:
+                done = len(records)
+                rate = done / (time.perf_counter() - started)
+                print(f"eval {done}/{len(samples)} images ({rate:.1f} img/s)", file=sys.stderr)
+
+    asyncio.run(judge())
+    thresholds = {c: m.rule.threshold for c, m in plan.categories.items()}
+    described = described_only(inspector)
     # The final anomaly score puts every category's decision threshold at 0.5.
     metrics: dict[str, Any] = {"dataset": dataset.name, "split": split, "threshold": 0.5}
     metrics |= binary_metrics(records, thresholds) | defect_type_metrics(
@@ -214,16 +213,17 @@ def evaluate(
             [r for r in records if r.category == category], dataset.name, described
         )
         | {
-            "detector_threshold": stage.rule.threshold,
-            "detector_band": [stage.rule.lo, stage.rule.hi],
+            "detector_threshold": models.rule.threshold,
+            "detector_band": [models.rule.lo, models.rule.hi],
         }
-        for category, stage in sorted(pipeline.stages.items())
+        for category, models in sorted(plan.categories.items())
         if any(r.category == category for r in records)
     }
     boxed = [s for s in samples if s.boxes or not s.is_anomalous]
-    if pipeline.localizer is not None and any(s.boxes for s in boxed):
+    if plan.localizer_id is not None and any(s.boxes for s in boxed):
         # Good images count too: every box drawn on one is a false positive.
-        found = localizer_metrics(pipeline.localizer, boxed)
+        localizer = inspector.calls.model(LOCALIZER, plan.localizer_id)
+        found = localizer_metrics(localizer, boxed)
         metrics["localizer_map50"] = found["map50"]
         metrics["localizer_map50_95"] = found["map50_95"]
         metrics["localizer"] = found

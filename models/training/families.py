@@ -1,14 +1,14 @@
 """The training recipe of each model family: model, data, loss, validation metrics.
 
-Families are built from a plain dict (:func:`build_family`) so the Ray driver can
-ship them to training workers; that dict is also stored in the artifact.
+Families are built from a plain dict (:func:`~models.training.base.build_family`)
+so the Ray driver can ship them to training workers; that dict is also stored in
+the artifact.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +21,6 @@ from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifier
 from models.category_router import CategoryRouter, CategoryRouterConfig
 from models.data.sample import GOOD, DataError, Sample
 from models.data.tensors import (
-    AUGMENTATIONS,
-    D4,
     NONE,
     RANDOM,
     ImageTensorDataset,
@@ -38,109 +36,18 @@ from models.defect_classifier import (
 from models.descriptions import BUILTIN, DescriptionCatalog, DescriptionError
 from models.metrics import image_auroc
 from models.reranker import Reranker, RerankerConfig
+from models.stages import CLASSIFIER, DETECTOR, RERANKER, ROUTER, VERIFIER
+from models.training.base import Loss, TrainingFamily, register_family, unwrap
 
 SUPERVISED, NORMAL_ONLY = "supervised", "normal-only"
-Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper."""
-    return getattr(model, "module", model)
-
-
-class TrainingFamily:
-    """Base of the families: the stage name, the monitored metric and defaults.
-
-    Args:
-        samples: every sample the family may use (all splits).
-        category: the product category (the router uses every category).
-        model_config: overrides of the family's config dataclass fields.
-        seed: seed of augmentation and synthetic anomalies.
-        augment: training augmentation, ``"d4"`` (default) or ``"flips"`` for parts
-            always imaged the same way up.
-    """
-
-    stage: ClassVar[str]
-    monitor: ClassVar[str] = "val_auroc"
-    # Small categories pass over their images several times per epoch so that an
-    # epoch is enough optimizer steps for warm-up, early stopping and ASHA to mean
-    # something.
-    min_items_per_epoch: ClassVar[int] = 0
-    # Epoch cap: a linear head on frozen features converges in a few epochs.
-    max_epochs: ClassVar[int] = 1000
-
-    def repeat(self, n_items: int) -> int:
-        """Passes per epoch over ``n_items`` training images."""
-        return max(1, math.ceil(self.min_items_per_epoch / max(1, n_items)))
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        category: str,
-        model_config: Mapping[str, Any] | None = None,
-        seed: int = 0,
-        augment: str = D4,
-    ) -> None:
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-        self.samples = list(samples)
-        self.augment = augment
-        self.category = category
-        self.model_config = dict(model_config or {})
-        self.seed = seed
-        self._check()
-
-    def split(self, name: str) -> list[Sample]:
-        """This family's samples of one split."""
-        return [s for s in self.samples if s.split == name and s.category == self.category]
-
-    def _check(self) -> None:
-        for split in ("train", "val"):
-            if not self.split(split):
-                raise ValueError(f"category {self.category!r} has no {split} images")
-
-    def describe(self) -> dict[str, Any]:
-        """What the artifact records about how the model was trained."""
-        return {"family": self.stage, "category": self.category, "augment": self.augment}
-
-    def labelled_datasets(
-        self,
-        model: nn.Module,
-        train: Sequence[Sample],
-        val: Sequence[Sample],
-        targets: Callable[[Sequence[Sample]], list[int]],
-        views: int = 1,
-    ) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-        """Augmented training images and plain validation images with class targets."""
-        train_ds = ImageTensorDataset(
-            train,
-            targets(train),
-            model.preprocessing,
-            augment=self.augment,
-            seed=self.seed,
-            repeat=self.repeat(len(train)),
-            views=views,
-        )
-        return train_ds, ImageTensorDataset(val, targets(val), model.preprocessing)
-
-    # Implemented by each family.
-    def build_model(self, pretrained: bool = True) -> nn.Module:  # noqa: D102
-        raise NotImplementedError
-
-    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
-        raise NotImplementedError
-
-    def loss(self, train: ImageTensorDataset) -> Loss:  # noqa: D102
-        raise NotImplementedError
-
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
-        raise NotImplementedError
-
-
+@register_family
 class DetectorFamily(TrainingFamily):
     """AnomalyDetector: supervised if the training split has defects, else normal-only."""
 
-    stage = "detector"
+    stage = DETECTOR
+    default_lr = 3e-3
     min_items_per_epoch = 320
 
     @property
@@ -215,10 +122,12 @@ class DetectorFamily(TrainingFamily):
         }
 
 
+@register_family
 class VerifierFamily(TrainingFamily):
     """AutoencoderVerifier: reconstructs the features of good training parts only."""
 
-    stage = "verifier"
+    stage = VERIFIER
+    default_lr = 2e-3
     min_items_per_epoch = 800
 
     def build_model(self, pretrained: bool = True) -> AutoencoderVerifier:  # noqa: D102
@@ -245,7 +154,7 @@ class VerifierFamily(TrainingFamily):
         return lambda model, images, target: model(images).mean()
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
-        verifier = _unwrap(model)
+        verifier = unwrap(model)
         raw, target = predict_all(model, loader, lambda m, x: verifier.raw_score(m(x)))
         good = target < 0.5
         return {
@@ -254,10 +163,12 @@ class VerifierFamily(TrainingFamily):
         }
 
 
+@register_family
 class RouterFamily(TrainingFamily):
     """CategoryRouter: every category's images, the category is the class."""
 
-    stage = "router"
+    stage = ROUTER
+    default_lr = 3e-3
     monitor = "val_accuracy"
     max_epochs = 4
 
@@ -310,6 +221,7 @@ class RouterFamily(TrainingFamily):
         }
 
 
+@register_family
 class ClassifierFamily(TrainingFamily):
     """DefectClassifier: a supervised-contrastive embedding of every labelled image.
 
@@ -319,7 +231,8 @@ class ClassifierFamily(TrainingFamily):
     accuracy is the one serving will have.
     """
 
-    stage = "classifier"
+    stage = CLASSIFIER
+    default_lr = 1e-3
     monitor = "val_accuracy"
     min_items_per_epoch = 320
 
@@ -363,14 +276,14 @@ class ClassifierFamily(TrainingFamily):
             embeddings = model(flat).float()
             labels = target.long().repeat_interleave(views)
             return supervised_contrastive_loss(
-                embeddings, labels, _unwrap(model).config.temperature
+                embeddings, labels, unwrap(model).config.temperature
             )
 
         return supcon
 
     def fit_prototypes(self, model: nn.Module) -> dict[str, int]:
         """Set the prototypes from the training images; returns images per class."""
-        classifier = _unwrap(model)
+        classifier = unwrap(model)
         if self._prototype_ds is None:
             train = self.split("train")
             self._prototype_ds = ImageTensorDataset(
@@ -383,7 +296,7 @@ class ClassifierFamily(TrainingFamily):
         return dict(zip(classifier.config.classes, counts.tolist(), strict=True))
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
-        classifier = _unwrap(model)
+        classifier = unwrap(model)
         self.fit_prototypes(classifier)
         embeddings, target = predict_all(classifier, loader, lambda m, x: m(x))
         logits = classifier.class_logits(torch.from_numpy(embeddings))
@@ -394,6 +307,7 @@ class ClassifierFamily(TrainingFamily):
         }
 
 
+@register_family
 class RerankerFamily(TrainingFamily):
     """Reranker: defect images against their type's description, text tower locked.
 
@@ -406,7 +320,8 @@ class RerankerFamily(TrainingFamily):
     :meth:`~models.descriptions.DescriptionCatalog.to_list`) or the built-in ones.
     """
 
-    stage = "reranker"
+    stage = RERANKER
+    default_lr = 1e-3
     monitor = "val_accuracy"
     min_items_per_epoch = 320
 
@@ -458,7 +373,7 @@ class RerankerFamily(TrainingFamily):
     def text_bank(self, model: nn.Module) -> list[torch.Tensor]:
         """Each type's phrasings as locked text features (computed once)."""
         if self._text_bank is None:
-            reranker = _unwrap(model)
+            reranker = unwrap(model)
             self._text_bank = [
                 reranker.text_features(self.catalog[name].variants()) for name in self.catalog.names
             ]
@@ -480,7 +395,7 @@ class RerankerFamily(TrainingFamily):
         return contrastive
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
-        reranker = _unwrap(model)
+        reranker = unwrap(model)
         texts = reranker.type_embeddings(self.catalog)
         logits, target = predict_all(
             reranker, loader, lambda m, x: m.logits(m.encode_images(x), texts)
@@ -492,27 +407,3 @@ class RerankerFamily(TrainingFamily):
         }
 
 
-FAMILIES: dict[str, type[TrainingFamily]] = {
-    family.stage: family
-    for family in (DetectorFamily, VerifierFamily, RouterFamily, ClassifierFamily, RerankerFamily)
-}
-
-
-def build_family(spec: Mapping[str, Any]) -> TrainingFamily:
-    """Build a family from its spec: stage, samples, category, model_config, seed, augment."""
-    stage = spec["stage"]
-    if stage not in FAMILIES:
-        raise ValueError(f"unknown stage {stage!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[stage](
-        spec["samples"],
-        spec["category"],
-        spec.get("model_config"),
-        spec.get("seed", 0),
-        spec.get("augment", D4),
-    )
-
-
-# At the bottom: the localizer family subclasses TrainingFamily from this module.
-from models.training.localizer_family import LocalizerFamily  # noqa: E402
-
-FAMILIES[LocalizerFamily.stage] = LocalizerFamily

@@ -1,7 +1,7 @@
 """The training recipe of the DefectLocalizer: boxes, DEIMv2's loss, COCO mAP@0.5.
 
 One localizer is trained across every surface category (stored under
-:data:`~models.stages.ROUTER_CATEGORY`, like the router): the categories share
+:data:`~models.stages.SHARED_CATEGORY`, like the router): the categories share
 their defect types, and three times the boxes teach a detector far more than one
 category's. Training items are the images with boxes plus the good images as
 negatives (the detector learns that clean texture is no defect); targets are the
@@ -23,7 +23,8 @@ from models.data.sample import DataError, Sample
 from models.data.tensors import AUGMENTATIONS, D4, FLIPS, NONE
 from models.localizer import DefectLocalizer, DefectLocalizerConfig, box_targets
 from models.metrics.detection import ImageBoxes, detection_metrics
-from models.training.families import Loss, TrainingFamily, _unwrap
+from models.stages import LOCALIZER
+from models.training.base import Loss, TrainingFamily, register_family, unwrap
 
 Target = dict[str, torch.Tensor]
 # Scores kept for mAP: AP sweeps the whole ranking, so low scores must stay in.
@@ -125,10 +126,12 @@ def collate_boxes(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[torch.T
     return images, [target for _, target in batch]
 
 
+@register_family
 class LocalizerFamily(TrainingFamily):
     """DefectLocalizer: DEIMv2 on every category's boxes, monitored by mAP@0.5."""
 
-    stage = "localizer"
+    stage = LOCALIZER
+    default_lr = 5e-4
     monitor = "val_map50"
 
     def split(self, name: str) -> list[Sample]:
@@ -163,7 +166,7 @@ class LocalizerFamily(TrainingFamily):
         """Training: images with boxes and the good ones; validation: the whole split."""
         train = [s for s in self.split("train") if s.boxes or not s.is_anomalous]
         augment = self.augment if self.augment in (D4, FLIPS) else NONE
-        preprocessing = _unwrap(model).preprocessing
+        preprocessing = unwrap(model).preprocessing
         train_ds = BoxDataset(train, self.defect_types, preprocessing, augment, self.seed)
         return train_ds, BoxDataset(self.split("val"), self.defect_types, preprocessing)
 
@@ -183,7 +186,7 @@ class LocalizerFamily(TrainingFamily):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         """Validation loss and COCO metrics, in model-input pixels."""
-        localizer = _unwrap(model)
+        localizer = unwrap(model)
         localizer.eval()
         device = next(localizer.parameters()).device
         size = localizer.config.input_size

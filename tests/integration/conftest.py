@@ -20,15 +20,15 @@ from models.artifacts import ArtifactRegistry
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
 from models.decision import DecisionRule
 from models.stages import save_decision
-from tests.unit.models.test_pipeline import SIZE, _detector, _save
+from tests.tiny_models import SIZE, detector, save
 
 
 @pytest.fixture(scope="package")
 def tiny_registry(tmp_path_factory) -> ArtifactRegistry:
     registry = ArtifactRegistry(str(tmp_path_factory.mktemp("cluster") / "registry"))
-    _save(registry, "sure", "detector", _detector(0.95))
+    save(registry, "sure", "detector", detector(0.95))
     verifier = AutoencoderVerifier(AutoencoderVerifierConfig(input_size=SIZE), pretrained=False)
-    _save(registry, "sure", "verifier", verifier)
+    save(registry, "sure", "verifier", verifier)
     rule = DecisionRule(threshold=0.5, lo=0.4, hi=0.6, fusion_weight=0.5, fused_threshold=0.5)
     save_decision(registry, "sure", rule, fitted_on={}, metrics={})
     return registry

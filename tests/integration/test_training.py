@@ -19,7 +19,7 @@ from cluster.cli import main
 from models.artifacts import ArtifactRegistry
 from models.data import load_dataset
 from models.data.synthetic import DEFECT_TYPES, generate
-from models.stages import ROUTER_CATEGORY
+from models.stages import SHARED_CATEGORY
 from tune.trainer import DEFAULT_LR, TrainSettings, family_spec, fit_family, train_stage
 
 pytestmark = pytest.mark.slow
@@ -115,8 +115,8 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     classifier = next(t for t in trained if t["stage"] == "classifier")
     assert set(classifier["prototype_images"]) == {"good", *DEFECT_TYPES}
     assert min(classifier["prototype_images"].values()) > 0
-    assert registry.stages(ROUTER_CATEGORY) == ["localizer", "router"]
-    localizer = registry.manifest(ROUTER_CATEGORY, "localizer")
+    assert registry.stages(SHARED_CATEGORY) == ["localizer", "router"]
+    localizer = registry.manifest(SHARED_CATEGORY, "localizer")
     assert localizer.config["defect_types"] == sorted(DEFECT_TYPES)
     detector = registry.manifest(CATEGORY, "detector")
     assert detector.config["training"]["mode"] == "supervised"

@@ -14,7 +14,7 @@ from models.artifacts import ArtifactRegistry
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
 from models.decision import DecisionRule
 from models.stages import save_decision
-from tests.unit.models.test_pipeline import SIZE, _detector, _save
+from tests.tiny_models import SIZE, detector, save
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,9 @@ SMALL = {  # every deployment fits on the 2-core machine beside the load generat
 def test_bench_prints_every_figure_and_writes_the_report(tmp_path):
     # real architectures, untrained, for a synthetic surface the bench can generate images of
     registry = ArtifactRegistry(str(tmp_path / "registry"))
-    _save(registry, "brushed_metal", "detector", _detector(0.3))
+    save(registry, "brushed_metal", "detector", detector(0.3))
     verifier = AutoencoderVerifier(AutoencoderVerifierConfig(input_size=SIZE), pretrained=False)
-    _save(registry, "brushed_metal", "verifier", verifier)
+    save(registry, "brushed_metal", "verifier", verifier)
     rule = DecisionRule(threshold=0.5, lo=0.4, hi=0.6, fusion_weight=0.5, fused_threshold=0.5)
     save_decision(registry, "brushed_metal", rule, fitted_on={}, metrics={})
     config = tmp_path / "serving.yaml"

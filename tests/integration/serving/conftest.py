@@ -8,7 +8,6 @@ The package scope tears it down before the training tests need the CPUs.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import pytest
 
 from cluster.local import LocalCluster
 from cluster.quickstart import QuickSet, quick_datasets
-from deployments.flow import LocalStageCalls, inspect_image, load_plan
+from deployments.config import DEPLOYMENTS
 from models.artifacts import ArtifactRegistry
 from models.data import read_image
+from models.inspection import LocalInspector
 from tests.integration.conftest import local_cluster
 
 SURFACE, MODULE = "brushed_metal", "solar_cell_mono"
@@ -27,7 +27,7 @@ QUICK = QuickSet(surfaces=(SURFACE,), elpv_categories=(MODULE,), elpv_train=64)
 SMALL = {
     "deployments": {
         name: {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-        for name in ("router", "detector", "verifier", "classifier", "localizer", "reranker")
+        for name in DEPLOYMENTS
     },
     "service": {"request_timeout_s": 60, "refresh_s": 1},
 }
@@ -50,13 +50,6 @@ def registry(serving: LocalCluster) -> ArtifactRegistry:
     return ArtifactRegistry(serving.registry_uri)
 
 
-def _verdict(calls: LocalStageCalls, registry: ArtifactRegistry, path: Path, category: str) -> str:
-    fields = asyncio.run(
-        inspect_image(read_image(path), category, plan=load_plan(registry), calls=calls)
-    )
-    return fields["verdict"]
-
-
 @pytest.fixture(scope="package")
 def inspection_images(serving: LocalCluster, registry: ArtifactRegistry) -> dict[str, Path]:
     """A good and a defective test image of each dataset that the models judge correctly.
@@ -66,7 +59,7 @@ def inspection_images(serving: LocalCluster, registry: ArtifactRegistry) -> dict
     """
     synthetic, elpv = quick_datasets(serving.workdir, QUICK)
     picked: dict[str, Path] = {}
-    calls = LocalStageCalls(registry)
+    inspector = LocalInspector(registry)
     for prefix, dataset, category in (("synthetic", synthetic, SURFACE), ("elpv", elpv, MODULE)):
         test = dataset.select(category, "test")
         for name, anomalous, wanted in (("good", False, "ok"), ("defective", True, "defective")):
@@ -74,7 +67,8 @@ def inspection_images(serving: LocalCluster, registry: ArtifactRegistry) -> dict
             # The clearest defects first (ELPV grades them; synthetic ones have no grade).
             candidates.sort(key=lambda s: -(s.severity or 0.0))
             for sample in candidates[:16]:
-                if _verdict(calls, registry, sample.image_path, category) == wanted:
+                found = inspector.inspect_images([read_image(sample.image_path)], [category])
+                if found[0].verdict == wanted:
                     picked[f"{prefix}_{name}"] = sample.image_path
                     break
             else:

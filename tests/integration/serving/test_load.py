@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from cluster.local import LocalCluster
-from loadtests.bench import run_locust
+from loadtests.runs import run_locust
 from loadtests.traffic import TrafficImage, build_traffic, served_categories, write_traffic
 from tests.integration.serving.conftest import MODULE, SURFACE
 

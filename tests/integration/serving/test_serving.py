@@ -19,11 +19,10 @@ from PIL import Image
 
 from cluster.cli import main
 from deployments.client import HandleClient, HttpClient, InspectionFailed, RetryPolicy
-from deployments.flow import LocalStageCalls, inspect_image, load_plan
 from deployments.imaging import encode_png
 from deployments.store import RedisStore
 from models.data import read_image
-from models.pipeline import InspectionPipeline
+from models.inspection import LocalInspector, load_plan
 from tests.integration.serving.conftest import MODULE, SURFACE
 
 pytestmark = pytest.mark.slow
@@ -62,9 +61,7 @@ def store(serving):
 def test_answers_match_the_labels_and_the_in_process_models(
     serving, registry, inspection_images, inspection_categories
 ):
-    pipeline = InspectionPipeline.from_registry(registry)
-    calls = LocalStageCalls(registry)
-    plan = load_plan(registry)
+    inspector = LocalInspector(registry)
     for name, path in inspection_images.items():
         category = inspection_categories[name]
         boxes = name.startswith("synthetic")
@@ -74,15 +71,12 @@ def test_answers_match_the_labels_and_the_in_process_models(
         assert result["verdict"] == ("defective" if name.endswith("defective") else "ok"), name
         assert result["image_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert result["category"] == category and not result["category_routed"]
-        # The served DAG and the evaluation pipeline agree on the same models.
-        expected = pipeline.inspect([read_image(path)], [category])[0]
+        # The served DAG and the flow in this process agree on the same models.
+        expected = inspector.inspect_images([read_image(path)], [category], boxes=boxes)[0]
         assert result["verdict"] == expected.verdict
         assert result["anomaly_score"] == pytest.approx(expected.anomaly_score, abs=1e-4)
         assert result["decided_by"] == expected.decided_by
-        local = asyncio.run(
-            inspect_image(read_image(path), category, plan=plan, calls=calls, boxes=boxes)
-        )
-        assert [t["stage"] for t in result["trace"]] == [t["stage"] for t in local["trace"]]
+        assert [t["stage"] for t in result["trace"]] == [run.stage for run in expected.trace]
         # The subset of fields simple classification APIs return.
         assert result["processing_time"] == pytest.approx(result["latency_ms"] / 1000)
         assert 0.0 <= result["confidence"] <= 1.0
@@ -97,7 +91,7 @@ def test_answers_match_the_labels_and_the_in_process_models(
                 result["defect_types"] and result["prediction"] == result["defect_types"][0]["name"]
             )
             assert sum(t["score"] for t in result["defect_types"]) == pytest.approx(1.0, abs=1e-3)
-            assert expected.defect_types[0][0] == result["defect_types"][0]["name"]
+            assert expected.defect_types[0].name == result["defect_types"][0]["name"]
             assert "localizer" in stages
             for box in result["boxes"]:
                 x0, y0, x1, y1 = box["box"]

@@ -175,12 +175,12 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
 
 def test_train_all_gives_each_stage_only_the_options_its_model_has():
     from cluster.cli import build_parser
-    from cluster.training_commands import _settings, stage_settings
+    from cluster.training_commands import stage_settings, train_settings
 
     args = build_parser().parse_args(
         ["train", "all", "--dataset", "elpv", "--autocontrast", "1", "--freeze-stages", "1"]
     )
-    settings = _settings(args, 1)
+    settings = train_settings(args, 1)
     assert settings.model_config == {"autocontrast": 1.0, "freeze_stages": 1}
     assert stage_settings(settings, "detector") is settings
     assert stage_settings(settings, "verifier").model_config == {"autocontrast": 1.0}

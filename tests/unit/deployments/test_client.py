@@ -2,18 +2,18 @@
 
 import pytest
 
-from deployments.client import InspectionFailed, RetryPolicy, _retryable, _Retrying
+from deployments.client import InspectionFailed, Retrying, RetryPolicy, retryable
 
 
 def test_only_transient_failures_are_retried():
-    assert _retryable(InspectionFailed(503, "overloaded"))
-    assert _retryable(InspectionFailed(504, "slow"))
-    assert _retryable(InspectionFailed(408, "the proxy timed it out"))
-    assert _retryable(InspectionFailed(500, "Internal Server Error"))  # the router died
-    assert _retryable(InspectionFailed(0, "connection refused"))
-    assert not _retryable(InspectionFailed(415, "not an image"))
-    assert not _retryable(InspectionFailed(401, "no key"))
-    assert not _retryable(ValueError("a bug"))
+    assert retryable(InspectionFailed(503, "overloaded"))
+    assert retryable(InspectionFailed(504, "slow"))
+    assert retryable(InspectionFailed(408, "the proxy timed it out"))
+    assert retryable(InspectionFailed(500, "Internal Server Error"))  # the router died
+    assert retryable(InspectionFailed(0, "connection refused"))
+    assert not retryable(InspectionFailed(415, "not an image"))
+    assert not retryable(InspectionFailed(401, "no key"))
+    assert not retryable(ValueError("a bug"))
 
 
 def test_waits_grow_and_honour_retry_after():
@@ -32,7 +32,7 @@ def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised(
             raise InspectionFailed(503, "overloaded", retry_after=0.01)
         return "answer"
 
-    retrying = _Retrying(RetryPolicy(attempts=4))
+    retrying = Retrying(RetryPolicy(attempts=4))
     assert retrying.sync(flaky) == "answer" and len(calls) == 3
     assert retrying.because == {503: 2}  # two tries repeated, both for a 503
     calls.clear()
@@ -51,12 +51,12 @@ def test_a_transient_failure_is_retried_until_it_succeeds_and_others_are_raised(
         raise InspectionFailed(503, "overloaded")
 
     with pytest.raises(InspectionFailed):
-        _Retrying(RetryPolicy(attempts=2, backoff_s=0.001)).sync(down)
+        Retrying(RetryPolicy(attempts=2, backoff_s=0.001)).sync(down)
     assert len(calls) == 2  # gives up after its attempts
 
 
 def test_a_serialized_answer_reads_back_with_its_computed_fields_derived():
-    from deployments.client import _result
+    from deployments.client import read_answer
     from deployments.schemas import InspectionResult
 
     result = InspectionResult(
@@ -72,7 +72,7 @@ def test_a_serialized_answer_reads_back_with_its_computed_fields_derived():
     )
     answer = result.model_dump(mode="json")
     assert answer["prediction"] == "scratch" and answer["processing_time"] == 0.04
-    assert _result(answer) == result
+    assert read_answer(answer) == result
     with pytest.raises(InspectionFailed) as failed:
-        _result({"error": {"status": 415, "detail": "not an image"}})
+        read_answer({"error": {"status": 415, "detail": "not an image"}})
     assert failed.value.status == 415

@@ -9,8 +9,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from loadtests.bench import analyse
 from loadtests.report import time_windows
+from loadtests.runs import analyse
 from loadtests.traffic import Traffic, TrafficError, TrafficImage, multipart, write_traffic
 
 

@@ -33,10 +33,10 @@ def test_named_environment_variables_win_over_the_file(tmp_path: Path) -> None:
 
 
 def test_generic_nested_overrides_are_typed() -> None:
-    env = {"INSPECTRAY__SYNTH__SEED": "7", "INSPECTRAY__TEXT__ALLOW_HUB": "true"}
-    assert env_overrides(env) == {"synth": {"seed": 7}, "text": {"allow_hub": True}}
+    env = {"INSPECTRAY__SYNTH__SEED": "7", "INSPECTRAY__SYNTH__SIZE": "128"}
+    assert env_overrides(env) == {"synth": {"seed": 7, "size": 128}}
     config = load_config(None, env=env)
-    assert config.synth.seed == 7 and config.text.allow_hub is True
+    assert config.synth.seed == 7 and config.synth.size == 128
 
 
 def test_config_file_from_environment(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from models.localizer import (
     DefectLocalizerConfig,
     box_targets,
 )
-from models.stages import LOCALIZER, ROUTER_CATEGORY
+from models.stages import LOCALIZER, SHARED_CATEGORY
 from models.training import FAMILIES, build_family
 from models.training.localizer_family import LocalizerFamily, transform_boxes
 
@@ -132,14 +132,14 @@ def test_state_dict_round_trips_through_a_safetensors_artifact(tmp_path):
     model = DefectLocalizer(tiny_config(), pretrained=False).eval()
     registry = ArtifactRegistry(str(tmp_path / "registry"))
     manifest = registry.save(
-        ROUTER_CATEGORY,
+        SHARED_CATEGORY,
         LOCALIZER,
         model.state_dict(),
         config=model.config.to_dict(),
         preprocessing=model.preprocessing.to_dict(),
         data={},
     )
-    artifact = registry.load(ROUTER_CATEGORY, LOCALIZER, manifest.version)
+    artifact = registry.load(SHARED_CATEGORY, LOCALIZER, manifest.version)
     config = DefectLocalizerConfig.from_dict(artifact.manifest.config)
     assert config == model.config
     restored = DefectLocalizer(config, pretrained=False)
@@ -211,7 +211,7 @@ def _spec(samples):
     return {
         "stage": LOCALIZER,
         "samples": samples,
-        "category": ROUTER_CATEGORY,
+        "category": SHARED_CATEGORY,
         "model_config": {
             "input_size": 64,
             "hidden_dim": 32,

@@ -7,7 +7,7 @@ import torch
 from ray import tune
 
 from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
-from tune.loop import _improved, build_optimizer, warmup_cosine
+from tune.loop import build_optimizer, improved, warmup_cosine
 from tune.sweep import BATCH_SIZES, OPTIMIZERS, search_space
 from tune.trainer import DEFAULT_LR, TrainSettings, loop_config
 
@@ -53,12 +53,12 @@ def test_warmup_then_cosine():
 
 def test_early_stopping_prefers_the_metric_then_the_loss():
     best = {"val_auroc": 0.9, "val_loss": 0.5}
-    assert _improved({"val_auroc": 0.95, "val_loss": 0.9}, best, "val_auroc")
-    assert not _improved({"val_auroc": 0.85, "val_loss": 0.1}, best, "val_auroc")
-    assert _improved({"val_auroc": 0.9, "val_loss": 0.4}, best, "val_auroc")
-    assert not _improved({"val_auroc": 0.9, "val_loss": 0.6}, best, "val_auroc")
-    assert _improved({"val_auroc": 0.5, "val_loss": 1.0}, None, "val_auroc")
-    assert _improved(
+    assert improved({"val_auroc": 0.95, "val_loss": 0.9}, best, "val_auroc")
+    assert not improved({"val_auroc": 0.85, "val_loss": 0.1}, best, "val_auroc")
+    assert improved({"val_auroc": 0.9, "val_loss": 0.4}, best, "val_auroc")
+    assert not improved({"val_auroc": 0.9, "val_loss": 0.6}, best, "val_auroc")
+    assert improved({"val_auroc": 0.5, "val_loss": 1.0}, None, "val_auroc")
+    assert improved(
         {"val_auroc": 0.5, "val_loss": 1.0}, {"val_auroc": math.nan, "val_loss": 1.0}, "val_auroc"
     )
 

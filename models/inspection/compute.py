@@ -1,11 +1,11 @@
 """What each stage computes for a batch of decoded images, in plain PyTorch.
 
-The Serve deployments (:mod:`deployments.stages`) wrap these functions with
-batching and model multiplexing; anything else that needs a stage's answer in
-the serving format (a process running every stage itself, tests) calls them
-directly, so the two cannot drift. Each function takes a loaded stage and a
-list of PIL images and returns one JSON-ready dict per image, with the
-stage's share of the batch's time in ``latency_ms``.
+One function per stage takes the loaded model and a list of PIL images and
+returns one typed answer per image (:mod:`models.inspection.answers`), with the
+stage's share of the batch's time in ``latency_ms``. The Serve deployments wrap
+them with ``@serve.batch`` and model multiplexing; evaluation and the baseline
+call them in this process (:class:`~models.inspection.local.LocalStageCalls`):
+the same code answers in both.
 """
 
 from __future__ import annotations
@@ -13,33 +13,59 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
-from deployments.imaging import encode_heatmap
 from models.descriptions import DefectDescription, DescriptionCatalog
-from models.pipeline import batched_inputs
+from models.inspection.answers import (
+    Box,
+    Classified,
+    Detected,
+    Located,
+    RankedType,
+    Reranked,
+    Routed,
+    Verified,
+)
 from models.stages import LoadedStage
+
+
+def batched_inputs(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The images as one channels-last batch ``(B, 3, S, S)``, by the model's own preprocessing."""
+    transform = model.preprocessing.transform()
+    device = next(model.parameters()).device
+    batch = torch.stack([transform(image) for image in images]).to(device)
+    return batch.contiguous(memory_format=torch.channels_last)
 
 
 def _per_image_ms(started: float, n: int) -> float:
     return (time.perf_counter() - started) * 1000.0 / max(n, 1)
 
 
+def route(
+    stage: LoadedStage, images: Sequence[Image.Image], allowed: Collection[str] | None = None
+) -> list[Routed]:
+    """The category the router names for each image, among ``allowed`` (those with models)."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = stage.model.predict(batched_inputs(stage.model, images), allowed)
+    ms = _per_image_ms(started, len(images))
+    return [
+        Routed(name, float(p.max()), ms)
+        for name, p in zip(output.categories, output.probabilities, strict=True)
+    ]
+
+
 def detect(
     stage: LoadedStage, images: Sequence[Image.Image], explain: Sequence[bool]
-) -> list[dict[str, Any]]:
+) -> list[Detected]:
     """The anomaly probability of each image, and its Grad-CAM heatmap where asked.
 
     Grad-CAM needs gradients, so a batch with any image to explain is run with
-    them once for all its images; only the asked-for heatmaps are encoded.
-
-    Returns:
-        ``{"probability", "heatmap_png" (base64 PNG at the image's size, or None),
-        "latency_ms"}`` per image.
+    them once for all its images; only the asked-for heatmaps are kept.
     """
     started = time.perf_counter()
     inputs = batched_inputs(stage.model, images)
@@ -49,66 +75,46 @@ def detect(
         with torch.inference_mode():
             output = stage.model.predict(inputs)
     probabilities = output.probability.detach().cpu().tolist()
-    answers = []
-    for i, (image, probability) in enumerate(zip(images, probabilities, strict=True)):
-        heatmap = None
-        if explain[i] and output.heatmap is not None:
-            heatmap = encode_heatmap(output.heatmap[i].detach().cpu().numpy(), image.size)
-        answers.append({"probability": float(probability), "heatmap_png": heatmap})
-    ms = _per_image_ms(started, len(images))
-    return [answer | {"latency_ms": ms} for answer in answers]
-
-
-def verify(stage: LoadedStage, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-    """The autoencoder verifier's calibrated score of each image."""
-    started = time.perf_counter()
-    with torch.inference_mode():
-        output = stage.model.predict(batched_inputs(stage.model, images))
-    ms = _per_image_ms(started, len(images))
-    return [{"score": float(s), "latency_ms": ms} for s in output.score.cpu().tolist()]
-
-
-def route(stage: LoadedStage, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-    """The category the router names for each image, with its probability."""
-    started = time.perf_counter()
-    with torch.inference_mode():
-        output = stage.model.predict(batched_inputs(stage.model, images))
+    heatmaps = output.heatmap.detach().cpu().numpy() if output.heatmap is not None else None
     ms = _per_image_ms(started, len(images))
     return [
-        {"category": name, "confidence": float(p.max()), "latency_ms": ms}
-        for name, p in zip(output.categories, output.probabilities, strict=True)
+        Detected(float(p), heatmaps[i] if explain[i] and heatmaps is not None else None, ms)
+        for i, p in enumerate(probabilities)
     ]
 
 
-def classify(stage: LoadedStage, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-    """The defect classifier's scores of each image.
+def verify(stage: LoadedStage, images: Sequence[Image.Image]) -> list[Verified]:
+    """The autoencoder verifier's calibrated score and error map of each image."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = stage.model.predict(batched_inputs(stage.model, images))
+    maps = output.error_map.cpu().numpy()
+    ms = _per_image_ms(started, len(images))
+    return [Verified(float(s), maps[i], ms) for i, s in enumerate(output.score.cpu().tolist())]
 
-    Returns:
-        ``{"defect_scores": {type: p} (renormalised over its defect types),
-        "ranked": [[type, p], ...] best first, "class_scores": {class: p},
-        "latency_ms"}`` per image.
-    """
+
+def classify(stage: LoadedStage, images: Sequence[Image.Image]) -> list[Classified]:
+    """The defect classifier's ranking, class scores and embedding of each image."""
     started = time.perf_counter()
     model = stage.model
     with torch.inference_mode():
         output = model.predict(batched_inputs(model, images))
     scores = output.scores.cpu()
-    defect = model.defect_scores(scores).tolist()
     ranked = model.rank_defects(scores)
+    embeddings = output.embedding.cpu().numpy()
     ms = _per_image_ms(started, len(images))
-    names = model.config.defect_types
     return [
-        {
-            "defect_scores": dict(zip(names, row, strict=True)),
-            "ranked": [[name, float(score)] for name, score in types],
-            "class_scores": dict(zip(model.config.classes, all_scores, strict=True)),
-            "latency_ms": ms,
-        }
-        for row, types, all_scores in zip(defect, ranked, scores.tolist(), strict=True)
+        Classified(
+            tuple(RankedType(name, float(score)) for name, score in types),
+            dict(zip(model.config.classes, row, strict=True)),
+            embedding,
+            ms,
+        )
+        for types, row, embedding in zip(ranked, scores.tolist(), embeddings, strict=True)
     ]
 
 
-def localize(stage: LoadedStage, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+def localize(stage: LoadedStage, images: Sequence[Image.Image]) -> list[Located]:
     """The localizer's boxes in each image's own pixels, best first."""
     started = time.perf_counter()
     model = stage.model
@@ -117,15 +123,15 @@ def localize(stage: LoadedStage, images: Sequence[Image.Image]) -> list[dict[str
         found = model.predict(batched_inputs(model, images), image_sizes=sizes)
     ms = _per_image_ms(started, len(images))
     return [
-        {
-            "boxes": [
-                {"defect_type": label, "score": float(score), "box": [float(v) for v in box]}
+        Located(
+            tuple(
+                Box(label, float(score), tuple(float(v) for v in box))  # type: ignore[arg-type]
                 for label, score, box in zip(
                     detections.labels, detections.scores.tolist(), detections.boxes, strict=True
                 )
-            ],
-            "latency_ms": ms,
-        }
+            ),
+            ms,
+        )
         for detections in found
     ]
 
@@ -136,11 +142,21 @@ def catalog_key(registered: Sequence[Mapping[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def reranker_catalog(
+    stage: LoadedStage, registered: Sequence[Mapping[str, Any]]
+) -> DescriptionCatalog:
+    """The reranker's trained descriptions, then the registered ones (which may replace)."""
+    catalog = stage.model.config.catalog()
+    for item in registered:
+        catalog.register(DefectDescription.from_dict(dict(item)))
+    return catalog
+
+
 class TypeTexts:
     """The reranker's description embeddings per (model, registered set), computed once.
 
-    Registered descriptions come with each request (from Redis, through the
-    router), so every replica ranks the same types without being told apart.
+    Registered descriptions come with each call, so every replica ranks the
+    same types without being told apart.
     """
 
     def __init__(self, max_entries: int = 64) -> None:
@@ -162,16 +178,6 @@ class TypeTexts:
         return self._entries[key]
 
 
-def reranker_catalog(
-    stage: LoadedStage, registered: Sequence[Mapping[str, Any]]
-) -> DescriptionCatalog:
-    """The reranker's trained descriptions, then the registered ones (which may replace)."""
-    catalog = stage.model.config.catalog()
-    for item in registered:
-        catalog.register(DefectDescription.from_dict(dict(item)))
-    return catalog
-
-
 def rerank(
     stage: LoadedStage,
     model_id: str,
@@ -179,8 +185,11 @@ def rerank(
     classifier_scores: Sequence[Mapping[str, float] | None],
     registered: Sequence[Sequence[Mapping[str, Any]]],
     texts: TypeTexts,
-) -> list[dict[str, Any]]:
+) -> list[Reranked]:
     """Each image's defect types reordered by ``w·classifier + (1-w)·CLIP``.
+
+    A type the classifier was not trained on (registered by description) is
+    scored by CLIP alone (:func:`~models.reranker.fuse_scores`).
 
     Args:
         stage: the category's reranker.
@@ -190,15 +199,12 @@ def rerank(
             or None when the category has no classifier (CLIP ranks alone).
         registered: each image's registered descriptions (usually all the same).
         texts: the embedding cache.
-
-    Returns:
-        ``{"ranked": [[type, score], ...] best first, "latency_ms"}`` per image.
     """
     started = time.perf_counter()
     model = stage.model
     with torch.inference_mode():
         image_embeddings = model.encode_images(batched_inputs(model, images))
-    answers: list[dict[str, Any]] = []
+    answers = []
     for i in range(len(images)):
         names, text_embeddings = texts.get(model_id, stage, registered[i])
         with torch.inference_mode():
@@ -210,6 +216,6 @@ def rerank(
             fused_input = torch.tensor([[own.get(name, 0.0) for name in names]])
         fused = model.fuse(fused_input, clip, known)[0].tolist()
         ranked = sorted(zip(names, fused, strict=True), key=lambda pair: -pair[1])
-        answers.append({"ranked": [[name, float(score)] for name, score in ranked]})
+        answers.append(tuple(RankedType(name, float(score)) for name, score in ranked))
     ms = _per_image_ms(started, len(images))
-    return [answer | {"latency_ms": ms} for answer in answers]
+    return [Reranked(ranked, ms) for ranked in answers]

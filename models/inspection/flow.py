@@ -1,0 +1,279 @@
+"""The inspection flow: the stage order and the decision rule, written once.
+
+    category given, or named by the category router
+    → AnomalyDetector probability p
+    → AutoencoderVerifier, only when p falls in the category's ambiguous band
+    → verdict and final anomaly score (:class:`~models.decision.DecisionRule`)
+    → for a part judged defective: DefectClassifier ∥ DefectLocalizer (boxes asked for)
+    → Reranker: the classifier's types fused with CLIP image-description similarity
+
+Plain async Python with no Ray in it. How a stage is reached is a
+:class:`StageCalls`: Serve's router calls the stage deployments through their
+``DeploymentHandle``s; evaluation and the baseline call the models in this
+process (:class:`~models.inspection.local.LocalStageCalls`), batched across
+concurrent inspections. So what ``inspectray eval`` measures is what the
+service answers.
+
+A :class:`Coverage` says how much runs beyond what the answer needs: the
+service runs only that; evaluation also types the parts judged ok (to grade
+every ELPV cell and to score the typing of missed defects); the baseline runs
+every stage for every image. The served fields of the answer do not change
+with the coverage.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from PIL import Image
+
+from models.inspection.answers import (
+    DEFECTIVE,
+    OK,
+    Classified,
+    Detected,
+    Inspection,
+    Located,
+    Reranked,
+    Routed,
+    StageRun,
+    Verified,
+    in_trace_order,
+    ranking,
+)
+from models.inspection.plan import CategoryModels, InspectionPlan
+from models.stages import CLASSIFIER, DETECTOR, LOCALIZER, RERANKER, ROUTER, VERIFIER
+
+# A category's descriptions registered at run time (Redis in serving, memory elsewhere).
+Registered = Callable[[str], Awaitable[Sequence[Mapping[str, Any]]]]
+
+
+class InspectionRefused(ValueError):
+    """A request the models cannot answer as asked (HTTP 422): says why."""
+
+
+class Coverage(StrEnum):
+    """How much of the flow runs for an image."""
+
+    SERVED = "served"  # what the answer needs: the service
+    TYPE_ALL = "type-all"  # also type parts judged ok: evaluation
+    EVERY_STAGE = "every-stage"  # every stage for every image: the naive baseline
+
+
+class StageCalls(abc.ABC):
+    """How the flow reaches each stage: one image per call, a typed answer back.
+
+    Implementations batch concurrent calls as they can (``@serve.batch`` in a
+    replica, an asyncio batcher in this process).
+    """
+
+    @abc.abstractmethod
+    async def route(self, model_id: str, image: Image.Image, allowed: Collection[str]) -> Routed:
+        """The category among ``allowed`` (the categories with models)."""
+
+    @abc.abstractmethod
+    async def detect(self, model_id: str, image: Image.Image, explain: bool) -> Detected:
+        """p(anomalous), with the Grad-CAM heatmap when ``explain``."""
+
+    @abc.abstractmethod
+    async def verify(self, model_id: str, image: Image.Image) -> Verified:
+        """The verifier's calibrated score."""
+
+    @abc.abstractmethod
+    async def classify(self, model_id: str, image: Image.Image) -> Classified:
+        """The ranked defect types."""
+
+    @abc.abstractmethod
+    async def localize(self, model_id: str, image: Image.Image) -> Located:
+        """The defects' boxes in the image's pixels."""
+
+    @abc.abstractmethod
+    async def rerank(
+        self,
+        model_id: str,
+        image: Image.Image,
+        classifier_scores: Mapping[str, float] | None,
+        registered: Sequence[Mapping[str, Any]],
+    ) -> Reranked:
+        """The types reordered with CLIP; registered types ranked too."""
+
+
+@dataclass(frozen=True)
+class InspectionRequest:
+    """One image to inspect and what to add to the answer.
+
+    Attributes:
+        image: the decoded image.
+        category: its product category, or None to let the router name it.
+        explain: add the detector's Grad-CAM heatmap.
+        boxes: locate the defects of a part judged defective.
+    """
+
+    image: Image.Image
+    category: str | None = None
+    explain: bool = False
+    boxes: bool = False
+
+
+async def inspect(
+    request: InspectionRequest,
+    plan: InspectionPlan,
+    calls: StageCalls,
+    registered: Registered | None = None,
+    coverage: Coverage = Coverage.SERVED,
+) -> Inspection:
+    """Inspect one image through the stages.
+
+    Args:
+        request: the image and options.
+        plan: the models and rules that inspect.
+        calls: how to reach the stages.
+        registered: a category's run-time registered descriptions (awaited only
+            when the reranker runs).
+        coverage: how much runs beyond what the answer needs.
+
+    Raises:
+        InspectionRefused: an unknown category, no router for an image without
+            one, or boxes asked for without a localizer.
+    """
+    image = request.image
+    if request.boxes and plan.localizer_id is None:
+        raise InspectionRefused("boxes were asked for, but no defect localizer is trained")
+    runs: list[tuple[StageRun, bool]] = []  # (run, served)
+    category, routed = request.category, None
+    if category is None:
+        if plan.router_id is None:
+            raise InspectionRefused(
+                "the image came without a category and no category router is trained; "
+                f"send one of {sorted(plan.categories)}"
+            )
+        routed = await calls.route(plan.router_id, image, sorted(plan.categories))
+        category = routed.category
+        runs.append((_run(ROUTER, plan.shared[ROUTER], routed, routed.summary()), True))
+    if category not in plan.categories:
+        raise InspectionRefused(f"unknown category {category!r}; known: {sorted(plan.categories)}")
+    models = plan.categories[category]
+    rule = models.rule
+
+    detected = await calls.detect(models.model_id(DETECTOR), image, request.explain)
+    in_band = models.has(VERIFIER) and rule.needs_verifier(detected.probability)
+    runs.append(
+        (
+            _run(
+                DETECTOR,
+                models.versions[DETECTOR],
+                detected,
+                {"probability": detected.probability, "in_band": in_band},
+            ),
+            True,
+        )
+    )
+    verified = None
+    if in_band or (coverage is Coverage.EVERY_STAGE and models.has(VERIFIER)):
+        verified = await calls.verify(models.model_id(VERIFIER), image)
+        runs.append(
+            (_run(VERIFIER, models.versions[VERIFIER], verified, verified.summary()), in_band)
+        )
+    decision = rule.decide(detected.probability, verified.score if in_band else None)
+    defective = decision.defective
+
+    typed = await _type_and_locate(
+        request, models, plan, calls, registered, coverage, defective, runs
+    )
+    served = ranking(typed.classified, typed.reranked) if defective else ()
+    return Inspection(
+        category=category,
+        verdict=DEFECTIVE if defective else OK,
+        anomaly_score=float(decision.anomaly_score),
+        decided_by=decision.decided_by,
+        detected=detected,
+        routed=routed,
+        verified=verified,
+        classified=typed.classified,
+        located=typed.located,
+        reranked=typed.reranked,
+        defect_types=served,
+        descriptions={t.name: typed.described[t.name] for t in served if t.name in typed.described},
+        boxes=typed.located.boxes if defective and request.boxes and typed.located else (),
+        trace=in_trace_order(run for run, shown in runs if shown),
+        also_ran=in_trace_order(run for run, shown in runs if not shown),
+        model_versions=plan.versions(category),
+    )
+
+
+class _Typing(NamedTuple):
+    classified: Classified | None
+    located: Located | None
+    reranked: Reranked | None
+    described: dict[str, str]  # type → description: trained, then registered
+
+
+async def _type_and_locate(
+    request: InspectionRequest,
+    models: CategoryModels,
+    plan: InspectionPlan,
+    calls: StageCalls,
+    registered: Registered | None,
+    coverage: Coverage,
+    defective: bool,
+    runs: list[tuple[StageRun, bool]],
+) -> _Typing:
+    """Classifier ∥ localizer, then the reranker: whatever the coverage asks for."""
+    image = request.image
+    type_it = defective or coverage is not Coverage.SERVED
+    locate = plan.localizer_id is not None and (
+        (defective and request.boxes) or coverage is Coverage.EVERY_STAGE
+    )
+    jobs: dict[str, Awaitable[Any]] = {}
+    if type_it and models.has(CLASSIFIER):
+        jobs[CLASSIFIER] = calls.classify(models.model_id(CLASSIFIER), image)
+    if locate:
+        jobs[LOCALIZER] = calls.localize(plan.localizer_id, image)  # type: ignore[arg-type]
+    rerank = type_it and models.has(RERANKER)
+    if rerank and registered is not None:
+        jobs["registered"] = registered(models.category)
+    answers = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+    classified: Classified | None = answers.get(CLASSIFIER)
+    located: Located | None = answers.get(LOCALIZER)
+    if classified is not None:
+        runs.append(
+            (
+                _run(CLASSIFIER, models.versions[CLASSIFIER], classified, classified.summary()),
+                defective,
+            )
+        )
+    if located is not None:
+        runs.append(
+            (
+                _run(LOCALIZER, plan.shared[LOCALIZER], located, located.summary()),
+                defective and request.boxes,
+            )
+        )
+    described = {name: d["description"] for name, d in models.descriptions.items()}
+    reranked = None
+    if rerank:
+        now = list(answers.get("registered", ()))
+        described |= {d["name"]: d["description"] for d in now}
+        reranked = await calls.rerank(
+            models.model_id(RERANKER),
+            image,
+            classified.defect_scores if classified is not None else None,
+            now,
+        )
+        top = reranked.ranked[0]
+        output = {
+            "defect_type": top.name,
+            "score": top.score,
+            "classifier_defect_type": classified.ranked[0].name if classified else None,
+        }
+        runs.append((_run(RERANKER, models.versions[RERANKER], reranked, output), defective))
+    return _Typing(classified, located, reranked, described)
+
+
+def _run(stage: str, version: str, answer: Any, output: dict[str, Any]) -> StageRun:
+    return StageRun(stage, version, float(answer.latency_ms), output)

@@ -1,0 +1,153 @@
+"""What every training family is, and the registry of families by stage.
+
+A family (:mod:`models.training.families`, :mod:`models.training.localizer_family`)
+builds its model, datasets, loss and validation metrics; it is registered for
+its stage (:data:`models.stages.STAGES`) with :func:`register_family`, and the
+Ray Train loop in ``tune/`` builds it from a plain dict (:func:`build_family`).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models.data.sample import Sample
+from models.data.tensors import AUGMENTATIONS, D4, ImageTensorDataset
+from models.stages import STAGES
+
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+class TrainingFamily(abc.ABC):
+    """Base of the families: the stage name, the monitored metric and defaults.
+
+    A family is registered for its stage with :func:`register_family`.
+
+    Args:
+        samples: every sample the family may use (all splits).
+        category: the product category (the router uses every category).
+        model_config: overrides of the family's config dataclass fields.
+        seed: seed of augmentation and synthetic anomalies.
+        augment: training augmentation, ``"d4"`` (default) or ``"flips"`` for parts
+            always imaged the same way up.
+    """
+
+    stage: ClassVar[str]
+    # The head's learning rate with AdamW when none is given (the backbone gets less).
+    default_lr: ClassVar[float] = 1e-3
+    monitor: ClassVar[str] = "val_auroc"
+    # Small categories pass over their images several times per epoch so that an
+    # epoch is enough optimizer steps for warm-up, early stopping and ASHA to mean
+    # something.
+    min_items_per_epoch: ClassVar[int] = 0
+    # Epoch cap: a linear head on frozen features converges in a few epochs.
+    max_epochs: ClassVar[int] = 1000
+
+    def repeat(self, n_items: int) -> int:
+        """Passes per epoch over ``n_items`` training images."""
+        return max(1, math.ceil(self.min_items_per_epoch / max(1, n_items)))
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        category: str,
+        model_config: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        augment: str = D4,
+    ) -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+        self.samples = list(samples)
+        self.augment = augment
+        self.category = category
+        self.model_config = dict(model_config or {})
+        self.seed = seed
+        self._check()
+
+    def split(self, name: str) -> list[Sample]:
+        """This family's samples of one split."""
+        return [s for s in self.samples if s.split == name and s.category == self.category]
+
+    def _check(self) -> None:
+        for split in ("train", "val"):
+            if not self.split(split):
+                raise ValueError(f"category {self.category!r} has no {split} images")
+
+    def describe(self) -> dict[str, Any]:
+        """What the artifact records about how the model was trained."""
+        return {"family": self.stage, "category": self.category, "augment": self.augment}
+
+    def labelled_datasets(
+        self,
+        model: nn.Module,
+        train: Sequence[Sample],
+        val: Sequence[Sample],
+        targets: Callable[[Sequence[Sample]], list[int]],
+        views: int = 1,
+    ) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+        """Augmented training images and plain validation images with class targets."""
+        train_ds = ImageTensorDataset(
+            train,
+            targets(train),
+            model.preprocessing,
+            augment=self.augment,
+            seed=self.seed,
+            repeat=self.repeat(len(train)),
+            views=views,
+        )
+        return train_ds, ImageTensorDataset(val, targets(val), model.preprocessing)
+
+    @abc.abstractmethod
+    def build_model(self, pretrained: bool = True) -> nn.Module:
+        """The model to train (ImageNet weights from the package when ``pretrained``)."""
+
+    @abc.abstractmethod
+    def datasets(self, model: nn.Module) -> tuple[Any, Any]:
+        """The training and validation datasets, in the model's preprocessing."""
+
+    @abc.abstractmethod
+    def loss(self, train: Any) -> Loss:
+        """``loss(model, inputs, targets)`` for the training dataset's batches."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """The validation metrics, ``monitor`` among them."""
+
+
+FAMILIES: dict[str, type[TrainingFamily]] = {}
+"""The training family of each stage, by stage name."""
+
+
+def register_family(family: type[TrainingFamily]) -> type[TrainingFamily]:
+    """Register ``family`` as the way to train its stage (a class decorator)."""
+    if family.stage not in STAGES:
+        raise ValueError(f"{family.__name__} trains {family.stage!r}, which no stage declares")
+    FAMILIES[family.stage] = family
+    return family
+
+
+def build_family(spec: Mapping[str, Any]) -> TrainingFamily:
+    """Build a family from its spec: stage, samples, category, model_config, seed, augment."""
+    stage = spec["stage"]
+    if stage not in FAMILIES:
+        raise ValueError(f"unknown stage {stage!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[stage](
+        spec["samples"],
+        spec["category"],
+        spec.get("model_config"),
+        spec.get("seed", 0),
+        spec.get("augment", D4),
+    )
+
+
