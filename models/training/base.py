@@ -149,5 +149,3 @@ def build_family(spec: Mapping[str, Any]) -> TrainingFamily:
         spec.get("seed", 0),
         spec.get("augment", D4),
     )
-
-

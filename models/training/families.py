@@ -275,9 +275,7 @@ class ClassifierFamily(TrainingFamily):
             flat = images.flatten(0, 1).contiguous(memory_format=torch.channels_last)
             embeddings = model(flat).float()
             labels = target.long().repeat_interleave(views)
-            return supervised_contrastive_loss(
-                embeddings, labels, unwrap(model).config.temperature
-            )
+            return supervised_contrastive_loss(embeddings, labels, unwrap(model).config.temperature)
 
         return supcon
 
@@ -405,5 +403,3 @@ class RerankerFamily(TrainingFamily):
             "val_loss": float(F.cross_entropy(logits_t, target_t)),
             "val_accuracy": float((logits_t.argmax(1) == target_t).float().mean()),
         }
-
-
