@@ -20,7 +20,7 @@ from deployments.app import (
     serve_config,
     user_config,
 )
-from deployments.config import load_serving_config
+from deployments.config import GRPC_PORT, GRPC_SERVICER, load_serving_config
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 # Each manifest whose serveConfigV2 is generated, with the serving YAML merged
@@ -49,11 +49,17 @@ def serve_config_v2(serving_config: str | Path | None = None) -> str:
         update={"config": str(serving_config) if serving_config else None}
     )
     serving = load_serving_config(serving_config, args.overrides)
+    # The app is built on the cluster from the packaged YAML and these arguments:
+    # the topology and runtimes travel in them (the deployments' options below).
+    layout = {"topology": serving.topology, "runtimes": dict(serving.runtimes)}
+    args = args.model_copy(update={"overrides": args.overrides | layout})
     config = serve_config(args)
+    config["grpc_options"] = {"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]}
     application = config["applications"][0]
     application["args"] = args.model_dump(exclude_none=True, exclude={"config"})
     deployments = []
-    for key, name in DEPLOYMENT_NAMES.items():
+    for key in serving.deployed():  # the ingress and the topology's model deployments
+        name = DEPLOYMENT_NAMES[key]
         options = deployment_options(serving.deployments[key], user_config(serving, key))
         deployments.append({"name": name, **_plain(options)})
     application["deployments"] = deployments

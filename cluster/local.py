@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from cluster.redis_server import RedisServer, free_port
+from deployments.config import GRPC_PORT, GRPC_SERVICER
 from models.artifacts import ArtifactRegistry
 from models.stages import DETECTOR, SHARED_CATEGORY
 
@@ -57,6 +58,7 @@ class LocalCluster:
         quick_set: what to train into an empty registry (default: QuickSet()).
         dashboard: start the Ray dashboard.
         serving_overrides: keys merged over the serving YAML (tests make replicas small).
+        grpc_port: port of the gRPC API (Serve's gRPC proxy).
     """
 
     def __init__(
@@ -71,7 +73,9 @@ class LocalCluster:
         quick_set: Any = None,
         dashboard: bool = True,
         serving_overrides: dict[str, Any] | None = None,
+        grpc_port: int = GRPC_PORT,
     ) -> None:
+        self.grpc_port = grpc_port
         self.registry_uri = registry if "://" in registry else str(Path(registry).resolve())
         self.port, self.host, self.config = port, host, config
         self.redis_url = redis_url or os.environ.get("REDIS_URL") or None
@@ -143,6 +147,7 @@ class LocalCluster:
         access_log = serving.deployments["router"].access_log
         serve.start(
             http_options=self._http_options(service.request_timeout_s),
+            grpc_options=self._grpc_options(service.request_timeout_s),
             logging_config={"enable_access_log": access_log},
         )
         self.deploy()
@@ -161,11 +166,25 @@ class LocalCluster:
     def _http_options(self, request_timeout_s: float) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "request_timeout_s": request_timeout_s + 5}
 
+    def _grpc_options(self, request_timeout_s: float) -> dict[str, Any]:
+        return {
+            "port": self.grpc_port,
+            "grpc_servicer_functions": [GRPC_SERVICER],
+            "request_timeout_s": request_timeout_s + 5,
+        }
+
+    @property
+    def grpc_target(self) -> str:
+        """The gRPC API's ``host:port``."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"{host}:{self.grpc_port}"
+
     def deploy(
         self,
         service: dict[str, Any] | None = None,
         deployments: dict[str, dict[str, Any]] | None = None,
         timeout_s: float = 300.0,
+        topology: str | None = None,
     ) -> None:
         """Deploy the app, or change settings in place.
 
@@ -182,6 +201,8 @@ class LocalCluster:
                 Only ``user_config`` keys change in place; the others need a new
                 ``LocalCluster`` with ``serving_overrides``.
             timeout_s: how long to wait for the deployment to finish.
+            topology: serve this topology (``fused``, ``split``) from now on; the
+                app is built again, its replicas start anew.
 
         Raises:
             LocalClusterError: Serve refused the config or did not finish in time.
@@ -199,6 +220,8 @@ class LocalCluster:
         from deployments.config import load_serving_config
         from models.config import merge
 
+        if topology is not None:
+            self.serving_overrides = merge(self.serving_overrides or {}, {"topology": topology})
         args = AppArgs(
             registry=self.registry_uri,
             redis_url=self.redis_url,
@@ -217,6 +240,7 @@ class LocalCluster:
             args, {DEPLOYMENT_NAMES[key]: user_config(serving, key) for key in changed}
         )
         config["http_options"] = self._http_options(serving.service.request_timeout_s)
+        config["grpc_options"] = self._grpc_options(serving.service.request_timeout_s)
         # The client `serve deploy` uses: Serve's REST API, with the cluster's auth token.
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
@@ -261,6 +285,7 @@ class LocalCluster:
             "api": f"{self.url}/v1/inspect",
             "ui": f"{self.url}/ui",
             "docs": f"{self.url}/docs",
+            "grpc": self.grpc_target,
             "dashboard": self.dashboard_url,
             "redis": self.redis_url.split("@")[-1] if self.redis_url else None,
             "registry": self.registry_uri,

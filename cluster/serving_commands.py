@@ -37,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config=args.serving_config,
         redis_url=args.redis_url,
         workdir=Path(args.workdir),
+        grpc_port=args.grpc_port,
     )
     try:
         cluster.start()
@@ -52,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         urls = cluster.urls()
         print(
             f"inspectray is serving: API {urls['api']}  page {urls['ui']}  docs {urls['docs']}"
+            f"  gRPC {urls['grpc']}"
             + (f"  Ray dashboard {urls['dashboard']}" if urls["dashboard"] else "")
             + "\nCtrl-C stops it.",
             file=sys.stderr,
@@ -186,6 +188,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report=None if args.report == "-" else Path(args.report),
         port=args.port,
         skip=args.skip or (),
+        topologies=_topologies(args.topologies),
+        profile_s=args.profile_duration,
     )
     # stdout carries this command's JSON alone: Ray's and Locust's logs go to stderr.
     sys.stdout.flush()
@@ -211,11 +215,23 @@ def _store(args: argparse.Namespace) -> Any:
     return RedisStore(url, Path(args.workdir) / "spool", socket_timeout_s=5)
 
 
+def _topologies(text: str) -> tuple[str, ...]:
+    """``fused,split`` → its names, each a known topology (else a usage error)."""
+    from deployments.config import TOPOLOGIES
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in TOPOLOGIES]
+    if not names or unknown:
+        raise SystemExit(f"error: --topologies takes some of {', '.join(TOPOLOGIES)}; got {text!r}")
+    return names
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the serving commands on the CLI's subparsers."""
     add = add_command
     serve = add(commands, "serve", cmd_serve)
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (8000)")
+    serve.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (9000)")
     serve.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0: all)")
     serve.add_argument("--registry", help="registry folder or URL (default: config)")
     serve.add_argument(
@@ -242,9 +258,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--port", type=int, default=8000, help="the DAG's port; naive: next one")
     bench.add_argument("--workdir", default=".inspectray", help="traffic, reports, local Redis")
     bench.add_argument(
+        "--profile-duration",
+        type=float,
+        default=20,
+        help="seconds of the run whose CPU is counted by process and activity (20)",
+    )
+    bench.add_argument(
+        "--topologies",
+        default="fused,split",
+        help="served topologies to measure on the same traffic, the first heads the report",
+    )
+    bench.add_argument(
         "--skip",
         nargs="+",
-        choices=["ceiling", "naive", "sweep", "half-peak"],
+        choices=["ceiling", "naive", "sweep", "half-peak", "profile", "grpc"],
         help="parts to leave out",
     )
 

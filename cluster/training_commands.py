@@ -285,6 +285,38 @@ def cmd_refit_prototypes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_runtime(args: argparse.Namespace) -> int:
+    """Export the production CNN stages to ONNX Runtime, each checked on validation images.
+
+    Training exports every version it registers; this command is for versions
+    registered before, or a runtime upgraded since. A version whose export is
+    above the tolerance stays served in torch.
+    """
+    from models.stages import EXPORTABLE_STAGES, SHARED_CATEGORY, STAGES, load_stage
+    from tune.trainer import export_checked
+
+    dataset, store = _load(args)
+    wanted = _categories(dataset, args.category)
+    exported: dict[str, Any] = {}
+    for stage in EXPORTABLE_STAGES:
+        if STAGES[stage].shared:  # trained over every category: checked on all of them
+            targets = [(SHARED_CATEGORY, list(dataset.samples))]
+        else:
+            targets = [(c, dataset.select(c)) for c in wanted]
+        for category, samples in targets:
+            if category not in store.categories() or stage not in store.stages(category):
+                continue
+            loaded = load_stage(store, category, stage)
+            record = export_checked(store, loaded.manifest, loaded.model, samples)
+            exported[f"{category}/{stage}"] = {"version": loaded.manifest.version} | record
+    if not exported:
+        from models.artifacts import ArtifactError
+
+        raise ArtifactError(f"no category of {dataset.name!r} has a CNN stage in {store.uri}")
+    print_json({"dataset": dataset.name, "exported": exported})
+    return 0
+
+
 def cmd_refit_fusion(args: argparse.Namespace) -> int:
     """Refit each reranker's fusion weight on validation against the production classifier.
 
@@ -329,14 +361,17 @@ def evaluation_inspector(store: Any, serving_config: str | Path | None = None) -
 
     Args:
         store: the artifact registry.
-        serving_config: the serving YAML whose pinned versions and rule
-            overrides the service runs with (None: the packaged one).
+        serving_config: the serving YAML whose pinned versions, rule overrides
+            and runtimes the service runs with (None: the packaged one).
     """
     from deployments.config import load_serving_config
     from models.inspection import Coverage, LocalInspector
 
-    service = load_serving_config(serving_config).service
-    return LocalInspector(store, service.versions, service.rules, Coverage.TYPE_ALL)
+    serving = load_serving_config(serving_config)
+    service = serving.service
+    return LocalInspector(
+        store, service.versions, service.rules, Coverage.TYPE_ALL, runtimes=serving.runtimes
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -463,6 +498,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     refit = add(commands, "refit-fusion", cmd_refit_fusion)
     _common(refit)
     refit.add_argument("--category", help="one product category (default: every reranked one)")
+    export = add(commands, "export-runtime", cmd_export_runtime)
+    _common(export)
+    export.add_argument("--category", help="one product category (default: all)")
     prototypes = add(commands, "refit-prototypes", cmd_refit_prototypes)
     _common(prototypes)
     prototypes.add_argument("--category", help="one product category (default: all)")

@@ -66,8 +66,9 @@ def deployment_options(spec: DeploymentSpec, user_config: dict[str, Any]) -> dic
     }
 
 
-# Each deployment's key in the serving YAML and its name in Serve: the ingress,
-# then every stage that declares a deployment (models.stages.STAGES).
+# Each deployment's key in the serving YAML and its name in Serve: the ingress, then
+# every stage that declares a deployment of its own (models.stages.STAGES), which
+# the split topology runs.
 DEPLOYMENT_NAMES = {INGRESS: "Router"} | {name: STAGES[name].deployment for name in DEPLOYED_STAGES}
 
 
@@ -79,10 +80,19 @@ def user_config(serving: ServingConfig, key: str) -> dict[str, Any]:
 
 
 def router_user_config(serving: ServingConfig) -> dict[str, Any]:
-    """The router's ``user_config``: the service settings, the spool as an absolute path."""
+    """The router's ``user_config``: the service settings, the spool as an absolute path.
+
+    With them, from the router's deployment spec: torch's threads and, for the
+    stages a fused router computes itself, their batch size and a fault drill's
+    injected delay.
+    """
     service = serving.service.model_dump()
     service["spool_dir"] = str(Path(service["spool_dir"]).expanduser().resolve())
-    return service | {"torch_threads": serving.deployments[INGRESS].torch_threads}
+    spec = serving.deployments[INGRESS]
+    own = {"torch_threads": spec.torch_threads, "max_batch_size": spec.batch.max_batch_size}
+    if spec.fault_delay_s:  # a fault drill's injected slowness; absent in production
+        own["fault_delay_s"] = spec.fault_delay_s
+    return service | own
 
 
 def serve_config(
@@ -110,7 +120,11 @@ def serve_config(
 
 
 def build_app(args: AppArgs) -> Application:
-    """The router and the model stages, each with its options from the serving YAML.
+    """The router and, in the split topology, one deployment per model stage.
+
+    ``fused``: the router alone, every stage in each of its replicas; ``split``:
+    the router and the stage deployments it calls. Each takes its options from
+    the serving YAML.
 
     Raises:
         ConfigError: an invalid serving or inspectray configuration.
@@ -122,18 +136,24 @@ def build_app(args: AppArgs) -> Application:
     registry = _absolute(args.registry or base.registry.uri)
     redis_url = base.redis.url if args.redis_url is None else args.redis_url
     stages = {
-        name: deployment.options(
+        name: STAGE_DEPLOYMENTS[name]
+        .options(
             **deployment_options(
                 serving.deployments[name],
                 serving.deployments[name].user_config(),
             )
-        ).bind(registry, args.device)
-        for name, deployment in STAGE_DEPLOYMENTS.items()
+        )
+        .bind(registry, args.device, dict(serving.runtimes))
+        for name in serving.deployed()
+        if name != INGRESS
     }
-    router_device = "cpu" if args.device == "auto" else args.device
+    # Fused, the router computes every stage: on the GPU it was given, if any. Split,
+    # it computes only the category router, on its CPU.
+    fused = not stages
+    router_device = args.device if fused or args.device != "auto" else "cpu"
     return Router.options(
         **deployment_options(serving.deployments[INGRESS], router_user_config(serving))
-    ).bind(stages, registry, redis_url or None, router_device)
+    ).bind(stages, registry, redis_url or None, router_device, dict(serving.runtimes))
 
 
 app = build_app(AppArgs())

@@ -1,4 +1,4 @@
-"""Clients for other services: by DeploymentHandle inside the Ray cluster, or over HTTP.
+"""Clients for other services: by DeploymentHandle inside the Ray cluster, over HTTP or gRPC.
 
 Both return :class:`~deployments.schemas.InspectionResult` and raise
 :class:`InspectionFailed` with the HTTP-style status for what the service
@@ -17,6 +17,9 @@ Anywhere::
 
     client = HttpClient("http://inspectray:8000", api_key="...")
     result = client.inspect(Path("part.png").read_bytes(), explain=True)
+
+    client = GrpcClient("inspectray:9000", api_key="...")   # a camera's open channel
+    result = client.inspect(Path("part.png").read_bytes(), category="brushed_metal")
 """
 
 from __future__ import annotations
@@ -348,3 +351,82 @@ class HttpClient:
     def close(self) -> None:
         """Close the connections."""
         self._client.close()
+
+
+# A gRPC status the router never sets itself (a dropped channel, Serve's proxy):
+# its HTTP-style status for InspectionFailed.
+_GRPC_TRANSPORT = {"UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 0}
+
+
+class GrpcClient:
+    """Calls the gRPC API (``deployments/protos/inspection.proto``), for camera clients.
+
+    One channel is kept open; the answer and the errors are those of
+    :class:`HttpClient` (:class:`InspectionFailed` carries the HTTP status the
+    same request would get, from the trailing metadata).
+
+    Args:
+        target: ``host:port`` of Serve's gRPC proxy, e.g. ``127.0.0.1:9000``.
+        api_key: sent as metadata ``x-api-key``.
+        timeout_s: per request.
+        retry: the retry policy.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
+        import grpc
+
+        from deployments.protos import inspection_pb2_grpc
+
+        self.target = target
+        self._channel = grpc.insecure_channel(target)
+        self._stub = inspection_pb2_grpc.InspectionStub(self._channel)
+        self._metadata = (("x-api-key", api_key),) if api_key else ()
+        self._timeout = timeout_s
+        self._retrying = Retrying(retry)
+
+    @property
+    def retried(self) -> Counter[int | str]:
+        """Tries this client repeated since it was made, by the status that failed them."""
+        return self._retrying.because
+
+    def _once(self, request: Any) -> InspectionResult:
+        import grpc
+
+        try:
+            reply = self._stub.Inspect(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            trailing = dict(error.trailing_metadata() or ())
+            status = trailing.get("x-inspectray-status")
+            code = error.code().name
+            retry_after = trailing.get("retry-after")
+            raise InspectionFailed(
+                int(status) if status else _GRPC_TRANSPORT.get(code, 500),
+                error.details() or code,
+                float(retry_after) if retry_after else None,
+            ) from error
+        return InspectionResult.model_validate_json(reply.result_json)
+
+    def inspect(
+        self,
+        image: bytes,
+        category: str | None = None,
+        explain: bool = False,
+        boxes: bool = False,
+    ) -> InspectionResult:
+        """Inspect an image file's bytes."""
+        from deployments.protos import inspection_pb2
+
+        request = inspection_pb2.InspectRequest(
+            image=image, category=category or "", explain=explain, boxes=boxes
+        )
+        return self._retrying.sync(lambda: self._once(request))
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()

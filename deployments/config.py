@@ -14,11 +14,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.config import ConfigError, format_errors, merge, read_yaml
-from models.stages import DEPLOYED_STAGES
+from models.stages import DEPLOYED_STAGES, DETECTOR, EXPORTABLE_STAGES, RUNTIMES
 
 DEFAULTS = Path(__file__).with_name("serving.yaml")
 INGRESS = "router"  # the ingress deployment's key; the others are the stages'
 DEPLOYMENTS = (INGRESS, *DEPLOYED_STAGES)
+TOPOLOGIES = ("fused", "split")
+# Serve's gRPC proxy serves the Inspection service of deployments/protos/inspection.proto;
+# Serve imports this function by name.
+GRPC_SERVICER = "deployments.protos.inspection_pb2_grpc.add_InspectionServicer_to_server"
+GRPC_PORT = 9000
 
 
 class _Section(BaseModel):
@@ -86,13 +91,37 @@ class ServiceSpec(_Section):
     versions: dict[str, dict[str, str]] = Field(default_factory=dict)
     rules: dict[str, dict[str, float]] = Field(default_factory=dict)
     torch_threads: int = Field(default=1, ge=1)
+    # The fused topology's in-process stages (from the router's deployment spec).
+    max_batch_size: int = Field(default=16, ge=1, le=256)
+    fault_delay_s: float = Field(default=0, ge=0, le=600)
 
 
 class ServingConfig(_Section):
-    """Every deployment's spec and the router's service settings."""
+    """The topology, every deployment's spec and the router's service settings.
 
+    ``topology``: ``fused`` runs every stage of an inspection in each replica of
+    the router (the ingress); ``split`` gives each model stage a deployment of
+    its own (its own replicas, CPUs or GPUs) that the router calls.
+    ``runtimes``: per exportable stage, ``torch`` or ``onnxruntime`` (a version
+    whose export failed its parity check is served in torch all the same).
+    """
+
+    topology: Literal[TOPOLOGIES] = "fused"  # type: ignore[valid-type]
+    runtimes: dict[Literal[EXPORTABLE_STAGES], Literal[RUNTIMES]] = Field(  # type: ignore[valid-type]
+        default_factory=dict
+    )
     deployments: dict[Literal[DEPLOYMENTS], DeploymentSpec]  # type: ignore[valid-type]
     service: ServiceSpec = ServiceSpec()
+
+    def front(self) -> str:
+        """The deployment whose models every inspection meets: the router, or the detector."""
+        return INGRESS if self.topology == "fused" else DETECTOR
+
+    def deployed(self) -> tuple[str, ...]:
+        """The keys of the deployments the topology runs, the ingress first."""
+        if self.topology == "fused":
+            return (INGRESS,)
+        return (INGRESS, *DEPLOYED_STAGES)
 
     @model_validator(mode="after")
     def _complete(self) -> ServingConfig:

@@ -23,10 +23,12 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,10 +38,11 @@ from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.config import ServiceSpec
+from deployments.config import INGRESS, ServiceSpec
 from deployments.imaging import (
     DecodedImage,
     ImageLimits,
@@ -47,6 +50,7 @@ from deployments.imaging import (
     decode_base64,
     decode_image,
 )
+from deployments.protos import inspection_pb2
 from deployments.schemas import (
     SCHEMA_VERSION,
     BatchItem,
@@ -61,6 +65,7 @@ from deployments.schemas import (
     InspectRequest,
     Problem,
 )
+from deployments.stages import resolve_device
 from deployments.store import AuthError, RedisStore, StoreUnavailable
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.descriptions import DefectDescription, DescriptionError
@@ -70,6 +75,7 @@ from models.inspection import (
     InspectionPlan,
     InspectionRefused,
     InspectionRequest,
+    LocalStageCalls,
     Located,
     Reranked,
     Routed,
@@ -93,6 +99,17 @@ from models.stages import (
 
 log = logging.getLogger("ray.serve")
 API_KEY_HEADER = "X-API-Key"
+# The gRPC status of each HTTP status the router answers with.
+GRPC_STATUS = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 TRUE = ("1", "true", "yes", "on")
 _ERRORS = {
     401: {"model": Problem, "description": "No API key, or an unknown one."},
@@ -237,13 +254,36 @@ class _Router:
         registry_uri: str,
         redis_url: str | None = None,
         device: str = "cpu",
+        runtimes: Mapping[str, str] | None = None,
     ) -> None:
         self.registry = ArtifactRegistry(registry_uri)
-        self.device = device
+        self.device = resolve_device(device)
+        self.runtimes = dict(runtimes or {})  # stage → torch or onnxruntime
         self.service = ServiceSpec()
         self.plan: InspectionPlan = load_plan(self.registry)
-        self.handles = dict(stages)  # stage → its deployment's handle
-        self.calls = HandleStageCalls(self.handles, self.category_router)
+        self.handles = dict(stages)  # stage → its deployment's handle (split)
+        self.calls: StageCalls = HandleStageCalls(self.handles, self.category_router)
+        self.local: LocalStageCalls | None = None
+        self._failed: dict[str, str] = {}
+        if not self.handles:
+            # Fused: every stage in this replica. One thread computes the batches,
+            # so the event loop stays free to take in requests meanwhile; every
+            # production model is loaded now, and the replica is unhealthy while
+            # one could not be.
+            self.local = LocalStageCalls(
+                self.registry,
+                self.device,
+                max_batch_size=self.service.max_batch_size,
+                executor=ThreadPoolExecutor(1, thread_name_prefix="stages"),
+                runtimes=self.runtimes,
+            )
+            self.calls = self.local
+            for stage, model_id in self.plan.model_ids():
+                try:
+                    self.local.model(stage, model_id)
+                except Exception as error:  # any failure makes the replica unhealthy
+                    self._failed[f"{stage}:{model_id}"] = f"{type(error).__name__}: {error}"
+                    log.error("could not load %s %s: %s", stage, model_id, error)
         self.redis_url = redis_url or None
         self.store: RedisStore | None = None
         self._memory_descriptions: dict[str, dict[str, dict[str, Any]]] = {}
@@ -274,6 +314,9 @@ class _Router:
         previous = self.service
         self.service = ServiceSpec.model_validate(dict(config))
         torch.set_num_threads(self.service.torch_threads)
+        if self.local is not None:
+            self.local.batcher.max_batch_size = self.service.max_batch_size
+            self.local.fault_delay_s = self.service.fault_delay_s
         if (previous.versions, previous.rules) != (self.service.versions, self.service.rules):
             self.plan = load_plan(self.registry, self.service.versions, self.service.rules)
         settings = (self.service.spool_dir, self.service.stream_maxlen, self.service.cache_ttl_s)
@@ -328,7 +371,13 @@ class _Router:
         if model_id not in self._routers:
             category, version = split_model_id(model_id)
             self._routers[model_id] = await asyncio.to_thread(
-                load_stage, self.registry, category, ROUTER, version, self.device
+                load_stage,
+                self.registry,
+                category,
+                ROUTER,
+                version,
+                self.device,
+                self.runtimes.get(ROUTER, "torch"),
             )
         return self._routers[model_id]
 
@@ -396,8 +445,11 @@ class _Router:
         category: str | None = None,
         explain: bool = False,
         boxes: bool = False,
+        decode_ms: float = 0.0,
     ) -> InspectionResult:
         """Inspect a validated image: cache, flow, result, cache, stream.
+
+        ``decode_ms``: the time its decoding took, counted in the answer's latency.
 
         Raises:
             _Problem: 422 refused; 503 overloaded, a replica lost or a model refused;
@@ -412,10 +464,11 @@ class _Router:
                 self.service.retry_after_s,
             )
         self._in_flight += 1
-        started = time.perf_counter()
+        started = time.perf_counter() - decode_ms / 1000.0
+        timings = {"decode": decode_ms}
         try:
-            result = await asyncio.wait_for(
-                self._answer(decoded, category, explain, boxes, started),
+            result, cache_key = await asyncio.wait_for(
+                self._answer(decoded, category, explain, boxes, started, timings),
                 timeout=self.service.request_timeout_s,
             )
         except TimeoutError as error:
@@ -451,7 +504,12 @@ class _Router:
             raise _Problem(422, str(error)) from error
         finally:
             self._in_flight -= 1
-        if self.store is not None:
+        if self.store is not None and not result.cache_hit:
+            # One round trip: the stream's exactly-once append and the cache entry.
+            mark = time.perf_counter()
+            await asyncio.to_thread(self.store.publish, result.model_dump(mode="json"), cache_key)
+            result.timings_ms["publish"] = (time.perf_counter() - mark) * 1000.0
+        elif self.store is not None:
             await asyncio.to_thread(self.store.publish, result.model_dump(mode="json"))
         return result
 
@@ -462,8 +520,11 @@ class _Router:
         explain: bool,
         boxes: bool,
         started: float,
-    ) -> InspectionResult:
+        timings: dict[str, float],
+    ) -> tuple[InspectionResult, str | None]:
+        """The answer, and the key to cache it under (None: not cached)."""
         plan = self.plan
+        mark = time.perf_counter()
         if category is not None and category not in plan.categories:
             raise InspectionRefused(
                 f"unknown category {category!r}; known: {sorted(plan.categories)}"
@@ -486,27 +547,31 @@ class _Router:
                 return now[name] if name in now else await self._registered(name)
 
             cached = await asyncio.to_thread(self.store.get_cached, key)
+            timings["cache_lookup"] = (time.perf_counter() - mark) * 1000.0
             if cached is not None:
-                return InspectionResult.model_validate(
+                hit = InspectionResult.model_validate(
                     cached
                     | {
                         "request_id": uuid.uuid4().hex,
                         "cache_hit": True,
                         "latency_ms": (time.perf_counter() - started) * 1000.0,
+                        "timings_ms": timings,
                     }
                 )
+                return hit, None
+        mark = time.perf_counter()
         request = InspectionRequest(decoded.image, category, explain, boxes)
         inspection = await inspect(request, plan, self.calls, registered)
+        timings["inspect"] = (time.perf_counter() - mark) * 1000.0
         result = InspectionResult.from_inspection(
             inspection,
             request_id=uuid.uuid4().hex,
             image_sha256=decoded.sha256,
             image_size=decoded.image.size,
             latency_ms=(time.perf_counter() - started) * 1000.0,
+            timings_ms=timings,
         )
-        if key is not None:
-            await asyncio.to_thread(self.store.put_cached, key, result.model_dump(mode="json"))
-        return result
+        return result, key  # cached when it is published
 
     async def inspect_bytes(
         self,
@@ -517,8 +582,10 @@ class _Router:
         content_type: str | None = None,
     ) -> InspectionResult:
         """Decode then inspect (raises _Problem)."""
+        started = time.perf_counter()
         decoded = await asyncio.to_thread(self.decode, data, content_type)
-        return await self.inspect_decoded(decoded, category, explain, boxes)
+        decode_ms = (time.perf_counter() - started) * 1000.0
+        return await self.inspect_decoded(decoded, category, explain, boxes, decode_ms)
 
     # -- catalog -----------------------------------------------------------------------
 
@@ -597,9 +664,17 @@ class _Router:
         }
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Whether every stage deployment answers with its models loaded."""
+        """Whether every stage answers with its models loaded (fused: in this replica)."""
         stages: dict[str, Any] = {}
         ready = True
+        if self.local is not None:
+            stages[INGRESS] = {
+                "stage": "every stage, in this replica",
+                "device": self.device,
+                "models": self.local.loaded(),
+                "failed": dict(self._failed),
+            }
+            ready = not self._failed
         for name, handle in self.handles.items():
             try:
                 answer = await asyncio.wait_for(handle.loaded.remote(), timeout=10)
@@ -700,9 +775,45 @@ class Router(_Router):
             }
         return result.model_dump(mode="json")
 
+    async def Inspect(
+        self, request: inspection_pb2.InspectRequest, grpc_context: RayServegRPCContext
+    ) -> inspection_pb2.InspectReply:
+        """The gRPC ``Inspect`` (``deployments/protos/inspection.proto``), beside HTTP.
+
+        A refused request ends with the gRPC status of its HTTP one and, in the
+        trailing metadata, ``x-inspectray-status`` and ``retry-after``.
+        """
+        metadata = dict(grpc_context.invocation_metadata())
+        category = request.category or None
+        try:
+            await self.authorize(metadata.get(API_KEY_HEADER.lower()), category)
+            result = await self.inspect_bytes(
+                request.image, category, request.explain, request.boxes
+            )
+        except _Problem as problem:
+            grpc_context.set_code(GRPC_STATUS.get(problem.status, grpc.StatusCode.UNKNOWN))
+            grpc_context.set_details(problem.detail)
+            trailing = [("x-inspectray-status", str(problem.status))]
+            if problem.retry_after:
+                trailing.append(("retry-after", str(max(1, round(problem.retry_after)))))
+            grpc_context.set_trailing_metadata(trailing)
+            return inspection_pb2.InspectReply()
+        return inspection_pb2.InspectReply(
+            request_id=result.request_id,
+            category=result.category,
+            verdict=result.verdict,
+            anomaly_score=result.anomaly_score,
+            decided_by=result.decided_by,
+            defect_type=result.defect_types[0].name if result.defect_types else "",
+            latency_ms=result.latency_ms,
+            result_json=result.model_dump_json(),
+        )
+
     async def check_health(self) -> None:
-        """Keep the maintenance loop (model refresh, spool replay) running."""
+        """Keep the maintenance loop running; fail while a fused replica lacks a model."""
         self._ensure_maintenance()
+        if self._failed:
+            raise RuntimeError(f"models not loaded: {self._failed}")
 
     def __del__(self) -> None:
         self.close()

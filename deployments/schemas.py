@@ -46,8 +46,16 @@ class StageTrace(_Schema):
 
     stage: str = Field(description="router, detector, verifier, classifier, localizer, reranker.")
     model_version: str
-    latency_ms: float = Field(ge=0.0, description="Time the stage took, batching included.")
+    latency_ms: float = Field(
+        ge=0.0, description="The model's computing time (its share of the batch)."
+    )
     output: dict[str, Any] = Field(default_factory=dict, description="What the stage said.")
+    call_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="How long the router waited for the stage: computing, batching wait, "
+        "queue and transfer.",
+    )
 
 
 class InspectionResult(_Schema):
@@ -94,7 +102,14 @@ class InspectionResult(_Schema):
         default_factory=dict, description="stage → version of every model that could run."
     )
     cache_hit: bool = False
-    latency_ms: float = Field(ge=0.0, description="Time from request to answer in the router.")
+    latency_ms: float = Field(
+        ge=0.0, description="Time from the request's bytes to the answer in the router."
+    )
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Where the router's time went: decode (decoding, checks, hash), "
+        "cache_lookup (the result cache), inspect (the stages, see the trace).",
+    )
 
     @classmethod
     def from_inspection(
@@ -106,6 +121,7 @@ class InspectionResult(_Schema):
         image_size: tuple[int, int],
         latency_ms: float,
         cache_hit: bool = False,
+        timings_ms: dict[str, float] | None = None,
     ) -> InspectionResult:
         """The answer for a caller, from the flow's typed inspection.
 
@@ -116,6 +132,7 @@ class InspectionResult(_Schema):
             image_size: ``(width, height)`` of the image: the heatmap is drawn at it.
             latency_ms: time from request to answer.
             cache_hit: whether it came from the result cache.
+            timings_ms: the router's time by phase.
         """
         heatmap = inspection.detected.heatmap
         return cls(
@@ -143,12 +160,14 @@ class InspectionResult(_Schema):
                     model_version=run.model_version,
                     latency_ms=run.latency_ms,
                     output=dict(run.output),
+                    call_ms=run.call_ms,
                 )
                 for run in inspection.trace
             ],
             model_versions=dict(inspection.model_versions),
             cache_hit=cache_hit,
             latency_ms=latency_ms,
+            timings_ms=dict(timings_ms or {}),
         )
 
     @computed_field  # type: ignore[prop-decorator]

@@ -63,9 +63,12 @@ class ModelStage(abc.ABC):
 
     stage: ClassVar[str]
 
-    def __init__(self, registry_uri: str, device: str = "auto") -> None:
+    def __init__(
+        self, registry_uri: str, device: str = "auto", runtimes: Mapping[str, str] | None = None
+    ) -> None:
         self.registry = ArtifactRegistry(registry_uri)
         self.device = resolve_device(device)
+        self.runtime = dict(runtimes or {}).get(self.stage, "torch")
         self._warm: dict[str, LoadedStage] = {}
         self._failed: dict[str, str] = {}
         self._served: set[str] = set()
@@ -78,7 +81,7 @@ class ModelStage(abc.ABC):
                 version = self.registry.manifest(category, self.stage).version
                 model_id = make_model_id(category, version)
                 self._warm[model_id] = load_stage(
-                    self.registry, category, self.stage, version, self.device
+                    self.registry, category, self.stage, version, self.device, self.runtime
                 )
             except Exception as error:  # any failure makes the replica unhealthy
                 self._failed[model_id] = f"{type(error).__name__}: {error}"
@@ -120,7 +123,7 @@ class ModelStage(abc.ABC):
             return self._warm.pop(model_id)
         category, version = split_model_id(model_id)
         return await asyncio.to_thread(
-            load_stage, self.registry, category, self.stage, version, self.device
+            load_stage, self.registry, category, self.stage, version, self.device, self.runtime
         )
 
     async def _model(self) -> LoadedStage:
@@ -219,8 +222,10 @@ class Reranker(ModelStage):
 
     stage = RERANKER
 
-    def __init__(self, registry_uri: str, device: str = "auto") -> None:
-        super().__init__(registry_uri, device)
+    def __init__(
+        self, registry_uri: str, device: str = "auto", runtimes: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(registry_uri, device, runtimes)
         self._texts = compute.TypeTexts()
 
     def batched_method(self) -> Any:

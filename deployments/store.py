@@ -323,11 +323,33 @@ class RedisStore:
             )
         )
 
-    def publish(self, result: Mapping[str, Any]) -> bool:
+    def _append_and_cache(self, request_id: str, payload: str, cache_key: str) -> None:
+        """The publish script and the cache entry in one round trip (a pipeline).
+
+        Raises:
+            StoreUnavailable: Redis is down (the result may or may not be in).
+        """
+        marker = f"{self.prefix}:published:{request_id}"
+
+        def both(r: redis.Redis) -> None:
+            pipe = r.pipeline(transaction=False)
+            pipe.set(f"{self.prefix}:{cache_key}", payload, ex=self.cache_ttl_s)
+            self._publish_once(
+                keys=[marker, self.stream],
+                args=[self.published_ttl_s, self.stream_maxlen, request_id, payload],
+                client=pipe,
+            )
+            pipe.execute()
+
+        self._call(both)
+
+    def publish(self, result: Mapping[str, Any], cache_key: str | None = None) -> bool:
         """Append ``result`` to the stream, or to the spool on disk if Redis is down.
 
         Args:
             result: A JSON-able result with a ``request_id``.
+            cache_key: also cache it under this key (from :meth:`cache_key`), in
+                the same round trip; a result spooled is not cached.
 
         Returns:
             ``True`` if the result is in the stream now (appended, or already
@@ -341,7 +363,10 @@ class RedisStore:
             raise ValueError("a published result needs a request_id")
         payload = json.dumps(result, separators=(",", ":"))
         try:
-            self._append_once(str(request_id), payload)
+            if cache_key is not None and self.cache_ttl_s > 0:
+                self._append_and_cache(str(request_id), payload, cache_key)
+            else:
+                self._append_once(str(request_id), payload)
         except StoreUnavailable:
             self._spool(payload)
             return False

@@ -53,7 +53,11 @@ class BenchSettings:
         workdir: traffic, reports, the cluster's Redis.
         report: the Markdown report to write (None: none).
         port: the DAG's HTTP port; the naive server takes the next.
-        skip: parts to leave out: ``ceiling``, ``naive``, ``sweep``, ``half-peak``.
+        skip: parts to leave out: ``ceiling``, ``naive``, ``sweep``, ``half-peak``,
+            ``profile``, ``grpc``.
+        profile_s: length of the run whose CPU is counted by process and activity.
+        topologies: the served topologies to measure, each on the same traffic;
+            the first one's figures are also the report's ``dag_*`` ones.
         images_per_class: synthetic traffic images per surface and class.
         image_size: synthetic traffic image side.
     """
@@ -70,6 +74,8 @@ class BenchSettings:
     report: Path | None = Path("docs/benchmarks.md")
     port: int = 8000
     skip: Sequence[str] = ()
+    profile_s: float = 20.0
+    topologies: Sequence[str] = ("fused", "split")
     images_per_class: int = 8
     image_size: int = 256
 
@@ -77,14 +83,16 @@ class BenchSettings:
 def measure_ceiling(
     registry_uri: str,
     traffic: Traffic,
-    seconds: float = 20.0,
+    seconds: float = 30.0,
     batch_sizes: Sequence[int] = (1, 8, 16),
 ) -> dict[str, Any]:
     """The detectors alone, batched, in this process: images/s at their best setting.
 
     Images are drawn from the mix and decoded beforehand (decoding is not the
     detector's work); each batch is one category's, as the DAG batches them.
-    Every batch size is tried with one thread and with every core.
+    Every batch size is tried with one thread and with every core, in torch and
+    in ONNX Runtime (where every detector has an accepted export): the ceiling is
+    the fastest, so a served runtime's speed does not flatter the ratio.
     """
     import random
 
@@ -92,25 +100,45 @@ def measure_ceiling(
 
     from deployments.imaging import decode_image
     from models.artifacts import ArtifactRegistry
-    from models.inspection import LocalStageCalls, compute, load_plan
-    from models.stages import DETECTOR
+    from models.inspection import compute, load_plan
+    from models.inspection.plan import split_model_id
+    from models.stages import DETECTOR, RUNTIMES, load_stage
 
     registry = ArtifactRegistry(registry_uri)
     plan = load_plan(registry)
-    calls = LocalStageCalls(registry)
     rng = random.Random(0)
     pools: dict[str, list[Any]] = {}
     for _ in range(64 * len(traffic.categories)):
         drawn = traffic.draw(rng)
         pools.setdefault(drawn.image.category, []).append(decode_image(drawn.body).image)
-    stages = {c: calls.model(DETECTOR, plan.categories[c].model_id(DETECTOR)) for c in pools}
+
+    def detectors(runtime: str, threads: int) -> dict[str, Any] | None:
+        """Each category's detector in ``runtime``; None when one has no such runtime."""
+        found = {}
+        for category in pools:
+            category_id, version = split_model_id(plan.categories[category].model_id(DETECTOR))
+            found[category] = load_stage(
+                registry, category_id, DETECTOR, version, "cpu", runtime, threads
+            )
+            if runtime != "torch" and found[category].runtime is None:
+                return None
+        return found
+
     threads_before = torch.get_num_threads()
-    settings = [(t, b) for t in sorted({1, os.cpu_count() or 1}) for b in batch_sizes]
+    settings = [
+        (runtime, t, b)
+        for runtime in RUNTIMES
+        for t in sorted({1, os.cpu_count() or 1})
+        for b in batch_sizes
+    ]
     per_setting = max(seconds / len(settings), 1.0)
     tried = []
     try:
-        for threads, batch in settings:
+        for runtime, threads, batch in settings:
             torch.set_num_threads(threads)
+            stages = detectors(runtime, threads)
+            if stages is None:
+                continue
             categories = sorted(pools)
             for category in categories:  # warm each model at this batch size
                 compute.detect(stages[category], pools[category][:batch], [False] * batch)
@@ -125,7 +153,14 @@ def measure_ceiling(
                 images += len(chunk)
                 i += 1
             rate = images / (time.perf_counter() - started)
-            tried.append({"threads": threads, "batch": batch, "images_per_s": round(rate, 2)})
+            tried.append(
+                {
+                    "runtime": runtime,
+                    "threads": threads,
+                    "batch": batch,
+                    "images_per_s": round(rate, 2),
+                }
+            )
     finally:
         torch.set_num_threads(threads_before)
     best = max(tried, key=lambda t: t["images_per_s"])

@@ -12,8 +12,9 @@ users out of step (a steady load at a chosen rate). A request fails unless it an
 verdict; Locust then exits 1, so a run with any failed request is a failed run.
 
 ``INSPECTRAY_REQUEST_LOG`` names a JSON-lines file that gets every request
-(end time, milliseconds, success, category, ground truth, verdict), for
-analyses finer than Locust's percentiles; ``inspectray bench`` reads it.
+(end time, milliseconds, success, image, category, ground truth, verdict, and the
+server's own latency, phases and per-stage times), for analyses finer than
+Locust's percentiles; ``inspectray bench`` reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import gevent
 from locust import FastHttpUser, events, task
 
+from loadtests.runs import server_side
 from loadtests.traffic import REQUEST_LOG_ENV, USER_RPS_ENV, Traffic, TrafficError, multipart
 
 _traffic: Traffic | None = None
@@ -100,7 +102,7 @@ class InspectionUser(FastHttpUser):
         if self.api_key:
             headers["X-API-Key"] = self.api_key
         started = time.perf_counter()
-        verdict = None
+        verdict, server = None, {}
         with self.client.post(
             "/v1/inspect",
             data=body,
@@ -111,7 +113,9 @@ class InspectionUser(FastHttpUser):
             ok = response.status_code == 200
             if ok:
                 try:
-                    verdict = response.json().get("verdict")
+                    answer = response.json()
+                    verdict = answer.get("verdict")
+                    server = server_side(answer)
                 except ValueError:
                     verdict = None
                 ok = verdict is not None
@@ -125,8 +129,10 @@ class InspectionUser(FastHttpUser):
                 "ms": (time.perf_counter() - started) * 1000.0,
                 "ok": ok,
                 "status": response.status_code,
+                "image": drawn.image.path,
                 "category": drawn.image.category,
                 "defective": drawn.image.defective,
                 "verdict": verdict,
+                **server,
             }
         )

@@ -107,6 +107,103 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
+def _topologies(result: dict[str, Any]) -> list[str]:
+    return [key[: -len("_breakdown")] for key in result if key.endswith("_breakdown")]
+
+
+def topology_sections(result: dict[str, Any]) -> list[str]:
+    """Markdown: the topologies side by side, where their time goes, their verdicts."""
+    names = [t for t in _topologies(result) if t != "dag"]
+    if not names:
+        return []
+    lines = [
+        "## Topologies side by side",
+        "",
+        "fused: every model stage in each replica of one deployment (one hop per "
+        "inspection); split: one deployment per stage (two to four hops).",
+        "",
+    ]
+    rows: list[list[Any]] = [
+        ["topology", "requests/s", "p50 ms", "p99 ms", "over naive", "over ceiling",
+         "peak requests/s", "half peak: p99 ms (ok parts)", "1 user: p50 ms"]
+    ]  # fmt: skip
+    for name in names:
+        one_user = [r for r in result.get("runs", []) if r["server"] == name and r["users"] == 1]
+        ok = result.get(f"{name}_half_peak_by_verdict", {}).get("ok", {})
+        rows.append(
+            [
+                name,
+                result.get(f"{name}_rps"),
+                result.get(f"{name}_p50_ms"),
+                result.get(f"{name}_p99_ms"),
+                result.get(f"{name}_over_naive"),
+                result.get(f"{name}_over_ceiling"),
+                result.get(f"{name}_peak_rps"),
+                f"{result.get(f'{name}_half_peak_p99_ms', '—')} ({ok.get('p99_ms', '—')})",
+                one_user[0]["p50_ms"] if one_user else "—",
+            ]
+        )
+    lines += [_table(rows), ""]
+    for name in names:
+        grpc = result.get(f"{name}_grpc")
+        if grpc:
+            runs = "; ".join(
+                f"{r['users']} user(s): {r['rps']} requests/s, p50 {r['p50_ms']} ms, "
+                f"p99 {r['p99_ms']} ms, {r['failed']} failed"
+                for r in grpc
+            )
+            lines += [f"The gRPC API ({name}, camera clients with a channel open): {runs}.", ""]
+    parity = result.get("verdict_parity")
+    if parity:
+        lines += [
+            f"Verdicts: {parity['images']} images answered by {', '.join(parity['servers'])}; "
+            f"**{parity['differing']}** got more than one verdict.",
+            "",
+        ]
+    lines += ["## Where the time goes", ""]
+    lines += [
+        "From each answer's own timings, averaged over the main run's requests: the "
+        "client's latency is the time outside the router (Locust, the HTTP proxy, the "
+        "hop to the router, the answer's way back) plus the router's; the router's "
+        "splits into decoding the image (checks and hash), the cache lookup and the "
+        "stages; each stage's call into the model's computing time and the wait "
+        "around it (batching, queues, the hop to its replica and back).",
+        "",
+    ]
+    for name in names:
+        b = result.get(f"{name}_breakdown") or {}
+        if not b:
+            continue
+        phases = ", ".join(f"{k} {v} ms" for k, v in b["router_phases_ms"].items())
+        lines += [
+            f"**{name}** ({b['requests']} requests): client {b['client_ms']} ms = outside "
+            f"the router {b['outside_router_ms']} ms + router {b['router_ms']} ms ({phases}); "
+            f"models {b['model_ms']} ms, waiting on stages {b['stage_wait_ms']} ms.",
+            "",
+        ]
+        stage_rows: list[list[Any]] = [
+            ["stage", "share of requests", "model ms", "call ms", "wait ms"]
+        ]
+        for stage, f in b["stages"].items():
+            stage_rows.append([stage, f["share"], f["model_ms"], f["call_ms"], f["wait_ms"]])
+        lines += [_table(stage_rows), ""]
+        profile = result.get(f"{name}_cpu_profile")
+        if profile:
+            lines += [
+                f"CPU per answered request by process ({profile['rps']} requests/s while "
+                "sampled); inside the serving processes, by what py-spy saw them doing:",
+                "",
+            ]
+            cpu_rows: list[list[Any]] = [["process", "processes", "CPU ms/request", "by activity"]]
+            for role, row in profile["roles"].items():
+                activity = ", ".join(
+                    f"{k} {v}" for k, v in list(row.get("by_activity_ms", {}).items())[:5]
+                )
+                cpu_rows.append([role, row["processes"], row["cpu_ms_per_request"], activity])
+            lines += [_table(cpu_rows), ""]
+    return lines
+
+
 def write_report(
     result: dict[str, Any],
     dag: LoadResult,
@@ -141,7 +238,8 @@ def write_report(
         best = result["ceiling"]["best"]
         rows.append(
             [
-                f"ceiling: detectors alone, batch {best['batch']}, {best['threads']} thread(s)",
+                f"ceiling: detectors alone, {best.get('runtime', 'torch')}, batch {best['batch']}, "
+                f"{best['threads']} thread(s)",
                 f"{result['ceiling_rps']:.1f}",
                 "—",
                 "—",
@@ -171,11 +269,12 @@ def write_report(
         f"- DAG peak over the sweep: {result.get('dag_peak_rps')} requests/s",
     ]
     lines += [*ratios, ""]
+    lines += topology_sections(result)
     if half is not None:
         lines += [
             "## Latency at half the peak throughput, against a part's time in view",
             "",
-            f"Paced at {result['half_peak_target_rps']:.1f} requests/s (half the DAG's peak), "
+            f"Paced at {result['dag_half_peak_target_rps']:.1f} requests/s (half the DAG's peak), "
             f"{half.users} users: {half.rps:.1f} requests/s answered, p50 {half.p50_ms:.1f} ms, "
             f"**p99 {half.p99_ms:.1f} ms**, {half.failed} failed.",
             "",

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class LoadResult:
     locust_exit: int
     statuses: dict[str, int]
     by_verdict: dict[str, dict[str, float]] = field(default_factory=dict)
+    breakdown: dict[str, Any] = field(default_factory=dict)
+    verdicts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def error_rate(self) -> float:
@@ -63,7 +65,112 @@ class LoadResult:
             "error_rate": round(self.error_rate, 5),
             "accuracy": None if self.accuracy is None else round(self.accuracy, 4),
             "by_verdict": self.by_verdict,
+            "breakdown": self.breakdown,
         }
+
+
+def server_side(answer: dict[str, Any]) -> dict[str, Any]:
+    """The server's own timings in an answer: its latency, its phases, each stage's.
+
+    What a request's record keeps of them for :func:`latency_breakdown`.
+    """
+    if "latency_ms" not in answer:
+        return {}
+    return {
+        "server_ms": answer["latency_ms"],
+        "timings": answer.get("timings_ms", {}),
+        "stages": {
+            t["stage"]: [t["latency_ms"], t.get("call_ms", 0.0)] for t in answer.get("trace", [])
+        },
+    }
+
+
+def latency_breakdown(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Where an answered request's time went, as milliseconds averaged over requests.
+
+    From each answer's own figures (``latency_ms``, ``timings_ms``, the trace's
+    ``latency_ms`` and ``call_ms`` per stage): the client's latency splits into
+    the time outside the router (HTTP client, proxy, network, the answer's
+    serialization, the stream write) and the router's, which splits into its
+    phases; each stage's call splits into the model's computing time and the
+    wait around it (batching, queues, transfer between processes).
+    """
+    answered = [r for r in records if r["ok"] and r.get("server_ms") is not None]
+    if not answered:
+        return {}
+    n = len(answered)
+
+    def mean(values: Sequence[float]) -> float:
+        return round(float(np.mean(values)), 2) if values else 0.0
+
+    phases = sorted({key for r in answered for key in r.get("timings", {})})
+    stages = sorted({stage for r in answered for stage in r.get("stages", {})})
+    result: dict[str, Any] = {
+        "requests": n,
+        "client_ms": mean([r["ms"] for r in answered]),
+        "outside_router_ms": mean([r["ms"] - r["server_ms"] for r in answered]),
+        "router_ms": mean([r["server_ms"] for r in answered]),
+        "router_phases_ms": {
+            phase: mean([r.get("timings", {}).get(phase, 0.0) for r in answered])
+            for phase in phases
+        },
+        "model_ms": mean([sum(m for m, _ in r["stages"].values()) for r in answered]),
+        "stage_wait_ms": mean([sum(c - m for m, c in r["stages"].values()) for r in answered]),
+        "stages": {},
+    }
+    for stage in stages:
+        ran = [r["stages"][stage] for r in answered if stage in r["stages"]]
+        result["stages"][stage] = {
+            "share": round(len(ran) / n, 3),
+            "model_ms": mean([m for m, _ in ran]),
+            "call_ms": mean([c for _, c in ran]),
+            "wait_ms": mean([c - m for m, c in ran]),
+        }
+    return result
+
+
+def verdicts_by_image(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Image → verdict → how many answers said it (answered requests that name an image)."""
+    found: dict[str, dict[str, int]] = {}
+    for r in records:
+        if r["ok"] and r.get("image") and r.get("verdict"):
+            counts = found.setdefault(r["image"], {})
+            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    return found
+
+
+def verdict_parity(runs: Mapping[str, Sequence[LoadResult]]) -> dict[str, Any]:
+    """Whether servers gave every image the same verdict, over all their runs.
+
+    Args:
+        runs: server name → its runs on the same traffic.
+
+    Returns:
+        ``images`` (answered by every server), ``differing`` (how many got more
+        than one verdict, by any server or between servers) and up to ten
+        ``examples`` (image → server → verdict counts).
+    """
+    per_server: dict[str, dict[str, dict[str, int]]] = {}
+    for server, results in runs.items():
+        merged: dict[str, dict[str, int]] = {}
+        for result in results:
+            for image, counts in result.verdicts.items():
+                into = merged.setdefault(image, {})
+                for verdict, n in counts.items():
+                    into[verdict] = into.get(verdict, 0) + n
+        per_server[server] = merged
+    common = set.intersection(*(set(v) for v in per_server.values())) if per_server else set()
+    differing = sorted(
+        image
+        for image in common
+        if len({v for server in per_server.values() for v in server[image]}) > 1
+    )
+    return {
+        "servers": sorted(per_server),
+        "images": len(common),
+        "differing": len(differing),
+        "examples": {i: {s: per_server[s][i] for s in per_server} for i in differing[:10]},
+    }
 
 
 def analyse(
@@ -116,6 +223,8 @@ def analyse(
         locust_exit=exit_code,
         statuses=statuses,
         by_verdict=by_verdict,
+        breakdown=latency_breakdown(inside),
+        verdicts=verdicts_by_image(records),
     )
 
 

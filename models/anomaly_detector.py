@@ -75,6 +75,11 @@ class DetectorOutput(NamedTuple):
     probability: torch.Tensor
     heatmap: torch.Tensor | None = None
 
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """The probabilities it answers with (what an exported runtime must reproduce)."""
+        return self.probability
+
 
 class AnomalyDetector(BackboneStage):
     """Binary anomaly classifier: ImageNet backbone, pooled features, one logit.
@@ -113,6 +118,9 @@ class AnomalyDetector(BackboneStage):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, explain: bool = False) -> DetectorOutput:
         """Anomaly probabilities, and Grad-CAM heatmaps when ``explain``."""
-        probability = torch.sigmoid(self(images).float())
         heatmap = grad_cam(self, self.explain_layer, images) if explain else None
-        return DetectorOutput(probability=probability, heatmap=heatmap)
+        return self.answer(self(images))._replace(heatmap=heatmap)
+
+    def answer(self, logits: torch.Tensor) -> DetectorOutput:
+        """The output of :meth:`forward`'s logits (from torch or an exported runtime)."""
+        return DetectorOutput(probability=torch.sigmoid(logits.float()), heatmap=None)

@@ -15,6 +15,10 @@ of the weights, and the library versions.
 
 Weights are safetensors, never pickle. Loading verifies the sha256, so a
 tampered weights file is refused rather than used.
+
+A finished version may gain files beside its weights (an exported runtime and
+its parity record, :mod:`models.runtime`): :meth:`ArtifactRegistry.write_extra`
+and :meth:`~ArtifactRegistry.read_extra`; they never change the manifest.
 """
 
 from __future__ import annotations
@@ -260,6 +264,18 @@ class ArtifactRegistry:
         if promote:
             self.promote(category, stage, version)
         return manifest
+
+    def write_extra(self, manifest: Manifest, name: str, blob: bytes) -> None:
+        """Store a file beside a finished version's weights (never its weights or manifest)."""
+        if name in (WEIGHTS_FILE, MANIFEST_FILE) or not _NAME.match(name):
+            raise ArtifactError(f"cannot write {name!r} beside an artifact")
+        base = self._path(manifest.category, manifest.stage, manifest.version)
+        self.fs.pipe_file(f"{base}/{name}", blob)
+
+    def read_extra(self, manifest: Manifest, name: str) -> bytes | None:
+        """A file stored beside a version's weights, or None when there is none."""
+        path = self._path(manifest.category, manifest.stage, manifest.version, name)
+        return self.fs.cat_file(path) if self.fs.exists(path) else None
 
     def promote(self, category: str, stage: str, version: str, alias: str = PRODUCTION) -> None:
         """Point ``alias`` at an existing finished ``version``."""

@@ -83,6 +83,11 @@ class VerifierOutput(NamedTuple):
     raw_score: torch.Tensor
     error_map: torch.Tensor
 
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """The probabilities it answers with (what an exported runtime must reproduce)."""
+        return self.score
+
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
@@ -137,7 +142,13 @@ class AutoencoderVerifier(BackboneStage):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Per-location squared reconstruction error ``(B, h, w)`` (the training loss map)."""
-        target = self.feature_norm(self.features(images))
+        features = self.features(images)
+        if self.training:  # the statistics of good parts are gathered while training
+            target = self.feature_norm(features)
+        else:  # the same standardisation, written out: an exported graph needs it so
+            norm = self.feature_norm
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            target = (features - norm.running_mean[:, None, None]) * scale[:, None, None]
         reconstruction = self.decoder(self.encoder(target))
         return (reconstruction - target).pow(2).mean(dim=1)
 
@@ -155,7 +166,12 @@ class AutoencoderVerifier(BackboneStage):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> VerifierOutput:
         """Calibrated score, raw score and error map of each image."""
-        error_map = self(images).float()
+        return self.answer(self(images))
+
+    @torch.no_grad()
+    def answer(self, error_map: torch.Tensor) -> VerifierOutput:
+        """The output of :meth:`forward`'s error maps (from torch or an exported runtime)."""
+        error_map = error_map.float()
         raw = self.raw_score(error_map)
         return VerifierOutput(score=self.calibrated(raw), raw_score=raw, error_map=error_map)
 

@@ -94,7 +94,16 @@ class CategoryRouter(BackboneStage):
         Raises:
             ValueError: ``allowed`` names none of the router's categories.
         """
-        probabilities = torch.softmax(self(images).float(), dim=-1)
+        return self.answer(self(images), allowed)
+
+    @torch.no_grad()
+    def answer(self, logits: torch.Tensor, allowed: Collection[str] | None = None) -> RouterOutput:
+        """The output of :meth:`forward`'s logits (from torch or an exported runtime).
+
+        Raises:
+            ValueError: ``allowed`` names none of the router's categories.
+        """
+        probabilities = torch.softmax(logits.float(), dim=-1)
         if allowed is not None:
             keep = torch.tensor([c in allowed for c in self.config.categories])
             if not keep.any():

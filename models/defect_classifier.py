@@ -107,6 +107,11 @@ class ClassifierOutput(NamedTuple):
     scores: torch.Tensor
     embedding: torch.Tensor
 
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """The probabilities it answers with (what an exported runtime must reproduce)."""
+        return self.scores
+
 
 class DefectClassifier(BackboneStage):
     """Backbone, projection head to a unit sphere, and one prototype per class.
@@ -181,8 +186,12 @@ class DefectClassifier(BackboneStage):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> ClassifierOutput:
         """Class probabilities and embeddings of a batch."""
-        embedding = self(images)
-        return ClassifierOutput(self.class_logits(embedding).softmax(-1), embedding)
+        return self.answer(self(images))
+
+    @torch.no_grad()
+    def answer(self, embedding: torch.Tensor) -> ClassifierOutput:
+        """The output of :meth:`forward`'s embeddings (from torch or an exported runtime)."""
+        return ClassifierOutput(self.class_logits(embedding.float()).softmax(-1), embedding)
 
     def defect_scores(
         self, scores: torch.Tensor, names: Sequence[str] | None = None

@@ -16,7 +16,7 @@ holds a category's :class:`~models.decision.DecisionRule`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -52,6 +52,8 @@ class Stage:
         needs: what ``train all`` needs to train it: ``always``, a category's
             ``labelled-defects``, or annotated ``boxes``.
         sweepable: whether ``inspectray tune`` sweeps it.
+        exportable: whether its forward pass is exported to ONNX Runtime when a
+            version is registered (:mod:`models.runtime`).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Stage:
     deployment: str | None = None
     needs: Needs = "always"
     sweepable: bool = True
+    exportable: bool = False
 
     @property
     def model_type(self) -> type[nn.Module]:
@@ -79,18 +82,31 @@ class Stage:
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage(ROUTER, "models.category_router:CategoryRouter", shared=True, sweepable=False),
-        Stage(DETECTOR, "models.anomaly_detector:AnomalyDetector", deployment="AnomalyDetector"),
+        Stage(
+            ROUTER,
+            "models.category_router:CategoryRouter",
+            shared=True,
+            sweepable=False,
+            exportable=True,
+        ),
+        Stage(
+            DETECTOR,
+            "models.anomaly_detector:AnomalyDetector",
+            deployment="AnomalyDetector",
+            exportable=True,
+        ),
         Stage(
             VERIFIER,
             "models.autoencoder_verifier:AutoencoderVerifier",
             deployment="AutoencoderVerifier",
+            exportable=True,
         ),
         Stage(
             CLASSIFIER,
             "models.defect_classifier:DefectClassifier",
             deployment="DefectClassifier",
             needs="labelled-defects",
+            exportable=True,
         ),
         Stage(
             RERANKER, "models.reranker:Reranker", deployment="Reranker", needs="labelled-defects"
@@ -107,6 +123,8 @@ STAGES: dict[str, Stage] = {
 CATEGORY_STAGES = tuple(name for name, stage in STAGES.items() if not stage.shared)
 SHARED_STAGES = tuple(name for name, stage in STAGES.items() if stage.shared)
 DEPLOYED_STAGES = tuple(name for name, stage in STAGES.items() if stage.deployment)
+EXPORTABLE_STAGES = tuple(name for name, stage in STAGES.items() if stage.exportable)
+RUNTIMES = ("torch", "onnxruntime")  # how a stage's network runs (models.runtime)
 
 
 def stage(name: str) -> Stage:
@@ -123,10 +141,21 @@ def stage(name: str) -> Stage:
 
 
 class LoadedStage(NamedTuple):
-    """A stage model ready for inference, with the manifest it came from."""
+    """A stage model ready for inference, with the manifest it came from.
+
+    ``runtime``: the model's forward pass exported to a faster runtime
+    (:mod:`models.runtime`), or None to run it in torch.
+    """
 
     model: nn.Module
     manifest: Manifest
+    runtime: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's forward pass, in its runtime."""
+        if self.runtime is not None:
+            return self.runtime(inputs)
+        return self.model(inputs)
 
 
 def build_stage(name: str, config: Mapping[str, Any], pretrained: bool = False) -> nn.Module:
@@ -142,15 +171,29 @@ def load_stage(
     name: str,
     ref: str = "production",
     device: str | torch.device = "cpu",
+    runtime: str = "torch",
+    threads: int = 1,
 ) -> LoadedStage:
     """Load a trained stage model in eval mode.
 
+    Args:
+        registry: where it is.
+        category: its category.
+        name: its stage.
+        ref: a version or an alias.
+        device: where it runs.
+        runtime: ``torch``, or ``onnxruntime`` for its exported forward pass
+            when the version has one that passed its parity check (CPU only).
+        threads: the exported runtime's threads.
+
     Raises:
-        ArtifactError: no such artifact, or weights that do not fit its config.
+        ArtifactError: no such artifact, weights that do not fit its config, or
+            an exported model that does not match its record.
     """
     import torch
 
     from models.artifacts import ArtifactError
+    from models.runtime import attach_runtime
 
     artifact = registry.load(category, name, ref)
     model = build_stage(name, artifact.manifest.config)
@@ -159,7 +202,9 @@ def load_stage(
     except RuntimeError as error:
         raise ArtifactError(f"{category}/{name}: weights do not fit the config: {error}") from error
     model = model.to(device, memory_format=torch.channels_last).eval()
-    return LoadedStage(model, artifact.manifest)
+    on_cpu = torch.device(device).type == "cpu"
+    exported = attach_runtime(registry, artifact.manifest, runtime, threads) if on_cpu else None
+    return LoadedStage(model, artifact.manifest, exported)
 
 
 def save_decision(

@@ -26,6 +26,7 @@ from models.data import GOOD, DataError, Dataset, Sample
 from models.data.fingerprint import fingerprint_samples
 from models.data.tensors import ImageTensorDataset, predict_all
 from models.reranker import fit_fusion_weight
+from models.runtime import export_runtime
 from models.stages import (
     CLASSIFIER,
     DETECTOR,
@@ -306,6 +307,8 @@ def register_fit(
         "version": manifest.version,
         "best": {k: v for k, v in metrics.items() if k != "history"},
     }
+    if STAGES[spec["stage"]].exportable:
+        summary["runtime"] = export_checked(registry, manifest, model, family.samples)
     summary["promoted"] = promote
     if not promote:
         return summary
@@ -314,6 +317,32 @@ def register_fit(
     if spec["stage"] == CLASSIFIER and RERANKER in registry.stages(spec["category"]):
         summary["reranker_fusion"] = refit_fusion(registry, family.samples, spec["category"])
     return summary
+
+
+def export_checked(
+    registry: ArtifactRegistry,
+    manifest: Manifest,
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    max_images: int = 256,
+) -> dict[str, Any]:
+    """Export a registered version to ONNX Runtime, checked on its validation images.
+
+    Returns:
+        The stored record's figures (``accepted``, ``max_abs_diff``, ``images``,
+        ``ms_per_image``), or the error when the export itself failed (the
+        version is then served in torch).
+    """
+    val = [s for s in samples if s.split == "val"][:max_images]
+    images = ImageTensorDataset(val, [0.0] * len(val), model.preprocessing)
+    # By index: the dataset wraps indices around (it repeats), so iterating never ends.
+    inputs = torch.stack([images[i][0] for i in range(len(val))]) if val else torch.zeros(0)
+    try:
+        record = export_runtime(registry, manifest, model, inputs)
+    except Exception as error:  # the exporter's own errors: serve this version in torch
+        return {"accepted": False, "error": f"{type(error).__name__}: {error}"}
+    keys = ("accepted", "max_abs_diff", "images", "ms_per_image")
+    return {k: record[k] for k in keys}
 
 
 def fit_fusion(registry: ArtifactRegistry, family: Any, model: torch.nn.Module) -> dict[str, Any]:

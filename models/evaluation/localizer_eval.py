@@ -45,7 +45,7 @@ def localizer_metrics(
         ``map50_95``, per-class AP, precision/recall, AP by size), plus
         ``map50_by_category``, the artifact ``version`` and ``seconds_per_image``.
     """
-    model, manifest = localizer
+    model, manifest = localizer.model, localizer.manifest
     transform = model.preprocessing.transform()
     threshold = model.config.score_threshold if score_threshold is None else score_threshold
     truth, predicted = [], []

@@ -151,12 +151,22 @@ def ranking(classified: Classified | None, reranked: Reranked | None) -> tuple[R
 
 @dataclass(frozen=True)
 class StageRun:
-    """One stage's part in an inspection: what ran, what it said, how long it took."""
+    """One stage's part in an inspection: what ran, what it said, how long it took.
+
+    Attributes:
+        stage: the stage's name.
+        model_version: the version of its model.
+        latency_ms: the model's computing time: its share of its batch.
+        output: what it said (a summary).
+        call_ms: how long the flow waited for it: the computing time plus the
+            batching wait, the queue and the transfer to and from its replica.
+    """
 
     stage: str
     model_version: str
     latency_ms: float
     output: Mapping[str, Any] = field(default_factory=dict)
+    call_ms: float = 0.0
 
 
 @dataclass(frozen=True)

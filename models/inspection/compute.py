@@ -1,4 +1,7 @@
-"""What each stage computes for a batch of decoded images, in plain PyTorch.
+"""What each stage computes for a batch of decoded images.
+
+The networks run in the stage's runtime (torch, or the exported ONNX Runtime
+forward pass of :mod:`models.runtime`); what they output becomes answers in torch.
 
 One function per stage takes the loaded model and a list of PIL images and
 returns one typed answer per image (:mod:`models.inspection.answers`), with the
@@ -51,7 +54,7 @@ def route(
     """The category the router names for each image, among ``allowed`` (those with models)."""
     started = time.perf_counter()
     with torch.inference_mode():
-        output = stage.model.predict(batched_inputs(stage.model, images), allowed)
+        output = stage.model.answer(stage.forward(batched_inputs(stage.model, images)), allowed)
     ms = _per_image_ms(started, len(images))
     return [
         Routed(name, float(p.max()), ms)
@@ -65,7 +68,8 @@ def detect(
     """The anomaly probability of each image, and its Grad-CAM heatmap where asked.
 
     Grad-CAM needs gradients, so a batch with any image to explain is run with
-    them once for all its images; only the asked-for heatmaps are kept.
+    them once for all its images, in torch (whatever the stage's runtime); only
+    the asked-for heatmaps are kept.
     """
     started = time.perf_counter()
     inputs = batched_inputs(stage.model, images)
@@ -73,7 +77,7 @@ def detect(
         output = stage.model.predict(inputs, explain=True)
     else:
         with torch.inference_mode():
-            output = stage.model.predict(inputs)
+            output = stage.model.answer(stage.forward(inputs))
     probabilities = output.probability.detach().cpu().tolist()
     heatmaps = output.heatmap.detach().cpu().numpy() if output.heatmap is not None else None
     ms = _per_image_ms(started, len(images))
@@ -87,7 +91,7 @@ def verify(stage: LoadedStage, images: Sequence[Image.Image]) -> list[Verified]:
     """The autoencoder verifier's calibrated score and error map of each image."""
     started = time.perf_counter()
     with torch.inference_mode():
-        output = stage.model.predict(batched_inputs(stage.model, images))
+        output = stage.model.answer(stage.forward(batched_inputs(stage.model, images)))
     maps = output.error_map.cpu().numpy()
     ms = _per_image_ms(started, len(images))
     return [Verified(float(s), maps[i], ms) for i, s in enumerate(output.score.cpu().tolist())]
@@ -98,7 +102,7 @@ def classify(stage: LoadedStage, images: Sequence[Image.Image]) -> list[Classifi
     started = time.perf_counter()
     model = stage.model
     with torch.inference_mode():
-        output = model.predict(batched_inputs(model, images))
+        output = model.answer(stage.forward(batched_inputs(model, images)))
     scores = output.scores.cpu()
     ranked = model.rank_defects(scores)
     embeddings = output.embedding.cpu().numpy()

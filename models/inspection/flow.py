@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -152,15 +153,15 @@ async def inspect(
                 "the image came without a category and no category router is trained; "
                 f"send one of {sorted(plan.categories)}"
             )
-        routed = await calls.route(plan.router_id, image, sorted(plan.categories))
+        routed, ms = await _timed(calls.route(plan.router_id, image, sorted(plan.categories)))
         category = routed.category
-        runs.append((_run(ROUTER, plan.shared[ROUTER], routed, routed.summary()), True))
+        runs.append((_run(ROUTER, plan.shared[ROUTER], routed, ms, routed.summary()), True))
     if category not in plan.categories:
         raise InspectionRefused(f"unknown category {category!r}; known: {sorted(plan.categories)}")
     models = plan.categories[category]
     rule = models.rule
 
-    detected = await calls.detect(models.model_id(DETECTOR), image, request.explain)
+    detected, ms = await _timed(calls.detect(models.model_id(DETECTOR), image, request.explain))
     in_band = models.has(VERIFIER) and rule.needs_verifier(detected.probability)
     runs.append(
         (
@@ -168,6 +169,7 @@ async def inspect(
                 DETECTOR,
                 models.versions[DETECTOR],
                 detected,
+                ms,
                 {"probability": detected.probability, "in_band": in_band},
             ),
             True,
@@ -175,9 +177,9 @@ async def inspect(
     )
     verified = None
     if in_band or (coverage is Coverage.EVERY_STAGE and models.has(VERIFIER)):
-        verified = await calls.verify(models.model_id(VERIFIER), image)
+        verified, ms = await _timed(calls.verify(models.model_id(VERIFIER), image))
         runs.append(
-            (_run(VERIFIER, models.versions[VERIFIER], verified, verified.summary()), in_band)
+            (_run(VERIFIER, models.versions[VERIFIER], verified, ms, verified.summary()), in_band)
         )
     decision = rule.decide(detected.probability, verified.score if in_band else None)
     defective = decision.defective
@@ -231,39 +233,53 @@ async def _type_and_locate(
     )
     jobs: dict[str, Awaitable[Any]] = {}
     if type_it and models.has(CLASSIFIER):
-        jobs[CLASSIFIER] = calls.classify(models.model_id(CLASSIFIER), image)
+        jobs[CLASSIFIER] = _timed(calls.classify(models.model_id(CLASSIFIER), image))
     if locate:
-        jobs[LOCALIZER] = calls.localize(plan.localizer_id, image)  # type: ignore[arg-type]
+        jobs[LOCALIZER] = _timed(calls.localize(plan.localizer_id, image))  # type: ignore[arg-type]
     rerank = type_it and models.has(RERANKER)
     if rerank and registered is not None:
-        jobs["registered"] = registered(models.category)
+        jobs["registered"] = _timed(registered(models.category))
     answers = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
-    classified: Classified | None = answers.get(CLASSIFIER)
-    located: Located | None = answers.get(LOCALIZER)
+    classified: Classified | None = answers[CLASSIFIER][0] if CLASSIFIER in answers else None
+    located: Located | None = answers[LOCALIZER][0] if LOCALIZER in answers else None
     if classified is not None:
         runs.append(
             (
-                _run(CLASSIFIER, models.versions[CLASSIFIER], classified, classified.summary()),
+                _run(
+                    CLASSIFIER,
+                    models.versions[CLASSIFIER],
+                    classified,
+                    answers[CLASSIFIER][1],
+                    classified.summary(),
+                ),
                 defective,
             )
         )
     if located is not None:
         runs.append(
             (
-                _run(LOCALIZER, plan.shared[LOCALIZER], located, located.summary()),
+                _run(
+                    LOCALIZER,
+                    plan.shared[LOCALIZER],
+                    located,
+                    answers[LOCALIZER][1],
+                    located.summary(),
+                ),
                 defective and request.boxes,
             )
         )
     described = {name: d["description"] for name, d in models.descriptions.items()}
     reranked = None
     if rerank:
-        now = list(answers.get("registered", ()))
+        now = list(answers["registered"][0]) if "registered" in answers else []
         described |= {d["name"]: d["description"] for d in now}
-        reranked = await calls.rerank(
-            models.model_id(RERANKER),
-            image,
-            classified.defect_scores if classified is not None else None,
-            now,
+        reranked, ms = await _timed(
+            calls.rerank(
+                models.model_id(RERANKER),
+                image,
+                classified.defect_scores if classified is not None else None,
+                now,
+            )
         )
         top = reranked.ranked[0]
         output = {
@@ -271,9 +287,16 @@ async def _type_and_locate(
             "score": top.score,
             "classifier_defect_type": classified.ranked[0].name if classified else None,
         }
-        runs.append((_run(RERANKER, models.versions[RERANKER], reranked, output), defective))
+        runs.append((_run(RERANKER, models.versions[RERANKER], reranked, ms, output), defective))
     return _Typing(classified, located, reranked, described)
 
 
-def _run(stage: str, version: str, answer: Any, output: dict[str, Any]) -> StageRun:
-    return StageRun(stage, version, float(answer.latency_ms), output)
+async def _timed(call: Awaitable[Any]) -> tuple[Any, float]:
+    """The call's answer and the milliseconds the flow waited for it."""
+    started = time.perf_counter()
+    answer = await call
+    return answer, (time.perf_counter() - started) * 1000.0
+
+
+def _run(stage: str, version: str, answer: Any, call_ms: float, output: dict[str, Any]) -> StageRun:
+    return StageRun(stage, version, float(answer.latency_ms), output, call_ms)

@@ -12,7 +12,10 @@ descriptions registered at run time; evaluation and the naive baseline use it.
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 from PIL import Image
@@ -51,51 +54,105 @@ Compute = Callable[[list[Any]], Sequence[Any]]
 
 
 class Batcher:
-    """Gathers the calls made in one turn of the event loop into batches, one per key.
+    """Gathers concurrent calls into batches, one per key, computed one batch at a time.
 
-    A call queues its item and waits; the first item of a key schedules that
+    A call queues its item and waits. The first item of a key schedules that
     key's flush for the loop's next turn, by when every inspection that was
-    ready to run has queued its own. The flush computes in the loop's thread
-    (evaluation and the baseline have nothing else to do meanwhile).
+    ready to run has queued its own. Without an ``executor`` the flush computes
+    in the loop's thread (evaluation and the baseline have nothing else to do
+    meanwhile). With one, it computes there and the loop stays free: a batch
+    takes its key's items when the executor gets to it, so items that arrive
+    while other batches compute join it; batches grow with the load and cost no
+    timer at low load (one image, no wait).
 
     Args:
         max_batch_size: the most items one compute call gets.
+        executor: where batches compute (None: in the loop's thread).
     """
 
-    def __init__(self, max_batch_size: int = 32) -> None:
+    def __init__(self, max_batch_size: int = 32, executor: Executor | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
+        self.executor = executor
         self._pending: dict[Hashable, tuple[Compute, list[tuple[Any, asyncio.Future]]]] = {}
+        self._lock = threading.Lock()  # the executor's thread takes what the loop queues
+        self._flushing: set[Hashable] = set()
         self.batch_sizes: list[int] = []  # of every compute call, for tests and figures
 
     async def submit(self, key: Hashable, run: Compute, item: Any) -> Any:
         """``run([item, ...])[i]`` for this item, computed with the key's other items."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        if key not in self._pending:
-            self._pending[key] = (run, [])
-            loop.call_soon(self._flush, key)
-        self._pending[key][1].append((item, future))
+        with self._lock:
+            if key not in self._pending:
+                self._pending[key] = (run, [])
+            self._pending[key][1].append((item, future))
+        if key not in self._flushing:
+            self._flushing.add(key)
+            if self.executor is None:
+                loop.call_soon(self._flush_inline, key)
+            else:
+                loop.call_soon(lambda: loop.create_task(self._flush_off_loop(key)))
         return await future
 
-    def _flush(self, key: Hashable) -> None:
-        run, queued = self._pending.pop(key)
-        for start in range(0, len(queued), self.max_batch_size):
-            chunk = queued[start : start + self.max_batch_size]
-            self.batch_sizes.append(len(chunk))
+    def _chunks(self, key: Hashable) -> list[tuple[Compute, list[tuple[Any, asyncio.Future]]]]:
+        with self._lock:
+            run, queued = self._pending.pop(key, (None, []))
+        size = self.max_batch_size
+        return [(run, queued[start : start + size]) for start in range(0, len(queued), size)]
+
+    def _flush_inline(self, key: Hashable) -> None:
+        self._flushing.discard(key)
+        for run, chunk in self._chunks(key):
+            self._settle(chunk, lambda run=run, chunk=chunk: run([item for item, _ in chunk]))
+
+    async def _flush_off_loop(self, key: Hashable) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._has_pending(key):
+                computed = await loop.run_in_executor(self.executor, self._take_and_compute, key)
+                for chunk, results in computed:
+                    self._settle(chunk, lambda results=results: _raise_or(results))
+        finally:
+            self._flushing.discard(key)
+
+    def _has_pending(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._pending
+
+    def _take_and_compute(self, key: Hashable) -> list[tuple[list[tuple[Any, Any]], Any]]:
+        """On the executor's thread: the key's items queued by now, computed in batches."""
+        computed = []
+        for run, chunk in self._chunks(key):
             try:
-                results = run([item for item, _ in chunk])
-                if len(results) != len(chunk):
-                    raise RuntimeError(f"{len(chunk)} items gave {len(results)} answers")
-            except Exception as error:  # every waiting call gets the failure
-                for _, future in chunk:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(chunk, results, strict=True):
+                results: Any = run([item for item, _ in chunk])
+            except Exception as error:  # handed to every waiting call
+                results = error
+            computed.append((chunk, results))
+        return computed
+
+    def _settle(self, chunk: list[tuple[Any, asyncio.Future]], compute: Callable[[], Any]) -> None:
+        """Give every waiting call its answer, or the batch's failure."""
+        self.batch_sizes.append(len(chunk))
+        try:
+            results = compute()
+            if len(results) != len(chunk):
+                raise RuntimeError(f"{len(chunk)} items gave {len(results)} answers")
+        except Exception as error:  # every waiting call gets the failure
+            for _, future in chunk:
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(chunk, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+def _raise_or(results: Any) -> Any:
+    if isinstance(results, Exception):
+        raise results
+    return results
 
 
 class LocalStageCalls(StageCalls):
@@ -105,30 +162,53 @@ class LocalStageCalls(StageCalls):
         registry: where the models come from.
         device: where they run.
         max_batch_size: the most images one model call gets.
+        executor: where batches compute and models load (None: the loop's thread).
+        max_models: models kept loaded; the least recently used beyond it are dropped.
+        runtimes: stage → ``torch`` or ``onnxruntime`` (default torch).
     """
 
     def __init__(
-        self, registry: ArtifactRegistry, device: str = "cpu", max_batch_size: int = 32
+        self,
+        registry: ArtifactRegistry,
+        device: str = "cpu",
+        max_batch_size: int = 32,
+        executor: Executor | None = None,
+        max_models: int = 64,
+        runtimes: Mapping[str, str] | None = None,
     ) -> None:
         self.registry = registry
+        self.runtimes = dict(runtimes or {})
         self.device = device
-        self.batcher = Batcher(max_batch_size)
-        self._models: dict[tuple[str, str], LoadedStage] = {}
+        self.batcher = Batcher(max_batch_size, executor)
+        self.max_models = max_models
+        self.fault_delay_s = 0.0  # a fault drill's injected slowness before each call
+        self._models: OrderedDict[tuple[str, str], LoadedStage] = OrderedDict()
         self._texts = compute.TypeTexts()
 
     def model(self, stage: str, model_id: str) -> LoadedStage:
         """Load (once) the stage model a multiplexed id names."""
-        if (stage, model_id) not in self._models:
-            category, version = split_model_id(model_id)
-            self._models[stage, model_id] = load_stage(
-                self.registry, category, stage, version, self.device
-            )
-        return self._models[stage, model_id]
+        key = (stage, model_id)
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        category, version = split_model_id(model_id)
+        runtime = self.runtimes.get(stage, "torch")
+        loaded = load_stage(self.registry, category, stage, version, self.device, runtime)
+        self._models[key] = loaded
+        while len(self._models) > self.max_models:
+            self._models.popitem(last=False)
+        return loaded
+
+    def loaded(self) -> list[str]:
+        """The models held, as ``stage:category@version``."""
+        return sorted(f"{stage}:{model_id}" for stage, model_id in self._models)
 
     async def _call(self, stage: str, model_id: str, run: Callable, item: Any, *key: Any) -> Any:
-        loaded = self.model(stage, model_id)
+        if self.fault_delay_s:
+            await asyncio.sleep(self.fault_delay_s)
+        # The model loads where the batch computes: off the loop when there is an executor.
         return await self.batcher.submit(
-            (stage, model_id, *key), lambda items: run(loaded, items), item
+            (stage, model_id, *key), lambda items: run(self.model(stage, model_id), items), item
         )
 
     async def route(self, model_id: str, image: Image.Image, allowed: Collection[str]) -> Routed:
@@ -185,6 +265,7 @@ class LocalInspector:
         coverage: how much runs beyond what the answer needs.
         device: where the models run.
         max_batch_size: the most images one model call gets.
+        runtimes: stage → ``torch`` or ``onnxruntime`` (the serving YAML's ``runtimes``).
     """
 
     def __init__(
@@ -195,9 +276,10 @@ class LocalInspector:
         coverage: Coverage = Coverage.SERVED,
         device: str = "cpu",
         max_batch_size: int = 32,
+        runtimes: Mapping[str, str] | None = None,
     ) -> None:
         self.plan: InspectionPlan = load_plan(registry, pins, rules)
-        self.calls = LocalStageCalls(registry, device, max_batch_size)
+        self.calls = LocalStageCalls(registry, device, max_batch_size, runtimes=runtimes)
         self.coverage = coverage
         self._registered: dict[str, dict[str, dict[str, Any]]] = {}
 

@@ -37,7 +37,9 @@ def tiny_registry(tmp_path_factory) -> ArtifactRegistry:
 @contextlib.contextmanager
 def local_cluster(registry: str, work: Path, **options: Any) -> Iterator[LocalCluster]:
     """What ``inspectray serve`` runs, on a free port: started, then stopped after use."""
-    cluster = LocalCluster(registry, port=free_port(), workdir=work, progress=False, **options)
+    cluster = LocalCluster(
+        registry, port=free_port(), workdir=work, progress=False, grpc_port=free_port(), **options
+    )
     try:
         cluster.start(ready_timeout_s=300)
         yield cluster

@@ -1,4 +1,5 @@
-"""``inspectray bench`` end to end, short: ceiling, naive server, DAG, sweep, half peak, report."""
+"""``inspectray bench`` end to end, short: ceiling, naive server, both topologies (sweep,
+CPU profile, half peak; gRPC for the first), verdict parity, report."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def test_bench_prints_every_figure_and_writes_the_report(tmp_path):
         str(tmp_path / "work"),
         "--report",
         str(report),
+        "--profile-duration",
+        "3",
     ]
     env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
     env.pop("RAY_ADDRESS", None)
@@ -80,7 +83,10 @@ def test_bench_prints_every_figure_and_writes_the_report(tmp_path):
         "dag_error_rate",
         "dag_over_naive",
         "dag_over_ceiling",
-        "half_peak_p99_ms",
+        "dag_half_peak_p99_ms",
+        "fused_rps",
+        "split_rps",
+        "fused_over_split",
     ):
         assert isinstance(result[key], float | int), key
     assert result["ceiling_rps"] > 0 and result["dag_rps"] > 0 and result["naive_rps"] > 0
@@ -92,20 +98,42 @@ def test_bench_prints_every_figure_and_writes_the_report(tmp_path):
     )
     assert result["failed_requests"] == 0 and result["dag_error_rate"] == 0
     assert result["categories"] == ["brushed_metal"]
+    assert result["dag_topology"] == "fused" and result["dag_rps"] == result["fused_rps"]
     servers = [(run["server"], run["users"]) for run in result["runs"]]
     assert servers == [
-        ("dag", 1),
-        ("dag", 2),
+        ("fused", 1),
+        ("fused", 2),
+        ("split", 1),
+        ("split", 2),
+        ("fused-half-peak", 2),
+        ("split-half-peak", 2),
+        ("fused-grpc", 1),
+        ("fused-grpc", 2),
         ("naive", 1),
         ("naive", 2),
-        ("dag-half-peak", 2),
     ]
+    # The same images got the same verdicts from both topologies.
+    parity = result["verdict_parity"]
+    assert parity["servers"] == ["fused", "split"] and parity["images"] > 0
+    assert parity["differing"] == 0, parity["examples"]
+    # Where the time went: the router's phases, each stage's model time and wait, and
+    # CPU per request by process, split by what the serving processes were doing.
+    for topology in ("fused", "split"):
+        breakdown = result[f"{topology}_breakdown"]
+        assert {"decode", "inspect"} <= set(breakdown["router_phases_ms"])
+        assert breakdown["stages"]["detector"]["share"] == 1.0
+        roles = result[f"{topology}_cpu_profile"]["roles"]
+        assert roles["serve replica: Router"]["cpu_ms_per_request"] > 0
+    assert "serve replica: AnomalyDetector" in result["split_cpu_profile"]["roles"]
+    assert "serve replica: AnomalyDetector" not in result["fused_cpu_profile"]["roles"]
+    assert all(run["failed"] == 0 for run in result["fused_grpc"])
     text = report.read_text()
     assert "85.3 ms" in text and "DAG over naive" in text
+    assert "## Topologies side by side" in text and "## Where the time goes" in text
     for plot in ("latency-cdf.svg", "throughput-users.svg"):
         svg = (report.parent / "benchmarks" / plot).read_text()
         assert svg.lstrip().startswith("<?xml") and "<svg" in svg
         assert f"benchmarks/{plot}" in text
     # Locust's own reports sit beside the request logs
     work = tmp_path / "work" / "bench"
-    assert (work / "dag-u2_stats.csv").is_file() and (work / "dag-u2.html").is_file()
+    assert (work / "fused-u2_stats.csv").is_file() and (work / "split-u2.html").is_file()

@@ -1,5 +1,6 @@
-"""Serve autoscaling, locally: under load a deployment scales above its minimum,
-then back down when the load stops (short delays in the test's config)."""
+"""Serve autoscaling, locally: under load the model deployment every inspection
+meets (the default topology's) scales above its minimum, then back down when the
+load stops (short delays in the test's config)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 from PIL import Image
 
 from cluster.redis_server import free_port
-from deployments.app import APP_NAME, AppArgs, build_app
+from deployments.app import APP_NAME, DEPLOYMENT_NAMES, AppArgs, build_app
+from deployments.config import DEPLOYMENTS, load_serving_config
 from deployments.imaging import encode_png
 
 pytestmark = pytest.mark.slow
-STAGES = ("router", "detector", "verifier", "classifier", "localizer", "reranker")
+FRONT = load_serving_config().front()
 
 
 def _running(name: str) -> int:
@@ -27,7 +29,7 @@ def _running(name: str) -> int:
     return app.deployments[name].replica_states.get("RUNNING", 0)
 
 
-def test_the_detector_scales_up_under_load_and_down_after(tiny_registry):
+def test_the_front_deployment_scales_up_under_load_and_down_after(tiny_registry):
     import ray
     from ray import serve
 
@@ -35,8 +37,8 @@ def test_the_detector_scales_up_under_load_and_down_after(tiny_registry):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        small = {name: {"num_cpus": 0.1} for name in STAGES}
-        small["detector"] |= {
+        small = {name: {"num_cpus": 0.1} for name in DEPLOYMENTS}
+        small[FRONT] |= {
             "autoscaling": {
                 "min_replicas": 1,
                 "max_replicas": 3,
@@ -69,7 +71,7 @@ def test_the_detector_scales_up_under_load_and_down_after(tiny_registry):
         started = time.monotonic()
 
         def sample(phase: str) -> int:
-            count = _running("AnomalyDetector")
+            count = _running(DEPLOYMENT_NAMES[FRONT])
             timeline.append((round(time.monotonic() - started, 1), phase, count))
             return count
 
@@ -91,7 +93,7 @@ def test_the_detector_scales_up_under_load_and_down_after(tiny_registry):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and sample("after") > 1:
             time.sleep(1)
-        print("\nAnomalyDetector replicas over time (s, phase, running):", timeline)
+        print(f"\n{DEPLOYMENT_NAMES[FRONT]} replicas over time (s, phase, running):", timeline)
         assert failed == []
         assert peak > 1, timeline
         assert timeline[-1][2] == 1, timeline

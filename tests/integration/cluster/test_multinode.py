@@ -15,12 +15,13 @@ from PIL import Image
 
 from cluster.multinode import MultiNodeCluster, replica_nodes, wait_until
 from cluster.redis_server import free_port
-from deployments.app import APP_NAME, AppArgs, build_app
+from deployments.app import APP_NAME, DEPLOYMENT_NAMES, AppArgs, build_app
+from deployments.config import DEPLOYMENTS, load_serving_config
 from deployments.imaging import encode_png
 from loadtests.faults import FaultRow, SteadyTraffic
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
-STAGES = ("router", "detector", "verifier", "classifier", "localizer", "reranker")
+FRONT = load_serving_config().front()  # the model deployment every inspection meets
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,9 @@ def test_replicas_spread_and_a_lost_node_is_survived(cluster, tiny_registry, fau
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {
         name: {"num_cpus": 0.1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-        for name in STAGES
+        for name in DEPLOYMENTS
     }
-    small["detector"]["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
+    small[FRONT]["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
     small["router"]["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
     args = AppArgs(registry=tiny_registry.uri, redis_url="", overrides={"deployments": small})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
@@ -54,14 +55,15 @@ def test_replicas_spread_and_a_lost_node_is_survived(cluster, tiny_registry, fau
     assert first.status_code == 200, first.text
     placed = replica_nodes(APP_NAME)
     worker_ids = {n.node_id for n in cluster.workers}
-    assert set(placed["AnomalyDetector"]) == worker_ids, placed  # one on each worker
-    assert sum(placed["AnomalyDetector"].values()) == 2
+    front = DEPLOYMENT_NAMES[FRONT]
+    assert set(placed[front]) == worker_ids, placed  # one on each worker
+    assert sum(placed[front].values()) == 2
 
     victim = cluster.workers[0]
 
     def recovered() -> bool:
         counts = replica_nodes(APP_NAME)
-        return sum(counts.get("AnomalyDetector", {}).values()) == 2 and all(
+        return sum(counts.get(front, {}).values()) == 2 and all(
             victim.node_id not in c for c in counts.values()
         )
 

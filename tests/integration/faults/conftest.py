@@ -3,8 +3,8 @@
 ``LocalCluster`` is what ``inspectray serve`` runs (Ray head, real redis-server
 with its append-only file, the DAG over HTTP), here on the tiny registry: the
 detector is sure every part is defective (0.95), so each answer is known
-without training and costs one detector call. Two detector replicas, so one
-can be killed while the other answers.
+without training and costs one detector call. Two replicas of the model
+deployment every request meets, so one can be killed while the other answers.
 """
 
 from __future__ import annotations
@@ -15,18 +15,21 @@ import pytest
 from PIL import Image
 
 from cluster.local import LocalCluster
+from deployments.config import DEPLOYMENTS, load_serving_config
 from deployments.imaging import encode_png
 from deployments.store import RedisStore
 from tests.integration.conftest import local_cluster
 
 CATEGORY = "sure"
-STAGES = ("router", "detector", "verifier", "classifier", "localizer", "reranker")
+# The drills run against the default topology; FRONT is the model deployment every
+# inspection meets there (the fused router, or the split detector).
+FRONT = load_serving_config().front()
 SETTINGS = {
     "deployments": {
         name: {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-        for name in STAGES
+        for name in DEPLOYMENTS
     }
-    | {"detector": {"num_cpus": 0.05, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}},
+    | {FRONT: {"num_cpus": 0.05, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}},
     "service": {"request_timeout_s": 30, "refresh_s": 1, "max_in_flight": 64},
 }
 

@@ -17,12 +17,13 @@ from ray import serve
 from ray.util.state import list_actors
 
 from cluster.multinode import wait_until
-from deployments.app import APP_NAME
+from deployments.app import APP_NAME, DEPLOYMENT_NAMES
 from loadtests.faults import FaultRow, SteadyTraffic, check_stream, stream_reader
-from tests.integration.faults.conftest import CATEGORY
+from tests.integration.faults.conftest import CATEGORY, FRONT
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
-DETECTOR = "AnomalyDetector"
+# The replicas the drills kill and slow: those every inspection meets.
+FRONT_DEPLOYMENT = DEPLOYMENT_NAMES[FRONT]
 
 
 def _replicas(deployment: str) -> list:
@@ -42,8 +43,8 @@ def _running(deployment: str) -> int:
 
 
 def _whole(victim_id: str) -> bool:
-    alive = {a.actor_id for a in _replicas(DETECTOR)}
-    return victim_id not in alive and _running(DETECTOR) == 2 and len(alive) == 2
+    alive = {a.actor_id for a in _replicas(FRONT_DEPLOYMENT)}
+    return victim_id not in alive and _running(FRONT_DEPLOYMENT) == 2 and len(alive) == 2
 
 
 def _survived(fault_report: list, row: FaultRow, traffic: SteadyTraffic, stream) -> None:
@@ -95,22 +96,22 @@ def _busy_replica(deployment: str, timeout_s: float = 30.0):
 def test_a_replica_killed_under_load_costs_no_request(drill, part, store, fault_report):
     def kill():
         # The actor, by its id (its name in Serve's namespace gives the handle).
-        victim, actor = _busy_replica(DETECTOR)
+        victim, actor = _busy_replica(FRONT_DEPLOYMENT)
         ray.kill(actor, no_restart=True)
         return lambda: _whole(victim.actor_id)
 
     # Each batch waits 0.3 s and the victim is a replica with requests in it, so
     # it always dies holding some: the router must answer those 503 and the
     # client must retry them elsewhere.
-    drill.deploy(deployments={"detector": {"fault_delay_s": 0.3}})
+    drill.deploy(deployments={FRONT: {"fault_delay_s": 0.3}})
     try:
         traffic, stream, first_kill, recover_s = _kill_under_load(
             drill, part, store, "replica-drill", kill
         )
     finally:
-        drill.deploy(deployments={"detector": {}})
+        drill.deploy(deployments={FRONT: {}})
     row = FaultRow.from_traffic(
-        "detector replica killed (ray.kill by actor id) with requests in it",
+        f"{FRONT_DEPLOYMENT} replica killed (ray.kill by actor id) with requests in it",
         2,
         traffic,
         first_kill,
@@ -118,8 +119,12 @@ def test_a_replica_killed_under_load_costs_no_request(drill, part, store, fault_
         stream,
     )
     _survived(fault_report, row, traffic, stream)  # the other replica kept answering
-    # Requests lost with the replica were answered 503 and retried; never a 500.
-    assert set(traffic.retried) == {503}, traffic.retried
+    # Requests lost with the replica were retried, and none failed. Split: the router
+    # answers them 503. Fused: the replica that died was a router, and Serve's HTTP
+    # proxy answers what it held 500 (its status for a lost ingress replica), which
+    # the client retries (an inspection is idempotent).
+    assert traffic.retried, "the victim held requests: some must have been retried"
+    assert set(traffic.retried) <= ({500, 503} if FRONT == "router" else {503}), traffic.retried
 
 
 def _controller_pid() -> int | None:
@@ -216,7 +221,7 @@ def test_a_slow_stage_times_out_quickly_and_overload_is_refused(drill, part, fau
     try:
         drill.deploy(
             service={"request_timeout_s": timeout_s, "max_in_flight": max_in_flight},
-            deployments={"detector": {"fault_delay_s": 3.0}},
+            deployments={FRONT: {"fault_delay_s": 3.0}},
         )
         with ThreadPoolExecutor(flood) as pool:
             futures = [pool.submit(send, i) for i in range(flood)]
@@ -226,7 +231,7 @@ def test_a_slow_stage_times_out_quickly_and_overload_is_refused(drill, part, fau
                 time.sleep(0.05)
             answers = [f.result() for f in futures]
     finally:
-        drill.deploy(service={}, deployments={"detector": {}})
+        drill.deploy(service={}, deployments={FRONT: {}})
 
     def answers_again() -> bool:
         return send(10_000 + int(time.monotonic() * 1000))[0] == 200
@@ -237,7 +242,7 @@ def test_a_slow_stage_times_out_quickly_and_overload_is_refused(drill, part, fau
     refused = [(seconds, headers) for status, seconds, headers in answers if status == 503]
     fault_report.append(
         FaultRow(
-            "slow detector (3 s injected per batch), 24 concurrent requests",
+            f"slow {FRONT_DEPLOYMENT} models (3 s injected per call), 24 concurrent requests",
             tries=1,
             requests=flood,
             failed=sum(1 for s in statuses if s not in (503, 504)),

@@ -183,3 +183,25 @@ def test_a_pinned_version_and_a_rule_override_in_serving_yaml_apply_to_both(
     finally:
         registry.promote(SURFACE, DETECTOR, production.version)
         serving.deploy(service={"versions": {}, "rules": {}})
+
+
+def test_the_split_topology_answers_as_the_fused_one_and_eval(serving, registry):
+    # The package's app serves the default, fused topology (every stage in each
+    # router replica); the split one calls a deployment per stage.
+    fused = _compare(serving, evaluation_inspector(registry), _cases(serving))
+    try:
+        serving.deploy(topology="split")
+        ready = httpx.get(f"{serving.url}/readyz", timeout=60).json()
+        assert set(ready["stages"]) == {
+            "detector",
+            "verifier",
+            "classifier",
+            "localizer",
+            "reranker",
+        }
+        split = _compare(serving, evaluation_inspector(registry), _cases(serving))
+        _report("split topology", split)
+    finally:
+        serving.deploy(topology="fused")
+    assert [r["verdict"] for r in split] == [r["verdict"] for r in fused]
+    assert [r["types"] for r in split] == [r["types"] for r in fused]

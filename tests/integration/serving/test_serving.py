@@ -18,7 +18,13 @@ import redis
 from PIL import Image
 
 from cluster.cli import main
-from deployments.client import HandleClient, HttpClient, InspectionFailed, RetryPolicy
+from deployments.client import (
+    GrpcClient,
+    HandleClient,
+    HttpClient,
+    InspectionFailed,
+    RetryPolicy,
+)
 from deployments.imaging import encode_png
 from deployments.store import RedisStore
 from models.data import read_image
@@ -154,6 +160,20 @@ def test_handle_clients_and_another_app_calling_by_handle(serving, inspection_im
     with pytest.raises(InspectionFailed) as refused:
         HandleClient(retry=RetryPolicy(attempts=1)).inspect(b"not an image", category=SURFACE)
     assert refused.value.status == 415
+    # A camera client over gRPC (Serve's gRPC proxy) gets the same answer and errors.
+    camera = GrpcClient(serving.grpc_target, retry=RetryPolicy(attempts=1))
+    try:
+        over_grpc = camera.inspect(path.read_bytes(), category=SURFACE)
+        assert over_grpc.verdict == "defective" and over_grpc.category == SURFACE
+        assert over_grpc.anomaly_score == pytest.approx(over_http.anomaly_score)
+        with pytest.raises(InspectionFailed) as refused:
+            camera.inspect(b"not an image", category=SURFACE)
+        assert refused.value.status == 415 and "not recognized" in refused.value.detail
+        with pytest.raises(InspectionFailed) as unknown:
+            camera.inspect(path.read_bytes(), category="bolts")
+        assert unknown.value.status == 422
+    finally:
+        camera.close()
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.05})
     class LineController:
@@ -281,9 +301,12 @@ def test_health_readiness_docs_and_page(serving):
     assert health["status"] == "ok" and health["redis"] == "up"
     ready = httpx.get(f"{serving.url}/readyz", timeout=30)
     assert ready.status_code == 200
-    stages = ready.json()["stages"]
-    assert set(stages) == {"detector", "verifier", "classifier", "localizer", "reranker"}
-    assert any(m.startswith(f"{SURFACE}@") for m in stages["detector"]["models"])
+    stages = ready.json()["stages"]  # the default topology: every stage in the router
+    assert set(stages) == {"router"}
+    held = stages["router"]["models"]
+    for stage in ("detector", "verifier", "classifier", "reranker"):
+        assert any(m.startswith(f"{stage}:{SURFACE}@") for m in held), held
+    assert any(m.startswith("localizer:") for m in held), held
     spec = httpx.get(f"{serving.url}/openapi.json", timeout=30).json()
     for path in ("/v1/inspect", "/v1/inspect/batch", "/v1/categories", "/healthz", "/readyz"):
         assert path in spec["paths"]
@@ -382,7 +405,8 @@ def test_a_new_product_line_is_a_new_artifact_not_a_new_deployment(
     assert answer.status_code == 200, answer.text
     assert answer.json()["verdict"] == "defective"
     ready = httpx.get(f"{serving.url}/readyz", timeout=30).json()
-    assert any(m.startswith("brushed_metal_line2@") for m in ready["stages"]["detector"]["models"])
+    held = ready["stages"]["router"]["models"]
+    assert any(m.startswith("detector:brushed_metal_line2@") for m in held), held
 
 
 def test_redis_down_keeps_answering_and_loses_nothing(serving, inspection_images, store):
@@ -436,6 +460,13 @@ def test_api_keys_and_rate_limits(serving, inspection_images, store):
         limited = _post(serving, path, category=SURFACE, headers={"X-API-Key": key})
         assert 1 <= int(limited.headers["Retry-After"]) <= 60
         assert httpx.get(f"{serving.url}/v1/categories", timeout=30).status_code == 401
+        # gRPC asks for the same key, as metadata.
+        for api_key, status in ((None, 401), (other, 403)):
+            camera = GrpcClient(serving.grpc_target, api_key, retry=RetryPolicy(attempts=1))
+            with pytest.raises(InspectionFailed) as refused:
+                camera.inspect(path.read_bytes(), category=SURFACE)
+            camera.close()
+            assert refused.value.status == status
     finally:
         plain = redis.Redis.from_url(serving.redis_url)
         for name in plain.scan_iter(f"{store.prefix}:apikey*"):

@@ -5,6 +5,7 @@ import pytest
 from deployments.app import deployment_options
 from deployments.config import DEPLOYMENTS, load_serving_config
 from models.config import ConfigError
+from models.stages import DEPLOYED_STAGES
 
 
 def test_the_packaged_defaults_cover_every_deployment():
@@ -60,3 +61,15 @@ def test_bad_keys_are_named(tmp_path, text, named):
 def test_a_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_serving_config(tmp_path / "nope.yaml")
+
+
+def test_the_topology_chooses_the_deployments_and_a_wrong_one_is_refused(tmp_path):
+    fused = load_serving_config()
+    assert fused.topology == "fused"
+    assert fused.deployed() == ("router",) and fused.front() == "router"
+    split = load_serving_config(overrides={"topology": "split"})
+    assert split.deployed() == ("router", *DEPLOYED_STAGES) and split.front() == "detector"
+    path = tmp_path / "serving.yaml"
+    path.write_text("topology: merged\n")
+    with pytest.raises(ConfigError, match="topology"):
+        load_serving_config(path)

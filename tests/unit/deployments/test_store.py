@@ -109,6 +109,22 @@ def test_duplicate_publish_appends_once(store: RedisStore, redis_client: redis.R
     )
 
 
+def test_publish_with_a_cache_key_caches_and_appends_once_in_one_round_trip(
+    store: RedisStore, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    key = RedisStore.cache_key("cd" * 32, "bottle", {}, {"detector": "v1"})
+    answer = result("r-9", prediction="good")
+    assert store.publish(answer, cache_key=key)
+    assert store.publish(answer, cache_key=key)  # a retry of the same result
+    assert stream_ids(redis_client) == ["r-9"]
+    assert store.get_cached(key) == answer
+    assert 0 < redis_client.ttl(f"{PREFIX}:{key}") <= store.cache_ttl_s
+    down = RedisStore(dead_url(), tmp_path / "down-spool", prefix=PREFIX, socket_timeout_s=0.2)
+    assert not down.publish(result("r-10"), cache_key=key)  # spooled, not lost
+    assert down.spooled() == 1
+    down.close()
+
+
 def test_stream_is_bounded(
     redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path
 ) -> None:

@@ -222,14 +222,20 @@ def test_the_serve_config_is_valid_for_serve(manifest, serving):
     [app] = config.applications
     assert app.import_path == "deployments.app:build_app"
     names = {d.name for d in app.deployments}
-    assert names == {
-        "Router",
-        "AnomalyDetector",
-        "AutoencoderVerifier",
-        "DefectClassifier",
-        "DefectLocalizer",
-        "Reranker",
-    }
+    # The app is built on the cluster from its arguments: they name the topology.
+    topology = app.args["overrides"]["topology"]
+    if serving is None:  # the CPU cluster: the default, fused topology
+        assert names == {"Router"} and topology == "fused"
+    else:  # the GPU overlay: split, each stage on its share of a GPU
+        assert names == {
+            "Router",
+            "AnomalyDetector",
+            "AutoencoderVerifier",
+            "DefectClassifier",
+            "DefectLocalizer",
+            "Reranker",
+        }
+        assert yaml.safe_load(serving.read_text())["topology"] == topology == "split"
     for deployment in app.deployments:
         assert deployment.autoscaling_config["max_replicas"] >= 1
         assert deployment.max_queued_requests > 0

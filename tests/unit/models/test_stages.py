@@ -1,6 +1,8 @@
 """The stage registry: each stage is declared once, and every list of stages reads it."""
 
 import dataclasses
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -48,10 +50,14 @@ def test_the_command_line_the_serving_yaml_and_the_manifests_follow_the_registry
     assert list(train_choices) == [*STAGES, "all"]
     sweep_choices = commands["tune"]._actions[1].choices
     assert set(sweep_choices) == {n for n, s in STAGES.items() if s.sweepable}
-    assert (
-        set(load_serving_config().deployments) == set(DEPLOYMENTS) == {"router", *DEPLOYED_STAGES}
-    )
-    rendered = yaml.safe_load(serve_config_v2())
+    assert set(load_serving_config().deployments) == set(DEPLOYMENTS)
+    assert set(DEPLOYMENTS) == {"router", *DEPLOYED_STAGES}
+    rendered = yaml.safe_load(serve_config_v2())  # the default topology: fused
+    assert [d["name"] for d in rendered["applications"][0]["deployments"]] == ["Router"]
+    split = yaml.safe_dump({"topology": "split"})
+    path = Path(tempfile.mkdtemp()) / "serving.yaml"
+    path.write_text(split)
+    rendered = yaml.safe_load(serve_config_v2(path))
     names = [d["name"] for d in rendered["applications"][0]["deployments"]]
     assert names == ["Router", *(STAGES[n].deployment for n in DEPLOYED_STAGES)]
     assert set(SHARED_STAGES) == {"router", "localizer"}

@@ -1,6 +1,9 @@
 """The asyncio batcher the in-process stage calls use."""
 
 import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -57,3 +60,35 @@ def test_a_compute_that_loses_answers_is_an_error():
 
     with pytest.raises(RuntimeError, match="1 items gave 0 answers"):
         asyncio.run(main())
+
+
+def test_off_the_loop_calls_that_arrive_while_a_batch_computes_form_the_next_batch():
+    release = threading.Event()
+    seen = []
+
+    def slow_square(items):
+        seen.append(list(items))
+        if len(seen) == 1:
+            release.wait(5)  # the first batch computes while more calls arrive
+        return [i * i for i in items]
+
+    async def main():
+        batcher = Batcher(max_batch_size=8, executor=ThreadPoolExecutor(1))
+        started = time.monotonic()
+        first = asyncio.ensure_future(batcher.submit("k", slow_square, 1))
+        await asyncio.sleep(0.05)  # the first batch (one item, no wait) is computing
+        later = [asyncio.ensure_future(batcher.submit("k", slow_square, i)) for i in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        # The loop stayed free while the first batch computed (it waits up to 5 s).
+        free_loop_s = time.monotonic() - started
+        release.set()
+        answers = await asyncio.gather(first, *later)
+        failed = batcher.submit("k", lambda items: 1 / 0, 5)
+        with pytest.raises(ZeroDivisionError):
+            await failed
+        return answers, free_loop_s, batcher.batch_sizes
+
+    answers, free_loop_s, sizes = asyncio.run(main())
+    assert answers == [1, 4, 9, 16]
+    assert seen == [[1], [2, 3, 4]]
+    assert sizes == [1, 3, 1] and free_loop_s < 1.0

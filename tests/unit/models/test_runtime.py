@@ -1,0 +1,74 @@
+"""The exported runtime: ONNX Runtime answers as torch does, or the version stays in torch."""
+
+import pytest
+import torch
+
+from models.artifacts import ArtifactError
+from models.inspection import compute
+from models.inspection.compute import batched_inputs
+from models.runtime import ONNX_FILE, export_runtime, runtime_record
+from models.stages import CLASSIFIER, DETECTOR, ROUTER, SHARED_CATEGORY, VERIFIER, load_stage
+from tests.tiny_models import add_classifier
+
+
+def _export(registry, category, stage, images, **options):
+    loaded = load_stage(registry, category, stage)
+    inputs = batched_inputs(loaded.model, images).contiguous()
+    return export_runtime(registry, loaded.manifest, loaded.model, inputs, **options)
+
+
+@pytest.mark.parametrize(
+    ("category", "stage"),
+    [("sure", DETECTOR), ("unsure", VERIFIER), ("sure", CLASSIFIER), (SHARED_CATEGORY, ROUTER)],
+)
+def test_an_export_answers_as_torch_does_and_is_served(registry, images, category, stage):
+    if stage == CLASSIFIER:
+        add_classifier(registry, category)
+    if stage == DETECTOR:  # a head that tells images apart, not a constant
+        loaded = load_stage(registry, category, stage)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(loaded.model.head[1].weight, std=0.02)
+        torch.nn.init.zeros_(loaded.model.head[1].bias)
+        registry.save(
+            category,
+            stage,
+            loaded.model.state_dict(),
+            config=loaded.manifest.config,
+            preprocessing=loaded.manifest.preprocessing,
+            data={},
+            promote=True,
+        )
+    record = _export(registry, category, stage, images)
+    assert record["accepted"] and record["max_abs_diff"] <= 1e-4, record
+    assert record["images"] == len(images) and set(record["ms_per_image"]) == {
+        "torch",
+        "onnxruntime",
+    }
+    torch_stage = load_stage(registry, category, stage)
+    served = load_stage(registry, category, stage, runtime="onnxruntime")
+    assert torch_stage.runtime is None and served.runtime is not None
+    inputs = batched_inputs(served.model, images)
+    with torch.inference_mode():
+        ours = torch_stage.model.answer(torch_stage.forward(inputs)).probabilities
+        theirs = served.model.answer(served.forward(inputs)).probabilities
+    assert float((ours - theirs).abs().max()) <= 1e-4
+    if stage == DETECTOR:
+        assert float(ours.std()) > 1e-3  # the check compared answers that differ
+        answers = compute.detect(served, images, [False] * (len(images) - 1) + [True])
+        assert answers[-1].heatmap is not None  # explained in torch
+
+
+def test_a_refused_export_is_served_in_torch_and_a_changed_file_is_refused(registry, images):
+    record = _export(registry, "sure", DETECTOR, images, tolerance=-1.0)  # nothing passes
+    assert not record["accepted"]
+    assert load_stage(registry, "sure", DETECTOR, runtime="onnxruntime").runtime is None
+    manifest = _export(registry, "sure", DETECTOR, images) and registry.manifest("sure", DETECTOR)
+    assert runtime_record(registry, manifest)["accepted"]
+    blob = registry.read_extra(manifest, ONNX_FILE)
+    registry.write_extra(manifest, ONNX_FILE, blob[:-8] + b"tampered")
+    with pytest.raises(ArtifactError, match="does not match its record"):
+        load_stage(registry, "sure", DETECTOR, runtime="onnxruntime")
+    with pytest.raises(ArtifactError, match="unknown runtime"):
+        load_stage(registry, "sure", DETECTOR, runtime="tensorrt")
+    with pytest.raises(ArtifactError, match="beside an artifact"):
+        registry.write_extra(manifest, "weights.safetensors", b"")
