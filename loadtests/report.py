@@ -119,8 +119,8 @@ def topology_sections(result: dict[str, Any]) -> list[str]:
     lines = [
         "## Topologies side by side",
         "",
-        "fused: every model stage in each replica of one deployment (one hop per "
-        "inspection); split: one deployment per stage (two to four hops).",
+        "fused: every stage in each replica of the router (no hop between stages); "
+        "split: one deployment per model stage (two to four hops).",
         "",
     ]
     rows: list[list[Any]] = [
