@@ -149,7 +149,7 @@ def build_app(args: AppArgs) -> Application:
     }
     # Fused, the router computes every stage: on the GPU it was given, if any. Split,
     # it computes only the category router, on its CPU.
-    fused = not stages
+    fused = serving.topology == "fused"
     router_device = args.device if fused or args.device != "auto" else "cpu"
     return Router.options(
         **deployment_options(serving.deployments[INGRESS], router_user_config(serving))

@@ -139,7 +139,20 @@ def read_answer(answer: dict[str, Any]) -> InspectionResult:
     return InspectionResult.model_validate(answer)
 
 
-class HandleClient:
+class _RetryingClient:
+    """What every client shares: its retry policy and the count of what it retried."""
+
+    def __init__(self, retry: RetryPolicy) -> None:
+        self.retry = retry
+        self._retrying = Retrying(retry)
+
+    @property
+    def retried(self) -> Counter[int | str]:
+        """Tries this client repeated since it was made, by the status that failed them."""
+        return self._retrying.because
+
+
+class HandleClient(_RetryingClient):
     """Calls the Router by ``DeploymentHandle``, from a service in the same Ray cluster.
 
     Args:
@@ -154,16 +167,10 @@ class HandleClient:
         api_key: str | None = None,
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
+        super().__init__(retry)
         self.app_name = app_name
         self.api_key = api_key
-        self.retry = retry
-        self._retrying = Retrying(retry)
         self._handle: Any = None
-
-    @property
-    def retried(self) -> Counter[int | str]:
-        """Tries this client repeated since it was made, by the status that failed them."""
-        return self._retrying.because
 
     @property
     def handle(self) -> Any:
@@ -207,7 +214,7 @@ class HandleClient:
         return await self._retrying.run(once)
 
 
-class HttpClient:
+class HttpClient(_RetryingClient):
     """Calls the HTTP API.
 
     Args:
@@ -224,18 +231,12 @@ class HttpClient:
         timeout_s: float = 60.0,
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
+        super().__init__(retry)
         self.url = url.rstrip("/")
-        self.retry = retry
-        self._retrying = Retrying(retry)
         headers = {"X-API-Key": api_key} if api_key else {}
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._async: httpx.AsyncClient | None = None
         self._headers, self._timeout = headers, timeout_s
-
-    @property
-    def retried(self) -> Counter[int | str]:
-        """Tries this client repeated since it was made, by the status that failed them."""
-        return self._retrying.because
 
     @staticmethod
     def _checked(response: httpx.Response) -> dict[str, Any]:
@@ -358,7 +359,7 @@ class HttpClient:
 _GRPC_TRANSPORT = {"UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 0}
 
 
-class GrpcClient:
+class GrpcClient(_RetryingClient):
     """Calls the gRPC API (``deployments/protos/inspection.proto``), for camera clients.
 
     One channel is kept open; the answer and the errors are those of
@@ -383,17 +384,12 @@ class GrpcClient:
 
         from deployments.protos import inspection_pb2_grpc
 
+        super().__init__(retry)
         self.target = target
         self._channel = grpc.insecure_channel(target)
         self._stub = inspection_pb2_grpc.InspectionStub(self._channel)
         self._metadata = (("x-api-key", api_key),) if api_key else ()
         self._timeout = timeout_s
-        self._retrying = Retrying(retry)
-
-    @property
-    def retried(self) -> Counter[int | str]:
-        """Tries this client repeated since it was made, by the status that failed them."""
-        return self._retrying.because
 
     def _once(self, request: Any) -> InspectionResult:
         import grpc

@@ -504,13 +504,12 @@ class _Router:
             raise _Problem(422, str(error)) from error
         finally:
             self._in_flight -= 1
-        if self.store is not None and not result.cache_hit:
-            # One round trip: the stream's exactly-once append and the cache entry.
+        if self.store is not None:
+            # One round trip: the stream's exactly-once append and, for a new answer,
+            # the cache entry (a cache hit comes with no key).
             mark = time.perf_counter()
             await asyncio.to_thread(self.store.publish, result.model_dump(mode="json"), cache_key)
             result.timings_ms["publish"] = (time.perf_counter() - mark) * 1000.0
-        elif self.store is not None:
-            await asyncio.to_thread(self.store.publish, result.model_dump(mode="json"))
         return result
 
     async def _answer(
@@ -793,10 +792,9 @@ class Router(_Router):
         except _Problem as problem:
             grpc_context.set_code(GRPC_STATUS.get(problem.status, grpc.StatusCode.UNKNOWN))
             grpc_context.set_details(problem.detail)
-            trailing = [("x-inspectray-status", str(problem.status))]
-            if problem.retry_after:
-                trailing.append(("retry-after", str(max(1, round(problem.retry_after)))))
-            grpc_context.set_trailing_metadata(trailing)
+            trailing = {"x-inspectray-status": str(problem.status)}
+            trailing |= {k.lower(): v for k, v in problem.headers().items()}  # retry-after
+            grpc_context.set_trailing_metadata(list(trailing.items()))
             return inspection_pb2.InspectReply()
         return inspection_pb2.InspectReply(
             request_id=result.request_id,

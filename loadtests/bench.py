@@ -112,17 +112,24 @@ def measure_ceiling(
         drawn = traffic.draw(rng)
         pools.setdefault(drawn.image.category, []).append(decode_image(drawn.body).image)
 
+    loaded: dict[tuple[str, int], dict[str, Any] | None] = {}
+
     def detectors(runtime: str, threads: int) -> dict[str, Any] | None:
-        """Each category's detector in ``runtime``; None when one has no such runtime."""
-        found = {}
-        for category in pools:
-            category_id, version = split_model_id(plan.categories[category].model_id(DETECTOR))
-            found[category] = load_stage(
-                registry, category_id, DETECTOR, version, "cpu", runtime, threads
-            )
-            if runtime != "torch" and found[category].runtime is None:
-                return None
-        return found
+        """Each category's detector in ``runtime``, loaded once per thread count.
+
+        None when one has no such runtime (its export missing or refused).
+        """
+        if (runtime, threads) not in loaded:
+            found = {}
+            for category in pools:
+                model_id = plan.categories[category].model_id(DETECTOR)
+                category_id, version = split_model_id(model_id)
+                found[category] = load_stage(
+                    registry, category_id, DETECTOR, version, "cpu", runtime, threads
+                )
+            exported = runtime == "torch" or all(s.runtime for s in found.values())
+            loaded[runtime, threads] = found if exported else None
+        return loaded[runtime, threads]
 
     threads_before = torch.get_num_threads()
     settings = [

@@ -51,11 +51,7 @@ def run_grpc(
             while time.monotonic() < stop_at:
                 drawn = traffic.draw(rng)
                 started = time.perf_counter()
-                record: dict[str, Any] = {
-                    "image": drawn.image.path,
-                    "category": drawn.image.category,
-                    "defective": drawn.image.defective,
-                }
+                record = drawn.fields()
                 try:
                     answer = client.inspect(drawn.body, drawn.image.category)
                     summary = answer.model_dump(mode="json")

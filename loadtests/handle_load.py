@@ -43,10 +43,7 @@ async def _caller(
     while time.monotonic() < stop_at:
         drawn = traffic.draw(rng)
         started = time.perf_counter()
-        record: dict[str, Any] = {
-            "category": drawn.image.category,
-            "defective": drawn.image.defective,
-        }
+        record = drawn.fields()
         try:
             result = await client.inspect_async(drawn.body, category=drawn.image.category)
             record |= {"ok": True, "status": 200, "verdict": result.verdict}

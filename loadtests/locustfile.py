@@ -129,9 +129,7 @@ class InspectionUser(FastHttpUser):
                 "ms": (time.perf_counter() - started) * 1000.0,
                 "ok": ok,
                 "status": response.status_code,
-                "image": drawn.image.path,
-                "category": drawn.image.category,
-                "defective": drawn.image.defective,
+                **drawn.fields(),
                 "verdict": verdict,
                 **server,
             }

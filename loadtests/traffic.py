@@ -59,6 +59,14 @@ class Draw:
     image: TrafficImage
     body: bytes
 
+    def fields(self) -> dict[str, Any]:
+        """What a request's record keeps of the image: its file, category, ground truth."""
+        return {
+            "image": self.image.path,
+            "category": self.image.category,
+            "defective": self.image.defective,
+        }
+
 
 class Traffic:
     """A pool of images and the mix to draw from it.

@@ -104,8 +104,8 @@ class Batcher:
 
     def _flush_inline(self, key: Hashable) -> None:
         self._flushing.discard(key)
-        for run, chunk in self._chunks(key):
-            self._settle(chunk, lambda run=run, chunk=chunk: run([item for item, _ in chunk]))
+        for chunk, results in self._take_and_compute(key):
+            self._settle(chunk, results)
 
     async def _flush_off_loop(self, key: Hashable) -> None:
         loop = asyncio.get_running_loop()
@@ -113,7 +113,7 @@ class Batcher:
             while self._has_pending(key):
                 computed = await loop.run_in_executor(self.executor, self._take_and_compute, key)
                 for chunk, results in computed:
-                    self._settle(chunk, lambda results=results: _raise_or(results))
+                    self._settle(chunk, results)
         finally:
             self._flushing.discard(key)
 
@@ -122,7 +122,10 @@ class Batcher:
             return key in self._pending
 
     def _take_and_compute(self, key: Hashable) -> list[tuple[list[tuple[Any, Any]], Any]]:
-        """On the executor's thread: the key's items queued by now, computed in batches."""
+        """The key's items queued by now, computed in batches (where the batches compute).
+
+        Each batch's answers, or the exception its computation raised.
+        """
         computed = []
         for run, chunk in self._chunks(key):
             try:
@@ -132,27 +135,18 @@ class Batcher:
             computed.append((chunk, results))
         return computed
 
-    def _settle(self, chunk: list[tuple[Any, asyncio.Future]], compute: Callable[[], Any]) -> None:
+    def _settle(self, chunk: list[tuple[Any, asyncio.Future]], results: Any) -> None:
         """Give every waiting call its answer, or the batch's failure."""
         self.batch_sizes.append(len(chunk))
-        try:
-            results = compute()
-            if len(results) != len(chunk):
-                raise RuntimeError(f"{len(chunk)} items gave {len(results)} answers")
-        except Exception as error:  # every waiting call gets the failure
-            for _, future in chunk:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for (_, future), result in zip(chunk, results, strict=True):
-            if not future.done():
-                future.set_result(result)
-
-
-def _raise_or(results: Any) -> Any:
-    if isinstance(results, Exception):
-        raise results
-    return results
+        if not isinstance(results, Exception) and len(results) != len(chunk):
+            results = RuntimeError(f"{len(chunk)} items gave {len(results)} answers")
+        for i, (_, future) in enumerate(chunk):
+            if future.done():
+                continue
+            if isinstance(results, Exception):
+                future.set_exception(results)
+            else:
+                future.set_result(results[i])
 
 
 class LocalStageCalls(StageCalls):
@@ -201,7 +195,8 @@ class LocalStageCalls(StageCalls):
 
     def loaded(self) -> list[str]:
         """The models held, as ``stage:category@version``."""
-        return sorted(f"{stage}:{model_id}" for stage, model_id in self._models)
+        held = list(self._models)  # one step: the compute thread may reorder them meanwhile
+        return sorted(f"{stage}:{model_id}" for stage, model_id in held)
 
     async def _call(self, stage: str, model_id: str, run: Callable, item: Any, *key: Any) -> Any:
         if self.fault_delay_s:

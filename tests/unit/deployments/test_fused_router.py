@@ -24,9 +24,9 @@ def test_a_fused_router_answers_as_the_in_process_flow_and_batches(registry, ima
 
     async def all_at_once():
         ready, report = await router.readiness()
-        # The stages' thread is busy for 0.5 s: the inspections queue their detector
+        # The stages' thread is busy for 1 s: the inspections queue their detector
         # calls meanwhile, and the next batch takes them together.
-        busy = router.local.batcher.executor.submit(time.sleep, 0.5)
+        busy = router.local.batcher.executor.submit(time.sleep, 1.0)
         answers = await asyncio.gather(
             *(
                 router.inspect_bytes(encode_png(image), category)
