@@ -6,6 +6,7 @@
         [--max-epochs N] [--registry DIR]
     inspectray eval --dataset NAME [--root DIR] [--registry DIR] [--config serving.yaml]
         --out metrics.json [--report DIR]
+    inspectray refit-box-threshold --dataset NAME [--root DIR] [--registry DIR]
 
 The stages are those :data:`models.stages.STAGES` declares.
 
@@ -37,7 +38,7 @@ OPTION_OF = {
     "open_clip_model": "--open-clip",
     "open_clip_pretrained": "--open-clip",
 }
-N_HEATMAPS = 4  # Grad-CAM examples per kind (worst false positives, negatives, true positives)
+N_HEATMAPS = 4  # heatmap examples per kind (worst false positives, negatives, true positives)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -234,7 +235,7 @@ def _histories_and_sweeps(store: Any, plan: Any, evaluated: set[str]) -> tuple[d
 
 
 def _heatmaps(inspector: Any, records: list[Any]) -> dict[str, Any]:
-    """Grad-CAM maps of the worst false positives and negatives and the surest defects."""
+    """Heatmaps of the worst false positives and negatives and the surest defects."""
     from models.data.sample import read_image
 
     fp = sorted(
@@ -255,7 +256,7 @@ def _heatmaps(inspector: Any, records: list[Any]) -> dict[str, Any]:
         [r.category for r in chosen],
         explain=True,
     )
-    return {r.sample_id: found.detected.heatmap for r, found in zip(chosen, explained, strict=True)}
+    return {r.sample_id: found.heatmap for r, found in zip(chosen, explained, strict=True)}
 
 
 def _models_of(stage: str, dataset: Any, store: Any, wanted: str | None) -> list[str]:
@@ -331,6 +332,19 @@ def cmd_refit_fusion(args: argparse.Namespace) -> int:
         for c in _models_of("reranker", dataset, store, args.category)
     }
     print_json({"dataset": dataset.name, "refitted": refitted})
+    return 0
+
+
+def cmd_refit_box_threshold(args: argparse.Namespace) -> int:
+    """Refit the localizer's score threshold (best validation F1 at IoU 0.5).
+
+    Training the localizer does this by itself; this command is for localizers
+    registered before it did, or validation data changed since.
+    """
+    from tune.trainer import refit_box_threshold
+
+    dataset, store = _load(args)
+    print_json({"dataset": dataset.name, "refitted": refit_box_threshold(store, dataset)})
     return 0
 
 
@@ -504,6 +518,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     prototypes = add(commands, "refit-prototypes", cmd_refit_prototypes)
     _common(prototypes)
     prototypes.add_argument("--category", help="one product category (default: all)")
+    boxes = add(commands, "refit-box-threshold", cmd_refit_box_threshold)
+    _common(boxes)
     for command in (refit, prototypes):
         command.add_argument(
             "--hold-out",

@@ -70,6 +70,7 @@ from deployments.store import AuthError, RedisStore, StoreUnavailable
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.descriptions import DefectDescription, DescriptionError
 from models.inspection import (
+    Banked,
     Classified,
     Detected,
     InspectionPlan,
@@ -90,6 +91,7 @@ from models.stages import (
     CLASSIFIER,
     DETECTOR,
     LOCALIZER,
+    MEMORY_BANK,
     RERANKER,
     ROUTER,
     VERIFIER,
@@ -219,6 +221,10 @@ class HandleStageCalls(StageCalls):
     async def detect(self, model_id: str, image: Image.Image, explain: bool) -> Detected:
         """See :class:`~models.inspection.flow.StageCalls`."""
         return await self._handle(DETECTOR, model_id).remote(image, explain)
+
+    async def score_patches(self, model_id: str, image: Image.Image, with_map: bool) -> Banked:
+        """See :class:`~models.inspection.flow.StageCalls`."""
+        return await self._handle(MEMORY_BANK, model_id).remote(image, with_map)
 
     async def verify(self, model_id: str, image: Image.Image) -> Verified:
         """See :class:`~models.inspection.flow.StageCalls`."""

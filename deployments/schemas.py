@@ -82,9 +82,11 @@ class InspectionResult(_Schema):
     category_routed: bool = Field(description="True when the category router chose it.")
     verdict: Literal["ok", "defective"]
     anomaly_score: float = Field(ge=0.0, le=1.0, description="Final score; higher is worse.")
-    decided_by: Literal["detector", "verifier"] = Field(
-        description="detector: its probability was outside the ambiguous band; "
-        "verifier: the autoencoder's score was fused in."
+    decided_by: Literal["detector", "memory-bank", "detector+memory-bank", "verifier"] = Field(
+        description="What decided: the first-line score outside the ambiguous band (the "
+        "detector's probability, the memory bank's score, or the two fused, as the "
+        "category's rule says); verifier: the score was inside the band and the "
+        "autoencoder's score was fused in."
     )
     defect_types: list[DefectTypeScore] = Field(
         default_factory=list, description="Ranked defect types, best first (defective parts)."
@@ -94,8 +96,14 @@ class InspectionResult(_Schema):
     )
     heatmap_png: str | None = Field(
         default=None,
-        description="Base64 PNG (grayscale, at the image's size) of where the detector "
-        "looked (Grad-CAM), when an explanation was asked for.",
+        description="Base64 PNG (grayscale, at the image's size) of where the part looks "
+        "anomalous, when an explanation was asked for (see heatmap_source).",
+    )
+    heatmap_source: Literal["memory-bank", "grad-cam"] | None = Field(
+        default=None,
+        description="memory-bank: the memory bank's anomaly map, each pixel's probability "
+        "of a defect on the category's one scale; grad-cam: where the detector looked, "
+        "normalised per image (a category without a memory bank).",
     )
     trace: list[StageTrace] = Field(default_factory=list)
     model_versions: dict[str, str] = Field(
@@ -134,7 +142,7 @@ class InspectionResult(_Schema):
             cache_hit: whether it came from the result cache.
             timings_ms: the router's time by phase.
         """
-        heatmap = inspection.detected.heatmap
+        heatmap = inspection.heatmap
         return cls(
             request_id=request_id,
             image_sha256=image_sha256,
@@ -154,6 +162,7 @@ class InspectionResult(_Schema):
                 for b in inspection.boxes
             ],
             heatmap_png=encode_heatmap(heatmap, image_size) if heatmap is not None else None,
+            heatmap_source=inspection.heatmap_source if heatmap is not None else None,  # type: ignore[arg-type]
             trace=[
                 StageTrace(
                     stage=run.stage,
@@ -196,7 +205,10 @@ class InspectRequest(_Schema):
 
     image_base64: str = Field(description="The image file (PNG, JPEG, BMP, TIFF), base64.")
     category: str | None = Field(default=None, description="Omit to let the router name it.")
-    explain: bool = Field(default=False, description="Add the Grad-CAM heatmap.")
+    explain: bool = Field(
+        default=False,
+        description="Add the heatmap: the memory bank's anomaly map, or Grad-CAM without one.",
+    )
     boxes: bool = Field(default=False, description="Locate the defects (the DEIMv2 localizer).")
 
 

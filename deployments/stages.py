@@ -27,7 +27,7 @@ from ray import serve
 
 from models.artifacts import ArtifactRegistry
 from models.inspection import compute
-from models.inspection.answers import Detected, Reranked
+from models.inspection.answers import Reranked
 from models.inspection.plan import model_id as make_model_id
 from models.inspection.plan import split_model_id
 from models.stages import (
@@ -35,6 +35,7 @@ from models.stages import (
     DEPLOYED_STAGES,
     DETECTOR,
     LOCALIZER,
+    MEMORY_BANK,
     RERANKER,
     STAGES,
     VERIFIER,
@@ -146,24 +147,47 @@ def stage_deployment(cls: type[ModelStage]) -> type[ModelStage]:
     return STAGE_DEPLOYMENTS[cls.stage]
 
 
-@stage_deployment
-class AnomalyDetector(ModelStage):
-    """p(anomalous) per image, batched; Grad-CAM heatmaps on request."""
+class _FlaggedImageStage(ModelStage):
+    """A stage answering an image and a flag (draw its map): ``answer(model, images, flags)``."""
 
-    stage = DETECTOR
+    answer: ClassVar[Callable[[LoadedStage, list[Image.Image], list[bool]], list[Any]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+
+        # One @serve.batch queue per stage class (see _OneImageStage).
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+        async def _batch(
+            self: _FlaggedImageStage, images: list[Image.Image], flags: list[bool]
+        ) -> list[Any]:
+            stage = await self._model()
+            return await asyncio.to_thread(type(self).answer, stage, images, flags)
+
+        cls._batch = _batch  # type: ignore[attr-defined]
 
     def batched_method(self) -> Any:
         """See :class:`ModelStage`."""
-        return self._batch
+        return self._batch  # type: ignore[attr-defined]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batch(self, images: list[Image.Image], explain: list[bool]) -> list[Detected]:
-        stage = await self._model()
-        return await asyncio.to_thread(compute.detect, stage, images, explain)
+    async def predict(self, image: Image.Image, flag: bool = False) -> Any:
+        """The stage's answer for one image (batched with others)."""
+        return await self._batch(image, flag)  # type: ignore[attr-defined]
 
-    async def predict(self, image: Image.Image, explain: bool = False) -> Detected:
-        """See :func:`models.inspection.compute.detect`."""
-        return await self._batch(image, explain)
+
+@stage_deployment
+class AnomalyDetector(_FlaggedImageStage):
+    """p(anomalous) per image, batched; Grad-CAM heatmaps where the flag asks."""
+
+    stage = DETECTOR
+    answer = compute.detect
+
+
+@stage_deployment
+class MemoryBank(_FlaggedImageStage):
+    """The memory bank's calibrated score per image, batched; its anomaly map where asked."""
+
+    stage = MEMORY_BANK
+    answer = compute.score_patches
 
 
 class _OneImageStage(ModelStage):

@@ -23,10 +23,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import BackboneStage, Preprocessing, create_backbone
+from models.backbone import BackboneStage, Preprocessing, create_backbone, patch_features
 
 # Backbone blocks whose outputs form the feature map: EfficientNet-Lite0 blocks 2
 # (40 channels, stride 8) and 4 (112 channels, stride 16), the mid-level features
@@ -126,19 +125,9 @@ class AutoencoderVerifier(BackboneStage):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Multi-scale backbone features ``(B, C, H/8, W/8)``, before standardisation."""
-        x = self.backbone.bn1(self.backbone.conv_stem(images))
-        maps = []
-        for index, block in enumerate(self.backbone.blocks[: max(FEATURE_BLOCKS) + 1]):
-            x = block(x)
-            if index in FEATURE_BLOCKS:
-                maps.append(x)
-        size = maps[0].shape[-2:]
-        # 3x3 average pooling aggregates each location's neighbourhood (PatchCore).
-        maps = [F.avg_pool2d(m, 3, stride=1, padding=1) for m in maps]
-        maps = [
-            m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear") for m in maps
-        ]
-        return torch.cat(maps, dim=1)
+        backbone = self.backbone
+        stem = nn.Sequential(backbone.conv_stem, backbone.bn1)
+        return patch_features(stem, backbone.blocks, images, FEATURE_BLOCKS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Per-location squared reconstruction error ``(B, h, w)`` (the training loss map)."""

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Self
 
+import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms import v2 as T
@@ -97,6 +99,21 @@ class Preprocessing:
                 T.CenterCrop(self.input_size),
             ]
         )
+
+    def mask(self, mask: np.ndarray) -> np.ndarray:
+        """A defect mask ``(H, W)`` of an original image in the model input's geometry.
+
+        The resize and center crop of :meth:`geometry`, by nearest neighbour:
+        ``(input_size, input_size)`` booleans, aligned with the model's maps.
+        """
+        image = torch.from_numpy(np.asarray(mask, dtype=np.uint8))[None]  # (1, H, W)
+        steps = T.Compose(
+            [
+                T.Resize(self.resize, interpolation=T.InterpolationMode.NEAREST),
+                T.CenterCrop(self.input_size),
+            ]
+        )
+        return steps(image)[0].numpy() > 0
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """The second half: uint8 (or float in [0, 1]) ``(..., 3, H, W)`` → normalized float."""
@@ -275,6 +292,28 @@ class BackboneStage(nn.Module):
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable backbone parameters (trained at a lower learning rate than the head)."""
         return (p for p in self.backbone.parameters() if p.requires_grad)
+
+
+def patch_features(
+    stem: nn.Module, blocks: nn.Sequential, images: torch.Tensor, used: Sequence[int]
+) -> torch.Tensor:
+    """Locally aware patch features ``(B, C, h, w)`` of EfficientNet blocks (PatchCore, DFR).
+
+    The stem, then the blocks up to the deepest of ``used``; each used block's
+    output is averaged over every 3x3 neighbourhood (a patch sees its
+    surroundings) and resized to the finest used block's grid; the maps are
+    concatenated along the channels.
+    """
+    x = stem(images)
+    maps = []
+    for index, block in enumerate(blocks[: max(used) + 1]):
+        x = block(x)
+        if index in used:
+            maps.append(x)
+    size = maps[0].shape[-2:]
+    maps = [F.avg_pool2d(m, 3, stride=1, padding=1) for m in maps]
+    maps = [m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear") for m in maps]
+    return torch.cat(maps, dim=1)
 
 
 @torch.no_grad()

@@ -1,6 +1,11 @@
-"""The decision rule: the detector decides, except in its ambiguous band.
+"""The decision rule: the first-line score decides, except in its ambiguous band.
 
-Outside ``[lo, hi]`` the detector's probability ``p`` decides alone (``p >=
+The first-line score ``p`` is the detector's probability, the memory bank's
+calibrated score, or the two fused by logistic regression,
+``p = sigmoid(a·logit(p_detector) + b·logit(p_bank) + c)`` (:meth:`DecisionRule.first_score`);
+which of the three is chosen on validation (:func:`fit_scorers`).
+
+Outside ``[lo, hi]`` the first-line score ``p`` decides alone (``p >=
 threshold`` is defective). Inside, the verifier's calibrated score ``v`` is fused,
 ``f = w·p + (1 - w)·v``, and ``f >= fused_threshold`` is defective.
 
@@ -31,6 +36,9 @@ import numpy as np
 
 DETECTOR = "detector"
 VERIFIER = "verifier"
+MEMORY_BANK = "memory-bank"
+FUSED = f"{DETECTOR}+{MEMORY_BANK}"
+SCORERS = (DETECTOR, MEMORY_BANK, FUSED)  # what the first-line score can be
 
 
 class Decision(NamedTuple):
@@ -49,8 +57,13 @@ class DecisionRule:
         threshold: the detector alone calls ``p >= threshold`` defective.
         lo: lower edge of the ambiguous band (``lo == hi``: no band, no verifier).
         hi: upper edge.
-        fusion_weight: the detector's weight ``w`` in the fused score.
+        fusion_weight: the first-line score's weight ``w`` in the in-band fused score.
         fused_threshold: the fused score from which an in-band part is defective.
+        detector_weight: the detector's logit weight in the first-line score (0:
+            the detector is not needed).
+        bank_weight: the memory bank's logit weight in it (0: the detector's
+            probability is the first-line score as it is).
+        bank_bias: the intercept of the first-line fusion.
     """
 
     threshold: float = 0.5
@@ -58,12 +71,56 @@ class DecisionRule:
     hi: float = 0.5
     fusion_weight: float = 1.0
     fused_threshold: float = 0.5
+    detector_weight: float = 1.0
+    bank_weight: float = 0.0
+    bank_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lo <= self.threshold <= self.hi <= 1.0:
             raise ValueError(f"need 0 <= lo <= threshold <= hi <= 1, got {self}")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+        if self.detector_weight < 0 or self.bank_weight < 0:
+            raise ValueError(
+                f"the first-line weights must be >= 0, got detector {self.detector_weight} "
+                f"and memory bank {self.bank_weight}"
+            )
+        if self.detector_weight == 0 and self.bank_weight == 0:
+            raise ValueError("the first-line score needs the detector, the memory bank or both")
+
+    @property
+    def uses_detector(self) -> bool:
+        """Whether the first-line score needs the detector's probability."""
+        return self.detector_weight > 0
+
+    @property
+    def uses_bank(self) -> bool:
+        """Whether the first-line score needs the memory bank's score."""
+        return self.bank_weight > 0
+
+    @property
+    def scorer(self) -> str:
+        """What the first-line score is: ``detector``, ``memory-bank`` or both fused."""
+        if not self.uses_bank:
+            return DETECTOR
+        return FUSED if self.uses_detector else MEMORY_BANK
+
+    def first_score(self, detector: float | None, bank: float | None = None) -> float:
+        """The score the threshold and the band apply to.
+
+        Raises:
+            ValueError: a score the rule needs is missing.
+        """
+        if self.uses_detector and detector is None:
+            raise ValueError("the rule needs the detector's probability")
+        if not self.uses_bank:
+            return float(detector)  # type: ignore[arg-type]
+        if bank is None:
+            raise ValueError("the rule needs the memory bank's score")
+        z = self.bank_weight * _logit(bank) + self.bank_bias
+        if self.uses_detector:
+            z += self.detector_weight * _logit(detector)  # type: ignore[arg-type]
+        return float(1.0 / (1.0 + np.exp(-z)))
 
     def to_dict(self) -> dict[str, float]:
         """JSON-ready form."""
@@ -75,18 +132,18 @@ class DecisionRule:
         return cls(**{k: float(v) for k, v in data.items()})
 
     def needs_verifier(self, probability: float) -> bool:
-        """Whether the detector's probability falls in the ambiguous band."""
+        """Whether the first-line score falls in the ambiguous band."""
         return self.lo < self.hi and self.lo <= probability <= self.hi
 
     def decide(self, probability: float, verifier_score: float | None = None) -> Decision:
-        """The verdict for a detector probability and, in the band, the verifier's score.
+        """The verdict for a first-line score and, in the band, the verifier's score.
 
         Raises:
-            ValueError: the probability is in the band but no verifier score is given.
+            ValueError: the score is in the band but no verifier score is given.
         """
         if not self.needs_verifier(probability):
             score = _centre(probability, self.threshold)
-            return Decision(probability >= self.threshold, score, DETECTOR)
+            return Decision(probability >= self.threshold, score, self.scorer)
         if verifier_score is None:
             raise ValueError(f"probability {probability:.3f} is in the band: need a verifier score")
         fused = self.fusion_weight * probability + (1.0 - self.fusion_weight) * verifier_score
@@ -95,6 +152,11 @@ class DecisionRule:
         middle = (0.5 - low) / (high - low) if high > low else 0.5
         score = low + (high - low) * _centre(fused, self.fused_threshold, middle)
         return Decision(fused >= self.fused_threshold, score, VERIFIER)
+
+
+def _logit(p: float | np.ndarray, eps: float = 1e-6) -> float | np.ndarray:
+    p = np.clip(p, eps, 1.0 - eps)
+    return np.log(p) - np.log1p(-p)
 
 
 def _centre(value: float, threshold: float, target: float = 0.5) -> float:
@@ -207,3 +269,96 @@ def ensemble_rule(
         "val_accuracy_rule": float(((fused >= cut) == y).mean()),
         "val_call_rate": 1.0,
     }
+
+
+def fit_scorers(
+    detector: Sequence[float],
+    bank: Sequence[float],
+    is_anomalous: Sequence[bool],
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Choose the first-line score on validation: the detector, the memory bank, or both fused.
+
+    Each candidate is judged by its cross-validated accuracy: its threshold (and
+    the fusion's logistic regression on the two logits) fitted on the other
+    folds, scored on the held-out one. The best wins; on a tie within one image,
+    the simpler (the detector, then the memory bank, then the fusion).
+
+    Args:
+        detector: the detector's probability per validation image.
+        bank: the memory bank's calibrated score per image.
+        is_anomalous: the binary truth (real defects).
+        folds: cross-validation folds (fewer when a class is smaller).
+        seed: the folds' shuffle.
+
+    Returns:
+        ``(weights, figures)``: the :class:`DecisionRule` fields
+        ``detector_weight``, ``bank_weight`` and ``bank_bias``; the candidates'
+        cross-validated accuracies, validation AUROCs and the choice.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    from models.metrics import image_auroc
+
+    p, b = np.asarray(detector, dtype=np.float64), np.asarray(bank, dtype=np.float64)
+    y = np.asarray(is_anomalous, dtype=bool)
+    if not p.shape == b.shape == y.shape or p.size == 0:
+        raise ValueError(f"need one score of each and a label per image, got {p.shape}, {b.shape}")
+    features = np.stack([_logit(p), _logit(b)], axis=1)
+    candidates = {
+        DETECTOR: lambda train: (1.0, 0.0, 0.0),
+        MEMORY_BANK: lambda train: (0.0, 1.0, 0.0),
+        FUSED: lambda train: _logistic(features[train], y[train]),
+    }
+    n_folds = min(folds, int(y.sum()), int((~y).sum()))
+    splits = (
+        list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(features, y))
+        if n_folds >= 2
+        else [(np.arange(y.size), np.arange(y.size))]  # too few of a class: judged in-sample
+    )
+    figures: dict[str, Any] = {"folds": len(splits)}
+    accuracy = {}
+    for name, fit in candidates.items():
+        right = 0
+        for train, held in splits:
+            weights = fit(train)
+            score = _first_scores(features, weights)
+            cut = _best_threshold(score[train], y[train], 0.5)
+            right += int(((score[held] >= cut) == y[held]).sum())
+        accuracy[name] = right / sum(len(held) for _, held in splits)
+        figures[f"cv_accuracy_{name}"] = accuracy[name]
+    chosen = DETECTOR
+    for name in (MEMORY_BANK, FUSED):  # a more complex choice must win by more than one image
+        if accuracy[name] > accuracy[chosen] + 1.0 / y.size:
+            chosen = name
+    weights = candidates[chosen](np.arange(y.size))
+    figures |= {
+        "chosen": chosen,
+        f"val_auroc_{DETECTOR}": image_auroc(y, p),
+        f"val_auroc_{MEMORY_BANK}": image_auroc(y, b),
+        f"val_auroc_{FUSED}": image_auroc(
+            y, _first_scores(features, candidates[FUSED](np.arange(y.size)))
+        ),
+    }
+    return dict(zip(("detector_weight", "bank_weight", "bank_bias"), weights, strict=True)), figures
+
+
+def _logistic(features: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Logistic regression of the truth on the two logits; a negative weight is dropped."""
+    from sklearn.linear_model import LogisticRegression
+
+    if y.all() or not y.any():
+        return (0.5, 0.5, 0.0)
+    fit = LogisticRegression(C=1.0).fit(features, y)
+    a, b = (max(0.0, float(w)) for w in fit.coef_[0])
+    if a == 0.0 and b == 0.0:
+        return (0.5, 0.5, 0.0)
+    return (a, b, float(fit.intercept_[0]))
+
+
+def _first_scores(logits: np.ndarray, weights: tuple[float, float, float]) -> np.ndarray:
+    a, b, c = weights
+    if b == 0.0:  # the detector's probability as it is
+        return 1.0 / (1.0 + np.exp(-logits[:, 0]))
+    return 1.0 / (1.0 + np.exp(-(a * logits[:, 0] + b * logits[:, 1] + c)))

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, Self
 
 import torch
 from torch import nn
+from torchvision.ops import batched_nms
 from transformers import (
     Deimv2Config,
     Deimv2ForObjectDetection,
@@ -69,7 +70,10 @@ class DefectLocalizerConfig:
         num_queries: boxes proposed per image.
         num_denoising: noised ground-truth queries per image in training.
         freeze_stages: EfficientNet: the stem and this many first blocks stay frozen.
-        score_threshold: default score a detection needs in :meth:`DefectLocalizer.predict`.
+        score_threshold: default score a detection needs in :meth:`DefectLocalizer.predict`;
+            training fits it on validation (the best F1 at IoU 0.5, :func:`fit_score_threshold`).
+        nms_iou: of two boxes of one defect type overlapping more than this, the
+            lower-scored is dropped (class-wise non-maximum suppression; 1: none).
         max_detections: detections kept per image before the threshold.
         pretrained_checkpoint: hub id or folder of a released DEIMv2 to start from
             (online users); ``None`` trains from the packaged weights only.
@@ -85,6 +89,7 @@ class DefectLocalizerConfig:
     num_denoising: int = 50
     freeze_stages: int = 2
     score_threshold: float = 0.3
+    nms_iou: float = 0.5
     max_detections: int = 100
     pretrained_checkpoint: str | None = None
 
@@ -104,6 +109,8 @@ class DefectLocalizerConfig:
             raise ValueError(f"freeze_stages must be in [0, 7], got {self.freeze_stages}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
         if self.max_detections < 1:
             raise ValueError(f"max_detections must be positive, got {self.max_detections}")
         # The encoder proposes one box per feature-map position; the queries are its best.
@@ -341,7 +348,9 @@ class DefectLocalizer(BackboneStage):
         """:meth:`predict`'s post-processing of a :meth:`forward` output.
 
         Each query scores every defect type (sigmoid); the best ``max_detections``
-        (query, type) pairs of an image are its candidates, as in RT-DETR.
+        (query, type) pairs of an image are its candidates, as in RT-DETR. Those
+        above the threshold go through class-wise non-maximum suppression: DETR's
+        one-to-one matching leaves near-duplicates when it is undertrained.
         """
         threshold = self.config.score_threshold if score_threshold is None else score_threshold
         scores = output.logits.float().sigmoid()  # (B, Q, C)
@@ -354,7 +363,13 @@ class DefectLocalizer(BackboneStage):
         corners = corners.gather(1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
         results = []
         for i in range(scores.shape[0]):
-            keep = top[i] >= threshold
+            keep = torch.nonzero(top[i] >= threshold).squeeze(1)
+            if self.config.nms_iou < 1.0 and len(keep) > 1:
+                # batched_nms returns the survivors best first, as topk ordered them.
+                kept = batched_nms(
+                    corners[i][keep], top[i][keep], labels[i][keep], self.config.nms_iou
+                )
+                keep = keep[kept]
             boxes = corners[i][keep]
             if image_sizes is not None:
                 boxes = self.to_image_pixels(boxes, image_sizes[i])

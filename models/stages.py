@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 DETECTOR, VERIFIER, ROUTER, DECISION = "detector", "verifier", "router", "decision"
 CLASSIFIER, RERANKER, LOCALIZER = "classifier", "reranker", "localizer"
+MEMORY_BANK = "memory-bank"
 SHARED_CATEGORY = "all-categories"  # where the stages trained over every category live
 # Keys of an artifact's config that describe training, not the architecture.
 TRAINING_KEYS = ("training", "hyperparameters")
@@ -51,7 +52,8 @@ class Stage:
             for a stage the ingress runs itself (the category router).
         needs: what ``train all`` needs to train it: ``always``, a category's
             ``labelled-defects``, or annotated ``boxes``.
-        sweepable: whether ``inspectray tune`` sweeps it.
+        sweepable: whether ``inspectray tune`` sweeps it (a stage fitted without
+            gradients, the memory bank, has no learning rate to sweep).
         exportable: whether its forward pass is exported to ONNX Runtime when a
             version is registered (:mod:`models.runtime`).
     """
@@ -77,7 +79,8 @@ class Stage:
         return getattr(importlib.import_module(module), f"{name}Config")
 
 
-# In training order: the decision is fitted after the verifier; the reranker's
+# In training order: the decision is refitted after the detector, the verifier and
+# the memory bank (it uses the three); the reranker's
 # fusion weight is fitted against the production classifier.
 STAGES: dict[str, Stage] = {
     stage.name: stage
@@ -100,6 +103,12 @@ STAGES: dict[str, Stage] = {
             "models.autoencoder_verifier:AutoencoderVerifier",
             deployment="AutoencoderVerifier",
             exportable=True,
+        ),
+        Stage(
+            MEMORY_BANK,
+            "models.memory_bank:MemoryBank",
+            deployment="MemoryBank",
+            sweepable=False,
         ),
         Stage(
             CLASSIFIER,

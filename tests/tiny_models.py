@@ -22,6 +22,7 @@ from models.decision import DecisionRule
 from models.defect_classifier import DefectClassifier, DefectClassifierConfig
 from models.descriptions import BUILTIN
 from models.localizer import DefectLocalizer, DefectLocalizerConfig
+from models.memory_bank import MemoryBank, MemoryBankConfig, calibrate
 from models.reranker import Reranker, RerankerConfig
 from models.stages import SHARED_CATEGORY, save_decision
 
@@ -107,8 +108,23 @@ def add_localizer(registry: ArtifactRegistry) -> Manifest:
         num_denoising=4,
         max_detections=5,
         score_threshold=0.0,  # untrained: keep every candidate
+        nms_iou=1.0,
     )
     return save(registry, SHARED_CATEGORY, "localizer", DefectLocalizer(config, pretrained=False))
+
+
+def add_memory_bank(registry: ArtifactRegistry, category: str) -> Manifest:
+    """An untrained-backbone memory bank that remembers the patches of :func:`random_images`.
+
+    Its calibration maps the images' own distances (about 0) below 0.5: they are good.
+    """
+    bank = MemoryBank(MemoryBankConfig(input_size=SIZE, coreset_ratio=0.5), pretrained=False)
+    transform = bank.preprocessing.transform()
+    features = bank.embed(torch.stack([transform(image) for image in random_images()]))
+    bank.fit(features.permute(0, 2, 3, 1).flatten(0, 2))
+    raw = bank.predict(torch.stack([transform(image) for image in random_images()])).raw_score
+    calibrate(bank, [*raw.tolist(), float(raw.max()) + 1.0])
+    return save(registry, category, "memory-bank", bank)
 
 
 def random_images(n: int = 3) -> list[Image.Image]:

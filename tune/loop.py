@@ -3,6 +3,9 @@
 Runs on each Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``); the
 driver is :mod:`tune.trainer`. Ray touch points are marked ``# Ray:``.
 
+A family fitted without gradients (the memory bank) makes one pass instead
+(:func:`fit_without_gradients`).
+
 Per epoch: train (DDP through ``prepare_model`` / ``prepare_data_loader``; AMP on
 GPU; linear warm-up then cosine decay; the backbone at a lower learning rate than
 the head), validate on the whole validation set, decide on early stopping, and
@@ -102,6 +105,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     torch.manual_seed(config.get("seed", 0))
     family = build_family(config["family"])
+    if family.gradient_free:  # fitted in one pass, not trained
+        fit_without_gradients(family, config, rank, world)
+        return
     label = f"{family.stage}/{family.category}"
 
     model = family.build_model(pretrained=True)
@@ -218,3 +224,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=saved_checkpoint)  # Ray: metrics + checkpoint
         if stop:
             break
+
+
+def fit_without_gradients(family: Any, config: dict[str, Any], rank: int, world: int) -> None:
+    """A gradient-free family's one pass (the memory bank): no optimizer, no epochs.
+
+    Every worker describes its share of the training images (Ray's distributed
+    sampler splits them); rank 0 gathers every description, fits the model,
+    validates it and reports it with a checkpoint the driver reads as it reads
+    a trained one.
+    """
+    started = time.perf_counter()
+    label = f"{family.stage}/{family.category}"
+    device = ray.train.torch.get_device()  # Ray: this worker's device
+    model = family.build_model(pretrained=True).to(device)
+    train_ds, val_ds = family.datasets(model)
+    loader = DataLoader(train_ds, batch_size=int(config["batch_size"]))
+    loader = ray.train.torch.prepare_data_loader(loader)  # Ray: each worker its share
+    features = _gather_rows(family.features(model, loader), device)
+    train_seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {"epoch": 1, "train_loss": 0.0, "world_size": world}
+    saved_checkpoint = None
+    with tempfile.TemporaryDirectory() as folder:
+        if rank == 0:
+            val_loader = DataLoader(val_ds, batch_size=16)
+            fitted = family.fit(model, features, val_loader)
+            metrics |= {k: v for k, v in fitted.items() if isinstance(v, (int, float))}
+            metrics |= family.evaluate(model, val_loader)
+            metrics |= {
+                "train_seconds": train_seconds,
+                "epoch_seconds": time.perf_counter() - started,
+                "resumed_from": 0,
+            }
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            payload = {"model": state, "history": [metrics], "best": metrics, "best_state": state}
+            torch.save(payload | {"epoch": 1, "stale": 0}, os.path.join(folder, CHECKPOINT_FILE))
+            saved_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            print(
+                f"[{label}] fitted on {metrics.get('patches', 0)} patches, kept "
+                f"{metrics.get('bank_size', 0)}; {family.monitor} {metrics[family.monitor]:.4f} "
+                f"({metrics['epoch_seconds']:.1f}s, {world} worker{'s' if world > 1 else ''})",
+                file=sys.stderr,
+                flush=True,
+            )
+        ray.train.report(metrics, checkpoint=saved_checkpoint)  # Ray: metrics + checkpoint
+
+
+def _gather_rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every worker's rows ``(N_i, C)``, concatenated in rank order (on every worker)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(rows)], device=device))
+    sizes = [int(c.item()) for c in counts]
+    padded = torch.zeros(max(sizes), rows.shape[1], device=device)
+    padded[: len(rows)] = rows.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n].cpu() for part, n in zip(parts, sizes, strict=True)])

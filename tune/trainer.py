@@ -30,6 +30,8 @@ from models.runtime import export_runtime
 from models.stages import (
     CLASSIFIER,
     DETECTOR,
+    LOCALIZER,
+    MEMORY_BANK,
     RERANKER,
     SHARED_CATEGORY,
     STAGES,
@@ -279,6 +281,8 @@ def register_fit(
         summary["prototype_images"] = family.fit_prototypes(model)
     if spec["stage"] == RERANKER:
         summary["fusion"] = fit_fusion(registry, family, model)
+    if spec["stage"] == LOCALIZER:
+        summary["boxes"] = family.fit_score_threshold(model)
     epoch_seconds = [h["epoch_seconds"] for h in fit.history]
     hyperparameters = asdict(settings) | {"lr": settings.lr or DEFAULT_LR[spec["stage"]]}
     metrics = {
@@ -288,6 +292,7 @@ def register_fit(
         "seconds_per_epoch": sum(epoch_seconds) / max(1, len(epoch_seconds)),
         "history": fit.history,
         **({"fusion": summary["fusion"]} if "fusion" in summary else {}),
+        **({"boxes": summary["boxes"]} if "boxes" in summary else {}),
         **(extra_metrics or {}),
     }
     manifest: Manifest = registry.save(
@@ -312,7 +317,8 @@ def register_fit(
     summary["promoted"] = promote
     if not promote:
         return summary
-    if spec["stage"] in (DETECTOR, VERIFIER) and DETECTOR in registry.stages(spec["category"]):
+    scoring = {DETECTOR, MEMORY_BANK} & set(registry.stages(spec["category"]))
+    if spec["stage"] in (DETECTOR, VERIFIER, MEMORY_BANK) and scoring:
         summary["decision"] = fit_decision(registry, family.samples, spec["category"])
     if spec["stage"] == CLASSIFIER and RERANKER in registry.stages(spec["category"]):
         summary["reranker_fusion"] = refit_fusion(registry, family.samples, spec["category"])
@@ -430,6 +436,28 @@ def refit_prototypes(registry: ArtifactRegistry, dataset: Dataset, category: str
     if RERANKER in registry.stages(category):
         summary["reranker_fusion"] = refit_fusion(registry, samples, category)
     return summary
+
+
+def refit_box_threshold(registry: ArtifactRegistry, dataset: Dataset) -> dict[str, Any]:
+    """Refit the production localizer's score threshold on the validation split.
+
+    The weights are unchanged; a new version with the threshold of the best
+    validation F1 at IoU 0.5 is stored and promoted.
+    """
+    localizer = load_stage(registry, SHARED_CATEGORY, LOCALIZER)
+    manifest = localizer.manifest
+    architecture = {k: v for k, v in manifest.config.items() if k not in TRAINING_KEYS}
+    spec = {
+        "stage": LOCALIZER,
+        "category": SHARED_CATEGORY,
+        "samples": list(dataset.samples),
+        "model_config": architecture,
+    }
+    figures = build_family(spec).fit_score_threshold(localizer.model)
+    saved = resave(
+        registry, localizer, fingerprint_samples(dataset.name, dataset.samples), {"boxes": figures}
+    )
+    return {"version": saved.version, **figures}
 
 
 def refit_fusion(

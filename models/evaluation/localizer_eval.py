@@ -43,7 +43,9 @@ def localizer_metrics(
     Returns:
         :func:`~models.metrics.detection.detection_metrics`' result (``map50``,
         ``map50_95``, per-class AP, precision/recall, AP by size), plus
-        ``map50_by_category``, the artifact ``version`` and ``seconds_per_image``.
+        ``map50_by_category``, the artifact ``version``, ``seconds_per_image`` and
+        the boxes served per image (``boxes_per_image``, ``max_boxes_per_image``:
+        those above the model's ``score_threshold`` after its suppression of duplicates).
     """
     model, manifest = localizer.model, localizer.manifest
     transform = model.preprocessing.transform()
@@ -70,7 +72,11 @@ def localizer_metrics(
             [truth[i] for i in chosen], [predicted[i] for i in chosen], classes
         )
         by_category[category] = subset["map50"]
+    served = [int((p.scores >= threshold).sum()) for p in predicted if p.scores is not None]
     return metrics | {
+        "score_threshold": threshold,
+        "boxes_per_image": sum(served) / max(1, len(served)),
+        "max_boxes_per_image": max(served, default=0),
         "map50_by_category": by_category,
         "version": manifest.version,
         "seconds_per_image": seconds / max(1, len(samples)),

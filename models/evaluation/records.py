@@ -18,8 +18,11 @@ class ImageRecord:
         is_anomalous: the binary ground truth (ELPV: defect probability >= 0.5).
         anomaly_score: the pipeline's final score in [0, 1]; higher is more anomalous.
         verdict: ``ok`` or ``defective``.
-        decided_by: the stage that decided: ``detector`` or ``verifier``.
-        detector_probability: the anomaly detector's probability.
+        decided_by: what decided: the first-line score (``detector``,
+            ``memory-bank`` or ``detector+memory-bank``) or the ``verifier``.
+        detector_probability: the anomaly detector's probability, when it ran.
+        memory_bank_score: the memory bank's calibrated score, when it ran.
+        first_score: the first-line score the category's threshold applies to.
         verifier_score: the verifier's calibrated score, when it was called.
         routed_category: the category the router predicted, when it was asked.
         defect_type: the top defect type (after reranking, when the reranker ran).
@@ -37,7 +40,9 @@ class ImageRecord:
     anomaly_score: float
     verdict: str
     decided_by: str
-    detector_probability: float
+    detector_probability: float | None
+    memory_bank_score: float | None = None
+    first_score: float | None = None
     verifier_score: float | None = None
     routed_category: str | None = None
     defect_type: str | None = None

@@ -2,8 +2,8 @@
 
 :func:`write_report` turns what the eval command knows (one :class:`ImageRecord` per
 test image, the metrics JSON, and optionally training histories, sweep trials and
-Grad-CAM maps) into a markdown page read top to bottom: summary, per category,
-ROC/PR, confusion, which stage decided, score distributions, Grad-CAM examples, the
+heatmaps) into a markdown page read top to bottom: summary, per category,
+ROC/PR, confusion, which stage decided, score distributions, heatmap examples, the
 worst mistakes, learning curves, sweeps. Plots are PNG files beside ``report.md``,
 referenced by relative name, so the folder can be zipped or served as is.
 
@@ -53,7 +53,7 @@ _FIXED_FIGURES = (
     "roc_pr.png",
     "confusion.png",
     "scores.png",
-    "gradcam.png",
+    "heatmaps.png",
     "worst_fp.png",
     "worst_fn.png",
 )
@@ -93,7 +93,7 @@ def write_report(
             ``config`` (``lr``, ``batch_size``, ``optimizer``), ``metric``,
             ``history`` (per-epoch dicts) and ``best``. A trial's best value is the
             max of its metric, or the min when the name contains ``loss``/``error``.
-        heatmaps: ``sample_id`` -> Grad-CAM map (H, W) in [0, 1], any resolution.
+        heatmaps: ``sample_id`` -> heatmap (H, W) in [0, 1], any resolution.
         n_worst: how many false positives and false negatives to show, each.
 
     Returns:
@@ -134,7 +134,7 @@ def write_report(
     lines += defect_type_section(out_dir, records)
     lines += _localizer_section(metrics)
     lines += _score_section(out_dir, groups, metrics)
-    lines += _gradcam_section(out_dir, maps, {r.sample_id: r for r in records})
+    lines += _heatmap_section(out_dir, maps, {r.sample_id: r for r in records})
     false_positives = sorted(
         (r for r in records if not r.is_anomalous and r.predicted_anomalous),
         key=lambda r: (-r.anomaly_score, r.sample_id),
@@ -402,12 +402,12 @@ def _score_section(
     return [*lines, ""]
 
 
-def _gradcam_section(
+def _heatmap_section(
     out_dir: Path, maps: Mapping[str, np.ndarray], by_id: Mapping[str, ImageRecord]
 ) -> list[str]:
-    lines = ["## Grad-CAM examples", ""]
+    lines = ["## Heatmap examples", ""]
     if not maps:
-        return [*lines, "No Grad-CAM maps supplied.", ""]
+        return [*lines, "No heatmaps supplied.", ""]
     known = [sid for sid in maps if sid in by_id]
     unknown = [sid for sid in maps if sid not in by_id]
     if known:
@@ -431,11 +431,12 @@ def _gradcam_section(
             )
             ax_image.set_axis_off()
             ax_cam.set_axis_off()
-        name = save_figure(fig, out_dir, "gradcam.png")
+        name = save_figure(fig, out_dir, "heatmaps.png")
         lines += [
-            "Each image beside its Grad-CAM map (red: regions that raised the anomaly score).",
+            "Each image beside its heatmap (red: where it looks anomalous): the memory "
+            "bank's anomaly map where the category has one, else the detector's Grad-CAM.",
             "",
-            f"![Grad-CAM examples]({name})",
+            f"![Heatmap examples]({name})",
             "",
             *_record_table([by_id[sid] for sid in known]),
         ]

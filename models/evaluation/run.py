@@ -15,6 +15,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from models.backbone import Preprocessing
 from models.data import Dataset, Sample
 from models.evaluation.localizer_eval import localizer_metrics
 from models.evaluation.records import ImageRecord
@@ -26,7 +29,8 @@ from models.metrics import (
     binary_f1,
     image_auroc,
 )
-from models.stages import LOCALIZER, RERANKER, VERIFIER
+from models.metrics.pixel import aupro, pixel_auroc
+from models.stages import DETECTOR, LOCALIZER, MEMORY_BANK, RERANKER, VERIFIER
 
 
 def _finite(value: float) -> float | None:
@@ -38,12 +42,25 @@ def binary_metrics(records: Sequence[ImageRecord], thresholds: dict[str, float])
 
     Args:
         records: the images of the group.
-        thresholds: category → the detector's own threshold, to tell what the
-            detector alone would have said about the images the verifier saw.
+        thresholds: category → the first-line score's own threshold, to tell what
+            it alone would have said about the images the verifier saw.
     """
     truth = [r.is_anomalous for r in records]
     counts = binary_counts(truth, [r.predicted_anomalous for r in records])
     band = [r for r in records if r.decided_by == VERIFIER]
+    scored = {
+        f"{stage}_auroc": _finite(
+            image_auroc(
+                [r.is_anomalous for r in records if getattr(r, field) is not None],
+                [getattr(r, field) for r in records if getattr(r, field) is not None],
+            )
+        )
+        for stage, field in (
+            ("detector", "detector_probability"),
+            ("memory_bank", "memory_bank_score"),
+        )
+        if any(getattr(r, field) is not None for r in records)
+    }
     metrics: dict[str, Any] = {
         "n_images": len(records),
         "n_anomalous": sum(truth),
@@ -52,7 +69,7 @@ def binary_metrics(records: Sequence[ImageRecord], thresholds: dict[str, float])
         "binary_f1": binary_f1(counts),
         "balanced_accuracy": balanced_accuracy(counts),
         "verifier_call_rate": len(band) / len(records) if records else 0.0,
-        "detector_auroc": _finite(image_auroc(truth, [r.detector_probability for r in records])),
+        **scored,
         "tp": counts.tp,
         "fp": counts.fp,
         "tn": counts.tn,
@@ -60,9 +77,9 @@ def binary_metrics(records: Sequence[ImageRecord], thresholds: dict[str, float])
         "band_n_images": len(band),
     }
     if band:
-        alone = [(r.detector_probability >= thresholds[r.category]) == r.is_anomalous for r in band]
+        alone = [(r.first_score >= thresholds[r.category]) == r.is_anomalous for r in band]
         fused = [r.predicted_anomalous == r.is_anomalous for r in band]
-        metrics["band_accuracy_detector_alone"] = sum(alone) / len(band)
+        metrics["band_accuracy_first_line_alone"] = sum(alone) / len(band)
         metrics["band_accuracy_with_verifier"] = sum(fused) / len(band)
     return metrics
 
@@ -134,6 +151,8 @@ def record(sample: Sample, found: Inspection) -> ImageRecord:
         verdict=found.verdict,
         decided_by=found.decided_by,
         detector_probability=found.detector_probability,
+        memory_bank_score=found.memory_bank_score,
+        first_score=found.first_score,
         verifier_score=found.verifier_score,
         routed_category=found.category if found.routed else None,
         defect_type=ranking[0].name if ranking else None,
@@ -141,6 +160,46 @@ def record(sample: Sample, found: Inspection) -> ImageRecord:
         predicted_class=classified.predicted_class if classified else None,
         embedding=tuple(classified.embedding.tolist()) if classified else None,
     )
+
+
+class PixelScores:
+    """A category's heatmaps and defect masks, in the heatmap model's input geometry."""
+
+    def __init__(self) -> None:
+        self.masks: list[np.ndarray] = []
+        self.maps: list[np.ndarray] = []
+        self.sources: set[str] = set()
+
+    def add(
+        self,
+        sample: Sample,
+        image_size: tuple[int, int],
+        found: Inspection,
+        geometry: Preprocessing,
+    ) -> None:
+        """Keep one image's heatmap and its mask (all normal for a good image)."""
+        mask = sample.load_mask()
+        if mask is None:
+            width, height = image_size
+            mask = np.zeros((height, width), dtype=bool)
+        self.masks.append(geometry.mask(mask))
+        self.maps.append(np.asarray(found.heatmap, dtype=np.float32))
+        self.sources.add(str(found.heatmap_source))
+
+    def metrics(self) -> dict[str, Any]:
+        """``pixel_auroc``, ``aupro`` (to 30 % FPR) and the heatmaps' source."""
+        return {
+            "pixel_auroc": _finite(pixel_auroc(self.masks, self.maps)),
+            "aupro": _finite(aupro(self.masks, self.maps)),
+            "heatmap_source": "+".join(sorted(self.sources)),
+        }
+
+
+def heatmap_geometry(inspector: LocalInspector, found: Inspection) -> Preprocessing:
+    """The preprocessing of the model that drew an inspection's heatmap."""
+    stage = MEMORY_BANK if found.heatmap_source == MEMORY_BANK else DETECTOR
+    model_id = inspector.plan.categories[found.category].model_id(stage)
+    return inspector.calls.model(stage, model_id).model.preprocessing
 
 
 def evaluate(
@@ -168,7 +227,8 @@ def evaluate(
         progress: print a progress line to stderr every batch.
 
     Returns:
-        ``(records, metrics)``; metrics hold the overall figures, ``per_category``,
+        ``(records, metrics)``; metrics hold the overall figures, ``per_category``
+        (with ``pixel_auroc`` and ``aupro`` where the split has defect masks),
         when routing ``router_accuracy``, and with a localizer and annotated boxes
         ``localizer_map50``, ``localizer_map50_95`` and the full COCO figures
         under ``localizer``.
@@ -185,15 +245,26 @@ def evaluate(
         )
     records: list[ImageRecord] = []
     started = time.perf_counter()
+    # Categories with defect masks: every image's heatmap is scored against its mask.
+    masked = {s.category for s in samples if s.mask_path is not None}
+    pixels: dict[str, PixelScores] = {c: PixelScores() for c in sorted(masked)}
 
     async def judge() -> None:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             requests = [
-                InspectionRequest(s.load_image(), None if route else s.category) for s in chunk
+                InspectionRequest(
+                    s.load_image(), None if route else s.category, explain=s.category in masked
+                )
+                for s in chunk
             ]
-            for sample, found in zip(chunk, await inspector.inspect_all(requests), strict=True):
+            for sample, request, found in zip(
+                chunk, requests, await inspector.inspect_all(requests), strict=True
+            ):
                 records.append(record(sample, found))
+                if sample.category in pixels and found.heatmap is not None:
+                    geometry = heatmap_geometry(inspector, found)
+                    pixels[sample.category].add(sample, request.image.size, found, geometry)
             if progress:
                 done = len(records)
                 rate = done / (time.perf_counter() - started)
@@ -219,6 +290,12 @@ def evaluate(
         for category, models in sorted(plan.categories.items())
         if any(r.category == category for r in records)
     }
+    for category, scores in pixels.items():
+        if category in metrics["per_category"]:
+            metrics["per_category"][category] |= scores.metrics()
+    if pixels:
+        found = [m["pixel_auroc"] for m in metrics["per_category"].values() if "pixel_auroc" in m]
+        metrics["pixel_auroc_mean"] = sum(found) / len(found) if found else None
     boxed = [s for s in samples if s.boxes or not s.is_anomalous]
     if plan.localizer_id is not None and any(s.boxes for s in boxed):
         # Good images count too: every box drawn on one is a false positive.

@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.stages import CLASSIFIER, DETECTOR, LOCALIZER, RERANKER, ROUTER, VERIFIER
+from models.stages import (
+    CLASSIFIER,
+    DETECTOR,
+    LOCALIZER,
+    MEMORY_BANK,
+    RERANKER,
+    ROUTER,
+    VERIFIER,
+)
 
 OK, DEFECTIVE = "ok", "defective"
 Verdict = Literal["ok", "defective"]
@@ -47,6 +55,25 @@ class Detected:
     probability: float
     heatmap: np.ndarray | None = None
     latency_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Banked:
+    """The memory bank's answer.
+
+    Attributes:
+        score: its calibrated probability that the part is anomalous.
+        anomaly_map: the per-pixel probability ``(H, W)`` at its input size,
+            when the map was asked for.
+    """
+
+    score: float
+    anomaly_map: np.ndarray | None = None
+    latency_ms: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """What the trace shows of it."""
+        return {"score": self.score}
 
 
 @dataclass(frozen=True)
@@ -183,8 +210,16 @@ class Inspection:
         routed: the router's answer when it named the category.
         verdict: ``ok`` or ``defective``.
         anomaly_score: the final score in [0, 1] (see :mod:`models.decision`).
-        decided_by: ``detector`` or ``verifier``.
-        detected: the detector's answer.
+        decided_by: what decided: ``detector``, ``memory-bank``, both
+            (``detector+memory-bank``) or ``verifier``.
+        first_score: the first-line score the category's threshold and band
+            apply to (see :meth:`~models.decision.DecisionRule.first_score`).
+        detected: the detector's answer, when it ran.
+        banked: the memory bank's answer, when it ran.
+        heatmap: where the part looks anomalous ``(H, W)`` in [0, 1] at the
+            model's input size, when an explanation was asked for: the memory
+            bank's map where the category has one, else the detector's Grad-CAM.
+        heatmap_source: ``memory-bank`` or ``grad-cam``.
         verified: the verifier's answer, when it ran.
         classified: the classifier's answer, when it ran.
         located: the localizer's answer, when it ran.
@@ -202,7 +237,11 @@ class Inspection:
     verdict: Verdict
     anomaly_score: float
     decided_by: str
-    detected: Detected
+    first_score: float | None = None
+    detected: Detected | None = None
+    banked: Banked | None = None
+    heatmap: np.ndarray | None = None
+    heatmap_source: str | None = None
     routed: Routed | None = None
     verified: Verified | None = None
     classified: Classified | None = None
@@ -216,9 +255,14 @@ class Inspection:
     model_versions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
-    def detector_probability(self) -> float:
-        """The detector's probability."""
-        return self.detected.probability
+    def detector_probability(self) -> float | None:
+        """The detector's probability, when it ran."""
+        return self.detected.probability if self.detected else None
+
+    @property
+    def memory_bank_score(self) -> float | None:
+        """The memory bank's calibrated score, when it ran."""
+        return self.banked.score if self.banked else None
 
     @property
     def verifier_score(self) -> float | None:
@@ -236,8 +280,8 @@ class Inspection:
         return [run.stage for run in in_trace_order(self.trace + self.also_ran)]
 
 
-# The one order of a trace: the DAG's (classifier ∥ localizer, then the reranker).
-TRACE_ORDER = (ROUTER, DETECTOR, VERIFIER, CLASSIFIER, LOCALIZER, RERANKER)
+# The one order of a trace: the DAG's (detector ∥ memory bank, classifier ∥ localizer).
+TRACE_ORDER = (ROUTER, DETECTOR, MEMORY_BANK, VERIFIER, CLASSIFIER, LOCALIZER, RERANKER)
 
 
 def in_trace_order(runs: Iterable[StageRun]) -> tuple[StageRun, ...]:

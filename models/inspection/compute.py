@@ -24,6 +24,7 @@ from PIL import Image
 
 from models.descriptions import DefectDescription, DescriptionCatalog
 from models.inspection.answers import (
+    Banked,
     Box,
     Classified,
     Detected,
@@ -84,6 +85,22 @@ def detect(
     return [
         Detected(float(p), heatmaps[i] if explain[i] and heatmaps is not None else None, ms)
         for i, p in enumerate(probabilities)
+    ]
+
+
+def score_patches(
+    stage: LoadedStage, images: Sequence[Image.Image], with_map: Sequence[bool]
+) -> list[Banked]:
+    """The memory bank's calibrated score of each image, and its anomaly map where asked."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        inputs = batched_inputs(stage.model, images)
+        output = stage.model.answer(stage.forward(inputs), maps=any(with_map))
+    maps = output.anomaly_map.cpu().numpy() if any(with_map) else None
+    ms = _per_image_ms(started, len(images))
+    return [
+        Banked(float(s), maps[i] if with_map[i] and maps is not None else None, ms)
+        for i, s in enumerate(output.score.cpu().tolist())
     ]
 
 

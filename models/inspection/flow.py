@@ -1,7 +1,8 @@
 """The inspection flow: the stage order and the decision rule, written once.
 
     category given, or named by the category router
-    → AnomalyDetector probability p
+    → AnomalyDetector probability ∥ MemoryBank score (those the category's rule uses)
+    → the first-line score p: either one, or the two fused
     → AutoencoderVerifier, only when p falls in the category's ambiguous band
     → verdict and final anomaly score (:class:`~models.decision.DecisionRule`)
     → for a part judged defective: DefectClassifier ∥ DefectLocalizer (boxes asked for)
@@ -36,6 +37,7 @@ from PIL import Image
 from models.inspection.answers import (
     DEFECTIVE,
     OK,
+    Banked,
     Classified,
     Detected,
     Inspection,
@@ -48,7 +50,15 @@ from models.inspection.answers import (
     ranking,
 )
 from models.inspection.plan import CategoryModels, InspectionPlan
-from models.stages import CLASSIFIER, DETECTOR, LOCALIZER, RERANKER, ROUTER, VERIFIER
+from models.stages import (
+    CLASSIFIER,
+    DETECTOR,
+    LOCALIZER,
+    MEMORY_BANK,
+    RERANKER,
+    ROUTER,
+    VERIFIER,
+)
 
 # A category's descriptions registered at run time (Redis in serving, memory elsewhere).
 Registered = Callable[[str], Awaitable[Sequence[Mapping[str, Any]]]]
@@ -82,6 +92,10 @@ class StageCalls(abc.ABC):
         """p(anomalous), with the Grad-CAM heatmap when ``explain``."""
 
     @abc.abstractmethod
+    async def score_patches(self, model_id: str, image: Image.Image, with_map: bool) -> Banked:
+        """The memory bank's calibrated score, with its anomaly map when ``with_map``."""
+
+    @abc.abstractmethod
     async def verify(self, model_id: str, image: Image.Image) -> Verified:
         """The verifier's calibrated score."""
 
@@ -111,7 +125,8 @@ class InspectionRequest:
     Attributes:
         image: the decoded image.
         category: its product category, or None to let the router name it.
-        explain: add the detector's Grad-CAM heatmap.
+        explain: add the heatmap: the memory bank's anomaly map where the
+            category has one, else the detector's Grad-CAM.
         boxes: locate the defects of a part judged defective.
     """
 
@@ -161,28 +176,29 @@ async def inspect(
     models = plan.categories[category]
     rule = models.rule
 
-    detected, ms = await _timed(calls.detect(models.model_id(DETECTOR), image, request.explain))
-    in_band = models.has(VERIFIER) and rule.needs_verifier(detected.probability)
-    runs.append(
-        (
-            _run(
-                DETECTOR,
-                models.versions[DETECTOR],
-                detected,
-                ms,
-                {"probability": detected.probability, "in_band": in_band},
-            ),
-            True,
-        )
+    scored = await _score(request, models, calls, coverage)
+    detected, banked = scored.detected, scored.banked
+    first = rule.first_score(
+        detected.probability if detected else None, banked.score if banked else None
     )
+    in_band = models.has(VERIFIER) and rule.needs_verifier(first)
+    for stage, answer, ms, output, served in scored.runs:
+        runs.append(
+            (_run(stage, models.versions[stage], answer, ms, output | {"in_band": in_band}), served)
+        )
     verified = None
     if in_band or (coverage is Coverage.EVERY_STAGE and models.has(VERIFIER)):
         verified, ms = await _timed(calls.verify(models.model_id(VERIFIER), image))
         runs.append(
             (_run(VERIFIER, models.versions[VERIFIER], verified, ms, verified.summary()), in_band)
         )
-    decision = rule.decide(detected.probability, verified.score if in_band else None)
+    decision = rule.decide(first, verified.score if in_band else None)
     defective = decision.defective
+    heatmap, heatmap_source = None, None
+    if request.explain and banked is not None:
+        heatmap, heatmap_source = banked.anomaly_map, MEMORY_BANK
+    elif request.explain and detected is not None:
+        heatmap, heatmap_source = detected.heatmap, "grad-cam"
 
     typed = await _type_and_locate(
         request, models, plan, calls, registered, coverage, defective, runs
@@ -193,7 +209,11 @@ async def inspect(
         verdict=DEFECTIVE if defective else OK,
         anomaly_score=float(decision.anomaly_score),
         decided_by=decision.decided_by,
+        first_score=first,
         detected=detected,
+        banked=banked,
+        heatmap=heatmap,
+        heatmap_source=heatmap_source,
         routed=routed,
         verified=verified,
         classified=typed.classified,
@@ -206,6 +226,43 @@ async def inspect(
         also_ran=in_trace_order(run for run, shown in runs if not shown),
         model_versions=plan.versions(category),
     )
+
+
+class _Scored(NamedTuple):
+    detected: Detected | None
+    banked: Banked | None
+    runs: list[tuple[str, Any, float, dict[str, Any], bool]]  # stage, answer, ms, output, served
+
+
+async def _score(
+    request: InspectionRequest, models: CategoryModels, calls: StageCalls, coverage: Coverage
+) -> _Scored:
+    """Detector ∥ memory bank: those the rule needs (beyond the service, all there are).
+
+    The memory bank also runs to draw the heatmap asked for; the detector's
+    Grad-CAM is computed only for a category without a memory bank.
+    """
+    rule, image = models.rule, request.image
+    widened = coverage is not Coverage.SERVED
+    has_bank = models.has(MEMORY_BANK)
+    jobs: dict[str, Awaitable[Any]] = {}
+    if models.has(DETECTOR) and (rule.uses_detector or widened):
+        explain = request.explain and not has_bank
+        jobs[DETECTOR] = _timed(calls.detect(models.model_id(DETECTOR), image, explain))
+    if has_bank and (rule.uses_bank or request.explain or widened):
+        model = models.model_id(MEMORY_BANK)
+        jobs[MEMORY_BANK] = _timed(calls.score_patches(model, image, request.explain))
+    answers = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+    detected: Detected | None = answers[DETECTOR][0] if DETECTOR in answers else None
+    banked: Banked | None = answers[MEMORY_BANK][0] if MEMORY_BANK in answers else None
+    runs = []
+    if detected is not None:
+        output = {"probability": detected.probability}
+        runs.append((DETECTOR, detected, answers[DETECTOR][1], output, rule.uses_detector))
+    if banked is not None:
+        served = rule.uses_bank or request.explain
+        runs.append((MEMORY_BANK, banked, answers[MEMORY_BANK][1], banked.summary(), served))
+    return _Scored(detected, banked, runs)
 
 
 class _Typing(NamedTuple):

@@ -24,6 +24,7 @@ from models.artifacts import ArtifactError, ArtifactRegistry
 from models.descriptions import DefectDescription
 from models.inspection import compute
 from models.inspection.answers import (
+    Banked,
     Classified,
     Detected,
     Inspection,
@@ -43,6 +44,7 @@ from models.stages import (
     CLASSIFIER,
     DETECTOR,
     LOCALIZER,
+    MEMORY_BANK,
     RERANKER,
     ROUTER,
     VERIFIER,
@@ -220,6 +222,14 @@ class LocalStageCalls(StageCalls):
             return compute.detect(model, [i for i, _ in items], [e for _, e in items])
 
         return await self._call(DETECTOR, model_id, run, (image, explain))
+
+    async def score_patches(self, model_id: str, image: Image.Image, with_map: bool) -> Banked:
+        """See :class:`~models.inspection.flow.StageCalls`."""
+
+        def run(model: LoadedStage, items: list[tuple[Image.Image, bool]]) -> list[Banked]:
+            return compute.score_patches(model, [i for i, _ in items], [m for _, m in items])
+
+        return await self._call(MEMORY_BANK, model_id, run, (image, with_map))
 
     async def verify(self, model_id: str, image: Image.Image) -> Verified:
         """See :class:`~models.inspection.flow.StageCalls`."""

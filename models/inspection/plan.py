@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +25,7 @@ from models.stages import (
     DECISION,
     DETECTOR,
     LOCALIZER,
+    MEMORY_BANK,
     RERANKER,
     ROUTER,
     SHARED_CATEGORY,
@@ -34,6 +35,7 @@ from models.stages import (
 )
 
 Pins = Mapping[str, Mapping[str, str]]
+SCORING = (DETECTOR, MEMORY_BANK)  # a category is inspected when it has one of these
 RuleOverrides = Mapping[str, Mapping[str, float]]
 
 
@@ -155,23 +157,25 @@ def load_plan(
             a stricter threshold set by the operator without retraining).
 
     Raises:
-        ArtifactError: no category has a detector, a pinned version is missing,
-            or pins or overrides name a category that has no detector.
+        ArtifactError: no category has a detector or a memory bank, a pinned
+            version is missing, pins or overrides name a category without
+            either, or a rule needs a model its category lacks.
     """
     pins, rules = pins or {}, rules or {}
     categories = {}
     for category in registry.categories():
-        if category == SHARED_CATEGORY or DETECTOR not in registry.stages(category):
+        if category == SHARED_CATEGORY or not set(SCORING) & set(registry.stages(category)):
             continue
         categories[category] = _category_models(
             registry, category, pins.get(category, {}), rules.get(category)
         )
     if not categories:
-        raise ArtifactError(f"no category in {registry.uri} has a trained detector")
+        raise ArtifactError(f"no category in {registry.uri} has a detector or a memory bank")
     unknown = sorted((set(pins) | set(rules)) - set(categories) - {SHARED_CATEGORY})
     if unknown:
         raise ArtifactError(
-            f"pinned versions or rule overrides for {unknown}, which have no detector in "
+            f"pinned versions or rule overrides for {unknown}, which have no detector or "
+            f"memory bank in "
             f"{registry.uri}; categories: {sorted(categories)}"
         )
     present = registry.stages(SHARED_CATEGORY) if SHARED_CATEGORY in registry.categories() else []
@@ -205,13 +209,22 @@ def _category_models(
 ) -> CategoryModels:
     present = registry.stages(category)
     versions = _versions(registry, category, present, (*CATEGORY_STAGES, DECISION), pinned)
+    # Without a fitted rule: the detector's probability, else the memory bank's score.
     rule = DecisionRule()
+    if DETECTOR not in versions:
+        rule = DecisionRule(detector_weight=0.0, bank_weight=1.0)
     if DECISION in versions:
         rule, _ = load_decision(registry, category, versions[DECISION])
     if overrides:
         rule = DecisionRule.from_dict(rule.to_dict() | dict(overrides))
     if VERIFIER not in versions:  # no verifier: no band
-        rule = DecisionRule(threshold=rule.threshold, lo=rule.threshold, hi=rule.threshold)
+        rule = replace(rule, lo=rule.threshold, hi=rule.threshold)
+    for stage, needed in ((DETECTOR, rule.uses_detector), (MEMORY_BANK, rule.uses_bank)):
+        if needed and stage not in versions:
+            raise ArtifactError(
+                f"{category}: its decision rule (version {versions.get(DECISION)}) uses the "
+                f"{stage}, which the category has not; refit it with `inspectray train`"
+            )
     descriptions: dict[str, Mapping[str, Any]] = {}
     if RERANKER in versions:
         config = registry.manifest(category, RERANKER, versions[RERANKER]).config

@@ -276,3 +276,47 @@ def _n_ground_truth(ground_truth: Sequence[ImageBoxes], label: str | None, area:
         for box_area, name in zip(areas, image.labels, strict=True):
             count += int((label is None or name == label) and low <= box_area < high)
     return count
+
+
+def f1_at(
+    ground_truth: Sequence[ImageBoxes],
+    predictions: Sequence[ImageBoxes],
+    threshold: float,
+    iou_threshold: float = 0.5,
+) -> dict[str, float]:
+    """F1, precision, recall (all classes pooled) and boxes per image at one score threshold."""
+    tp = fp = fn = 0
+    for truth, found in zip(ground_truth, predictions, strict=True):
+        for t, f, n in match_counts(truth, found, iou_threshold, threshold).values():
+            tp, fp, fn = tp + t, fp + f, fn + n
+    return {
+        "threshold": float(threshold),
+        "f1": 2 * tp / max(1, 2 * tp + fp + fn),
+        "precision": tp / max(1, tp + fp),
+        "recall": tp / max(1, tp + fn),
+        "boxes_per_image": (tp + fp) / max(1, len(predictions)),
+    }
+
+
+def best_f1_threshold(
+    ground_truth: Sequence[ImageBoxes],
+    predictions: Sequence[ImageBoxes],
+    iou_threshold: float = 0.5,
+    candidates: int = 100,
+) -> dict[str, float]:
+    """The score threshold at which the detections' F1 is best (:func:`f1_at` there).
+
+    Candidate thresholds are quantiles of the detections' scores; among equal
+    F1s the highest threshold wins (fewer boxes, the same matches). Without any
+    detection the threshold is 1.
+    """
+    found = [np.asarray(p.scores, dtype=np.float64) for p in predictions if p.scores is not None]
+    scores = np.concatenate(found) if found else np.zeros(0)
+    if scores.size == 0:
+        return f1_at(ground_truth, predictions, 1.0, iou_threshold)
+    best: dict[str, float] = {}
+    for cut in np.unique(np.quantile(scores, np.linspace(0.0, 1.0, candidates))):
+        at = f1_at(ground_truth, predictions, float(cut), iou_threshold)
+        if not best or at["f1"] >= best["f1"]:
+            best = at
+    return best

@@ -6,7 +6,7 @@ family the same way (distribution, checkpoints, early stopping, warm-up). Every
 stage that :data:`models.stages.STAGES` declares has one (:data:`FAMILIES`).
 """
 
-from models.training import families, localizer_family  # noqa: F401 - they register
+from models.training import families, localizer_family, memory_bank_family  # noqa: F401 - they register
 from models.training.base import FAMILIES, TrainingFamily, build_family
 
 __all__ = ["FAMILIES", "TrainingFamily", "build_family"]

@@ -53,6 +53,9 @@ class TrainingFamily(abc.ABC):
     min_items_per_epoch: ClassVar[int] = 0
     # Epoch cap: a linear head on frozen features converges in a few epochs.
     max_epochs: ClassVar[int] = 1000
+    # Fitted in one pass over the training images, with no optimizer (the memory
+    # bank): the family then has ``features`` and ``fit`` instead of a loss.
+    gradient_free: ClassVar[bool] = False
 
     def repeat(self, n_items: int) -> int:
         """Passes per epoch over ``n_items`` training images."""

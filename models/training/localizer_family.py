@@ -11,6 +11,7 @@ detector's ``labels`` dicts, batched by :meth:`LocalizerFamily.collate`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from models.backbone import Preprocessing
 from models.data.sample import DataError, Sample
 from models.data.tensors import AUGMENTATIONS, D4, FLIPS, NONE
 from models.localizer import DefectLocalizer, DefectLocalizerConfig, box_targets
-from models.metrics.detection import ImageBoxes, detection_metrics
+from models.metrics.detection import ImageBoxes, best_f1_threshold, detection_metrics, f1_at
 from models.stages import LOCALIZER
 from models.training.base import Loss, TrainingFamily, register_family, unwrap
 
@@ -184,9 +185,10 @@ class LocalizerFamily(TrainingFamily):
         return detection_loss
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Validation loss and COCO metrics, in model-input pixels."""
-        localizer = unwrap(model)
+    def _boxes(
+        self, localizer: DefectLocalizer, loader: DataLoader
+    ) -> tuple[list[ImageBoxes], list[ImageBoxes], float]:
+        """Truth and candidate boxes (down to the AP threshold) in input pixels, and the loss."""
         localizer.eval()
         device = next(localizer.parameters()).device
         size = localizer.config.input_size
@@ -206,13 +208,46 @@ class LocalizerFamily(TrainingFamily):
                 predicted.append(
                     ImageBoxes(found.boxes.double().numpy() * size, found.labels, found.scores)
                 )
-        metrics = detection_metrics(truth, predicted, names)
+        return truth, predicted, sum(losses) / max(1, len(truth))
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Validation loss and COCO metrics, in model-input pixels."""
+        localizer = unwrap(model)
+        truth, predicted, loss = self._boxes(localizer, loader)
+        metrics = detection_metrics(truth, predicted, localizer.config.defect_types)
         return {
-            "val_loss": sum(losses) / max(1, len(truth)),
+            "val_loss": loss,
             "val_map50": metrics["map50"],
             "val_map50_95": metrics["map50_95"],
             "val_precision": _number(metrics["precision"]),
             "val_recall": _number(metrics["recall"]),
+        }
+
+    def fit_score_threshold(self, model: nn.Module) -> dict[str, float]:
+        """Set the localizer's score threshold where its validation F1 at IoU 0.5 is best.
+
+        Every validation image counts, good ones included: a box on a good part
+        is a false positive. The boxes per image at the previous threshold are
+        returned beside those at the fitted one.
+        """
+        localizer = unwrap(model)
+        _, val = self.datasets(localizer)
+        truth, predicted, _ = self._boxes(
+            localizer, DataLoader(val, batch_size=16, collate_fn=self.collate)
+        )
+        best = best_f1_threshold(truth, predicted, iou_threshold=0.5)
+        previous = localizer.config.score_threshold
+        before = f1_at(truth, predicted, previous, iou_threshold=0.5)
+        localizer.config = replace(localizer.config, score_threshold=best["threshold"])
+        return {
+            "score_threshold": best["threshold"],
+            "val_f1": best["f1"],
+            "val_precision": best["precision"],
+            "val_recall": best["recall"],
+            "boxes_per_image": best["boxes_per_image"],
+            "previous_threshold": previous,
+            "boxes_per_image_at_previous": before["boxes_per_image"],
+            "val_f1_at_previous": before["f1"],
         }
 
 

@@ -95,13 +95,22 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     )
     assert code == 0
     trained = json.loads(capsys.readouterr().out)["trained"]
-    stages = ["router", "detector", "verifier", "classifier", "reranker", "localizer"]
+    stages = [
+        "router",
+        "detector",
+        "verifier",
+        "memory-bank",
+        "classifier",
+        "reranker",
+        "localizer",
+    ]
     assert [t["stage"] for t in trained] == stages
     registry = ArtifactRegistry(str(registry_dir))
     assert registry.stages(CATEGORY) == [
         "classifier",
         "decision",
         "detector",
+        "memory-bank",
         "reranker",
         "verifier",
     ]
@@ -125,6 +134,14 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     decision = registry.manifest(CATEGORY, "decision")
     assert decision.config["detector_version"] == "v1"
     assert decision.config["verifier_version"] == "v1"
+    assert decision.config["memory_bank_version"] == "v1"
+    # The memory bank was fitted, not trained: one pass, a coreset of the good patches.
+    bank = registry.manifest(CATEGORY, "memory-bank")
+    assert len(bank.metrics["history"]) == 1 and bank.config["bank_size"] > 0
+    assert bank.metrics["bank_size"] < bank.metrics["patches"]
+    # The localizer's score threshold was fitted on validation (best F1 at IoU 0.5).
+    boxes = next(t for t in trained if t["stage"] == "localizer")["boxes"]
+    assert localizer.config["score_threshold"] == boxes["score_threshold"]
 
     out = tmp_path / "metrics.json"
     report = tmp_path / "report"
@@ -146,6 +163,13 @@ def test_train_all_then_eval_writes_metrics_and_report(ray_cluster, synth_root, 
     assert metrics["n_images"] == test_images
     assert list(metrics["per_category"]) == [CATEGORY]
     assert 0.0 <= metrics["binary_accuracy"] <= 1.0
+    # Both first-line scores are reported beside each other, and the heatmaps are
+    # scored against the defect masks (the memory bank draws them).
+    assert 0.0 <= metrics["detector_auroc"] <= 1.0 and 0.0 <= metrics["memory_bank_auroc"] <= 1.0
+    own = metrics["per_category"][CATEGORY]
+    assert own["heatmap_source"] == "memory-bank" and 0.0 <= own["pixel_auroc"] <= 1.0
+    assert 0.0 <= own["aupro"] <= 1.0
+    assert metrics["localizer"]["boxes_per_image"] >= 0
     text = (report / "report.md").read_text()
     # Every true defect was typed, and ranked before and after reranking.
     assert metrics["n_typed"] == metrics["n_anomalous"] > 0

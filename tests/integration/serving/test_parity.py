@@ -194,6 +194,7 @@ def test_the_split_topology_answers_as_the_fused_one_and_eval(serving, registry)
         ready = httpx.get(f"{serving.url}/readyz", timeout=60).json()
         assert set(ready["stages"]) == {
             "detector",
+            "memory-bank",
             "verifier",
             "classifier",
             "localizer",

@@ -20,7 +20,7 @@ def test_the_packaged_defaults_cover_every_deployment():
     options = deployment_options(detector, detector.user_config())
     assert options["autoscaling_config"]["min_replicas"] == 2
     assert options["max_queued_requests"] == 128 and options["max_ongoing_requests"] == 32
-    assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0}
+    assert options["ray_actor_options"] == {"num_cpus": 0.425, "num_gpus": 0}
     assert options["logging_config"] == {"enable_access_log": False}
     router = config.deployments["router"]
     assert deployment_options(router, {})["logging_config"] == {"enable_access_log": True}

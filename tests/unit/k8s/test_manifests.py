@@ -230,6 +230,7 @@ def test_the_serve_config_is_valid_for_serve(manifest, serving):
         assert names == {
             "Router",
             "AnomalyDetector",
+            "MemoryBank",
             "AutoencoderVerifier",
             "DefectClassifier",
             "DefectLocalizer",

@@ -193,7 +193,7 @@ def test_every_reference_is_a_png_and_every_png_is_referenced(full_report):
     # One learning-curve and one sweep figure per key, plus the fixed figures.
     assert sum(n.startswith("learning_") for n in on_disk) == 2
     assert sum(n.startswith("sweep_") for n in on_disk) == 1
-    for fixed in ("roc_pr", "confusion", "scores", "gradcam", "worst_fp", "worst_fn"):
+    for fixed in ("roc_pr", "confusion", "scores", "heatmaps", "worst_fp", "worst_fn"):
         assert f"{fixed}.png" in on_disk
 
 
@@ -208,7 +208,7 @@ def test_sections_come_in_order(full_report):
         "Which stage decided",
         "Defect types",
         "Score distributions",
-        "Grad-CAM examples",
+        "Heatmap examples",
         "Worst false positives",
         "Worst false negatives",
         "Learning curves",
@@ -318,9 +318,9 @@ def test_learning_and_sweep_sections(full_report):
     assert trials[0][1:4] == ["1.00e-03", "16", "adamw"]
 
 
-def test_gradcam_lists_the_samples(full_report):
+def test_heatmaps_list_the_samples(full_report):
     _, text = full_report
-    rows = _table_rows(_section(text, "Grad-CAM examples"))
+    rows = _table_rows(_section(text, "Heatmap examples"))
     assert [r[0] for r in rows] == ["d01", "g05"]
 
 
@@ -336,7 +336,7 @@ def test_no_false_positives_says_none(tmp_path):
     assert not (path.parent / "worst_fp.png").exists()
     assert (path.parent / "worst_fn.png").exists()
     assert "No training history recorded." in text
-    assert "No Grad-CAM maps supplied." in text
+    assert "No heatmaps supplied." in text
 
 
 def test_empty_records_raise(tmp_path):
@@ -388,7 +388,7 @@ def test_missing_image_does_not_crash(tmp_path):
         metrics=METRICS,
         heatmaps={"g05": np.ones((4, 4))},
     )
-    assert (path.parent / "gradcam.png").exists()
+    assert (path.parent / "heatmaps.png").exists()
 
 
 def test_bad_heatmap_and_duplicate_ids_raise(tmp_path):

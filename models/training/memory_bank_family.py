@@ -1,0 +1,100 @@
+"""The memory bank's recipe: its good training patches are fitted, not trained by gradient.
+
+The Ray Train loop sees :attr:`~models.training.base.TrainingFamily.gradient_free`
+and, instead of epochs, has every worker describe its share of the good training
+images (:meth:`MemoryBankFamily.features`); rank 0 gathers the patches, keeps
+their coreset and calibrates it (:meth:`MemoryBankFamily.fit`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models.data.sample import GOOD
+from models.data.tensors import ImageTensorDataset, predict_all, validation_dataset
+from models.memory_bank import MemoryBank, MemoryBankConfig, calibrate
+from models.metrics import image_auroc
+from models.stages import MEMORY_BANK
+from models.training.base import Loss, TrainingFamily, register_family, unwrap
+
+MIN_CALIBRATION_GOODS = 8
+
+
+@register_family
+class MemoryBankFamily(TrainingFamily):
+    """MemoryBank: a coreset of the good training images' patch features."""
+
+    stage = MEMORY_BANK
+    gradient_free: ClassVar[bool] = True
+
+    def goods(self) -> list:
+        """The good training images the bank remembers."""
+        return [s for s in self.split("train") if s.label == GOOD]
+
+    def _check(self) -> None:
+        super()._check()
+        if not self.goods():
+            raise ValueError(f"category {self.category!r} has no good training images")
+
+    def build_model(self, pretrained: bool = True) -> MemoryBank:  # noqa: D102
+        return MemoryBank(MemoryBankConfig.from_dict(self.model_config), pretrained)
+
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+        """The good training images as they are (no augmentation), and the validation split."""
+        goods = self.goods()
+        train = ImageTensorDataset(goods, [0.0] * len(goods), model.preprocessing)
+        return train, validation_dataset(self.split("val"), model.preprocessing)
+
+    def loss(self, train: Any) -> Loss:
+        """None: the bank is fitted (:meth:`fit`), nothing is trained by gradient."""
+        raise TypeError(f"the {self.stage} is fitted, not trained by gradient")
+
+    @staticmethod
+    def features(model: nn.Module, loader: DataLoader) -> torch.Tensor:
+        """Every patch of the loader's images as rows ``(N, C)`` (on the CPU)."""
+        bank = unwrap(model)
+        device = next(bank.parameters()).device
+        rows = [
+            bank.embed(images.to(device)).permute(0, 2, 3, 1).flatten(0, 2).cpu()
+            for images, _ in loader
+        ]
+        return torch.cat(rows)
+
+    def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:
+        """Keep the coreset of ``features`` and calibrate on the good validation parts.
+
+        With fewer than :data:`MIN_CALIBRATION_GOODS` of them (tiny datasets), the
+        good training parts calibrate too, although the bank remembers them and
+        scores them low.
+        """
+        bank = unwrap(model)
+        figures = bank.fit(features, seed=self.seed)
+        raw, target = predict_all(bank, val, lambda m, x: m.predict(x).raw_score)
+        good = raw[target < 0.5].tolist()
+        if len(good) < MIN_CALIBRATION_GOODS:
+            goods = self.goods()
+            loader = DataLoader(
+                ImageTensorDataset(goods, [0.0] * len(goods), bank.preprocessing), batch_size=16
+            )
+            own, _ = predict_all(bank, loader, lambda m, x: m.predict(x).raw_score)
+            good += own.tolist()
+        return figures | {"calibration": calibrate(bank, good)}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
+        score, target = predict_all(unwrap(model), loader, lambda m, x: m.predict(x).score)
+        truth = target > 0.5
+        loss = F.binary_cross_entropy(
+            torch.from_numpy(score).clamp(1e-6, 1 - 1e-6),
+            torch.from_numpy(truth.astype(np.float32)),
+        )
+        return {
+            "val_loss": float(loss),
+            "val_auroc": image_auroc(truth, score),
+            "val_accuracy": float(((score >= 0.5) == truth).mean()),
+        }
