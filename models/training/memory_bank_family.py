@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from models.data.sample import GOOD
-from models.data.tensors import ImageTensorDataset, predict_all, validation_dataset
+from models.data.tensors import D4, FLIPS, ImageTensorDataset, predict_all, validation_dataset
 from models.memory_bank import MemoryBank, MemoryBankConfig, calibrate
 from models.metrics import image_auroc
 from models.stages import MEMORY_BANK
@@ -46,7 +46,7 @@ class MemoryBankFamily(TrainingFamily):
         return MemoryBank(MemoryBankConfig.from_dict(self.model_config), pretrained)
 
     def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-        """The good training images as they are (no augmentation), and the validation split."""
+        """The good training images as they are (:meth:`features` flips them), and validation."""
         goods = self.goods()
         train = ImageTensorDataset(goods, [0.0] * len(goods), model.preprocessing)
         return train, validation_dataset(self.split("val"), model.preprocessing)
@@ -55,15 +55,26 @@ class MemoryBankFamily(TrainingFamily):
         """None: the bank is fitted (:meth:`fit`), nothing is trained by gradient."""
         raise TypeError(f"the {self.stage} is fitted, not trained by gradient")
 
-    @staticmethod
-    def features(model: nn.Module, loader: DataLoader) -> torch.Tensor:
-        """Every patch of the loader's images as rows ``(N, C)`` (on the CPU)."""
+    def features(self, model: nn.Module, loader: DataLoader) -> torch.Tensor:
+        """Every patch of the loader's images as rows ``(N, C)`` (on the CPU).
+
+        With the ``d4`` or ``flips`` augmentation each image is also remembered
+        flipped left-right and upside down: a good texture flipped is still
+        good, and on the generator's MVTec-layout export the three views lift
+        the memory bank's pixel AUROC from 0.893 to 0.900 and its image AUROC
+        from 0.933 to 0.942 (means over three surfaces, docs/memory-bank.md), for a
+        bank three times the size.
+        """
         bank = unwrap(model)
         device = next(bank.parameters()).device
-        rows = [
-            bank.embed(images.to(device)).permute(0, 2, 3, 1).flatten(0, 2).cpu()
-            for images, _ in loader
-        ]
+        rows = []
+        for images, _ in loader:
+            images = images.to(device)
+            views = [images]
+            if self.augment in (D4, FLIPS):
+                views += [images.flip(-1), images.flip(-2)]
+            for view in views:
+                rows.append(bank.embed(view).permute(0, 2, 3, 1).flatten(0, 2).cpu())
         return torch.cat(rows)
 
     def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:

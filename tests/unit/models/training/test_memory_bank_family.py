@@ -18,9 +18,14 @@ def test_the_bank_remembers_good_training_images_and_calibrates_on_validation(tm
     train, val = family.datasets(model)
     assert len(train) == 5 and train.augment == "none"  # the good ones, as they are
     features = family.features(model, DataLoader(train, batch_size=2))
-    assert features.shape == (5 * 4 * 4, model.channels)  # 32 px: a 4 x 4 grid per image
+    # 32 px: a 4 x 4 grid per image, each image as it is and flipped both ways (d4).
+    assert features.shape == (3 * 5 * 4 * 4, model.channels)
+    plain = build_family(
+        _spec("memory-bank", samples) | {"model_config": {"input_size": 32}, "augment": "none"}
+    )
+    assert len(plain.features(model, DataLoader(train, batch_size=2))) == 5 * 4 * 4
     figures = family.fit(model, features, DataLoader(val, batch_size=2))
-    assert figures["patches"] == 80 and figures["bank_size"] == model.config.bank_size == 8
+    assert figures["patches"] == 240 and figures["bank_size"] == model.config.bank_size == 24
     # Three good validation images are too few: the training ones calibrate too.
     assert set(figures["calibration"]) == {"score_loc", "score_scale", "score_shift"}
     metrics = family.evaluate(model, DataLoader(val, batch_size=2))
