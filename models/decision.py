@@ -38,7 +38,6 @@ DETECTOR = "detector"
 VERIFIER = "verifier"
 MEMORY_BANK = "memory-bank"
 FUSED = f"{DETECTOR}+{MEMORY_BANK}"
-SCORERS = (DETECTOR, MEMORY_BANK, FUSED)  # what the first-line score can be
 
 
 class Decision(NamedTuple):
@@ -105,8 +104,8 @@ class DecisionRule:
             return DETECTOR
         return FUSED if self.uses_detector else MEMORY_BANK
 
-    def first_score(self, detector: float | None, bank: float | None = None) -> float:
-        """The score the threshold and the band apply to.
+    def first_score(self, detector: Any, bank: Any = None) -> Any:
+        """The score the threshold and the band apply to, of one part or of arrays of them.
 
         Raises:
             ValueError: a score the rule needs is missing.
@@ -114,13 +113,15 @@ class DecisionRule:
         if self.uses_detector and detector is None:
             raise ValueError("the rule needs the detector's probability")
         if not self.uses_bank:
-            return float(detector)  # type: ignore[arg-type]
-        if bank is None:
+            score = np.asarray(detector, dtype=np.float64)
+        elif bank is None:
             raise ValueError("the rule needs the memory bank's score")
-        z = self.bank_weight * _logit(bank) + self.bank_bias
-        if self.uses_detector:
-            z += self.detector_weight * _logit(detector)  # type: ignore[arg-type]
-        return float(1.0 / (1.0 + np.exp(-z)))
+        else:
+            z = self.bank_weight * _logit(bank) + self.bank_bias
+            if self.uses_detector:
+                z = z + self.detector_weight * _logit(detector)
+            score = 1.0 / (1.0 + np.exp(-z))
+        return float(score) if np.ndim(score) == 0 else score
 
     def to_dict(self) -> dict[str, float]:
         """JSON-ready form."""
@@ -311,6 +312,11 @@ def fit_scorers(
         MEMORY_BANK: lambda train: (0.0, 1.0, 0.0),
         FUSED: lambda train: _logistic(features[train], y[train]),
     }
+
+    def scores(weights: tuple[float, float, float]) -> np.ndarray:
+        a, w, c = weights
+        return DecisionRule(detector_weight=a, bank_weight=w, bank_bias=c).first_score(p, b)
+
     n_folds = min(folds, int(y.sum()), int((~y).sum()))
     splits = (
         list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(features, y))
@@ -322,8 +328,7 @@ def fit_scorers(
     for name, fit in candidates.items():
         right = 0
         for train, held in splits:
-            weights = fit(train)
-            score = _first_scores(features, weights)
+            score = scores(fit(train))
             cut = _best_threshold(score[train], y[train], 0.5)
             right += int(((score[held] >= cut) == y[held]).sum())
         accuracy[name] = right / sum(len(held) for _, held in splits)
@@ -332,15 +337,10 @@ def fit_scorers(
     for name in (MEMORY_BANK, FUSED):  # a more complex choice must win by more than one image
         if accuracy[name] > accuracy[chosen] + 1.0 / y.size:
             chosen = name
-    weights = candidates[chosen](np.arange(y.size))
-    figures |= {
-        "chosen": chosen,
-        f"val_auroc_{DETECTOR}": image_auroc(y, p),
-        f"val_auroc_{MEMORY_BANK}": image_auroc(y, b),
-        f"val_auroc_{FUSED}": image_auroc(
-            y, _first_scores(features, candidates[FUSED](np.arange(y.size)))
-        ),
-    }
+    fitted = {name: fit(np.arange(y.size)) for name, fit in candidates.items()}
+    figures["chosen"] = chosen
+    figures |= {f"val_auroc_{name}": image_auroc(y, scores(w)) for name, w in fitted.items()}
+    weights = fitted[chosen]
     return dict(zip(("detector_weight", "bank_weight", "bank_bias"), weights, strict=True)), figures
 
 
@@ -355,10 +355,3 @@ def _logistic(features: np.ndarray, y: np.ndarray) -> tuple[float, float, float]
     if a == 0.0 and b == 0.0:
         return (0.5, 0.5, 0.0)
     return (a, b, float(fit.intercept_[0]))
-
-
-def _first_scores(logits: np.ndarray, weights: tuple[float, float, float]) -> np.ndarray:
-    a, b, c = weights
-    if b == 0.0:  # the detector's probability as it is
-        return 1.0 / (1.0 + np.exp(-logits[:, 0]))
-    return 1.0 / (1.0 + np.exp(-(a * logits[:, 0] + b * logits[:, 1] + c)))

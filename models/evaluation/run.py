@@ -48,19 +48,12 @@ def binary_metrics(records: Sequence[ImageRecord], thresholds: dict[str, float])
     truth = [r.is_anomalous for r in records]
     counts = binary_counts(truth, [r.predicted_anomalous for r in records])
     band = [r for r in records if r.decided_by == VERIFIER]
-    scored = {
-        f"{stage}_auroc": _finite(
-            image_auroc(
-                [r.is_anomalous for r in records if getattr(r, field) is not None],
-                [getattr(r, field) for r in records if getattr(r, field) is not None],
-            )
-        )
-        for stage, field in (
-            ("detector", "detector_probability"),
-            ("memory_bank", "memory_bank_score"),
-        )
-        if any(getattr(r, field) is not None for r in records)
-    }
+    scored = {}  # each first-line score's AUROC over the images it scored
+    for name, field in (("detector", "detector_probability"), ("memory_bank", "memory_bank_score")):
+        known = [r for r in records if getattr(r, field) is not None]
+        if known:
+            values = [getattr(r, field) for r in known]
+            scored[f"{name}_auroc"] = _finite(image_auroc([r.is_anomalous for r in known], values))
     metrics: dict[str, Any] = {
         "n_images": len(records),
         "n_anomalous": sum(truth),

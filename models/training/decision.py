@@ -75,16 +75,7 @@ def fit_decision(
         weights = {"detector_weight": 1.0, "bank_weight": 0.0, "bank_bias": 0.0}
     else:
         weights = {"detector_weight": 0.0, "bank_weight": 1.0, "bank_bias": 0.0}
-    scorer = DecisionRule(**weights)
-    first = np.array(
-        [
-            scorer.first_score(
-                scores.get(DETECTOR, [None] * len(truth))[i],
-                scores.get(MEMORY_BANK, [None] * len(truth))[i],
-            )
-            for i in range(len(truth))
-        ]
-    )
+    first = DecisionRule(**weights).first_score(scores.get(DETECTOR), scores.get(MEMORY_BANK))
     verifier_scores = None
     if VERIFIER in stages:
         verifier = load_stage(registry, category, VERIFIER)

@@ -113,3 +113,21 @@ def test_inputs_are_checked():
         )
     with pytest.raises(ValueError, match="scores"):
         detection_metrics([truth(("crack", 0, 0, 5, 5))], [truth(("crack", 0, 0, 5, 5))], CLASSES)
+
+
+def test_the_fitted_threshold_keeps_the_matches_and_drops_the_confident_misses():
+    from models.metrics.detection import best_f1_threshold, f1_at
+
+    gt = [truth(("crack", 0, 0, 50, 50)), truth(("crack", 0, 0, 50, 50)), truth()]
+    pred = [
+        found(("crack", 0, 0, 50, 50, 0.8), ("crack", 100, 100, 150, 150, 0.3)),
+        found(("crack", 1, 1, 50, 50, 0.7)),
+        found(("crack", 10, 10, 40, 40, 0.4), ("crack", 60, 60, 90, 90, 0.2)),  # a good image
+    ]
+    best = best_f1_threshold(gt, pred)
+    assert 0.4 < best["threshold"] <= 0.7
+    assert best["f1"] == 1.0 and best["boxes_per_image"] == pytest.approx(2 / 3)
+    low = f1_at(gt, pred, 0.2)
+    assert low["boxes_per_image"] == pytest.approx(5 / 3) and low["f1"] == pytest.approx(4 / 7)
+    nothing = [ImageBoxes(np.zeros((0, 4)), [], np.zeros(0))] * 3
+    assert best_f1_threshold(gt, nothing)["threshold"] == 1.0

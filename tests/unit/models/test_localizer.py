@@ -287,3 +287,23 @@ def test_family_needs_boxes(tmp_path):
     ]
     with pytest.raises(DataError, match="boxes"):
         build_family(_spec(samples))
+
+
+def test_near_duplicate_boxes_of_one_type_are_suppressed_others_kept():
+    from types import SimpleNamespace
+
+    model = DefectLocalizer(tiny_config(max_detections=4), pretrained=False)
+    # Four queries (cx, cy, w, h): 0 and 1 nearly the same box, 2 the same box, 3 elsewhere.
+    boxes = torch.tensor(
+        [[[0.3, 0.3, 0.2, 0.2], [0.31, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]]]
+    )
+    logits = torch.full((1, 4, len(TYPES)), -9.0)
+    logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 1], logits[0, 3, 0] = 3.0, 2.0, 1.0, 0.5
+    output = SimpleNamespace(logits=logits, pred_boxes=boxes)
+    (found,) = model.detections(output, score_threshold=0.5)
+    # Query 1 duplicates query 0 (same type): dropped; query 2 is another type: kept.
+    assert found.labels == (TYPES[0], TYPES[1], TYPES[0])
+    assert torch.allclose(found.scores, torch.sigmoid(torch.tensor([3.0, 1.0, 0.5])))
+    model.config = DefectLocalizerConfig(**(model.config.__dict__ | {"nms_iou": 1.0}))
+    (unsuppressed,) = model.detections(output, score_threshold=0.5)
+    assert len(unsuppressed.labels) == 4
