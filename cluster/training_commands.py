@@ -160,36 +160,45 @@ def train_settings(args: argparse.Namespace, epochs: int) -> Any:
         cpus_per_worker=args.cpus_per_worker,
         model_config=overrides,
         augment=args.augment,
+        pool_categories=getattr(args, "pool_categories", False),
     )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train stages on Ray Train, register and promote them, refit the decision rules."""
-    from tune.trainer import has_boxes, has_labelled_defects, train_stage
+    from tune.trainer import POOLABLE, has_boxes, has_labelled_defects, train_pooled, train_stage
 
     dataset, store = _load(args)
     categories = _categories(dataset, args.category)
     stages = list(STAGES) if args.stage == ALL else [args.stage]
     settings = train_settings(args, args.epochs)
+    if settings.pool_categories and args.stage not in (*POOLABLE, ALL):
+        from models.config import ConfigError
+
+        raise ConfigError(
+            f"--pool-categories applies to the {' and '.join(POOLABLE)}, not the {args.stage}, "
+            "which learns each category's own good parts"
+        )
     results = []
     for name in stages:
         stage = STAGES[name]
         if args.stage == ALL and stage.needs == "boxes" and not has_boxes(dataset):
             print(f"no {name}: the training split has no boxes", file=sys.stderr)
             continue
-        for category in categories[:1] if stage.shared else categories:
-            if (
-                args.stage == ALL
-                and stage.needs == "labelled-defects"
-                and not has_labelled_defects(dataset, category)
-            ):
+        chosen = list(categories[:1] if stage.shared else categories)
+        if args.stage == ALL and stage.needs == "labelled-defects":
+            for category in [c for c in chosen if not has_labelled_defects(dataset, c)]:
                 print(f"no {name} for {category}: no labelled defects", file=sys.stderr)
-                continue
+                chosen.remove(category)
+        own = stage_settings(settings, name)
+        if settings.pool_categories and name in POOLABLE and len(chosen) > 1:
+            print(f"training one {name} for {', '.join(chosen)}", file=sys.stderr)
+            results.extend(train_pooled(store, dataset, name, chosen, own))
+            continue
+        for category in chosen:
             target = "every category" if stage.shared else category
             print(f"training {name} for {target} on {args.num_workers} worker(s)", file=sys.stderr)
-            results.append(
-                train_stage(store, dataset, name, category, stage_settings(settings, name))
-            )
+            results.append(train_stage(store, dataset, name, category, own))
     print_json({"dataset": dataset.name, "registry": store.uri, "trained": results})
     return 0
 
@@ -500,6 +509,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _common(train)
     _training_options(train)
     train.add_argument("--epochs", type=int, default=8, help="maximum epochs (early stopping)")
+    train.add_argument(
+        "--pool-categories",
+        action="store_true",
+        help="one detector and one classifier learn from every trained category's images "
+        "and serve each (product types that look alike, such as ELPV's mono and poly cells)",
+    )
 
     tune = add(commands, "tune", cmd_tune)
     tune.add_argument("stage", choices=SWEEPABLE)

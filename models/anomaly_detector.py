@@ -22,6 +22,8 @@ from torch import nn
 from models.backbone import BackboneStage, Preprocessing, create_backbone
 from models.gradcam import grad_cam
 
+FLIPS = ("none", "horizontal", "vertical", "both")  # the views ``test_flips`` averages
+
 
 @dataclass(frozen=True)
 class AnomalyDetectorConfig:
@@ -37,6 +39,10 @@ class AnomalyDetectorConfig:
         dropout: dropout before the binary head.
         autocontrast: percent clipped at each end of a per-image contrast stretch
             (0: off); see :class:`~models.backbone.Preprocessing`.
+        test_flips: when judging (not training), average the logit over the image
+            and its horizontal, vertical and double flips: four passes per image,
+            for parts whose defects look the same flipped (a model trained with
+            flip augmentation has learnt that they do).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -45,6 +51,7 @@ class AnomalyDetectorConfig:
     freeze_stages: int = 2
     dropout: float = 0.2
     autocontrast: float = 0.0
+    test_flips: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -100,15 +107,22 @@ class AnomalyDetector(BackboneStage):
         self.head = nn.Sequential(
             nn.Dropout(config.dropout), nn.Linear(self.backbone.num_features, 1)
         )
+        self._flips = True  # off while Grad-CAM explains the image as sent
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the freshly initialised head."""
         return self.head.parameters()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Anomaly logits ``(B,)`` for normalized images ``(B, 3, H, W)``."""
-        features = self.backbone(images)  # (B, 1280) pooled
-        return self.head(features).squeeze(-1)
+        """Anomaly logits ``(B,)`` for normalized images ``(B, 3, H, W)``.
+
+        In eval mode with ``test_flips`` the logit is the mean over the four flips.
+        """
+        if self.training or not self.config.test_flips or not self._flips:
+            return self.head(self.backbone(images)).squeeze(-1)  # backbone: (B, 1280) pooled
+        views = torch.cat([images, images.flip(3), images.flip(2), images.flip((2, 3))])
+        logits = self.head(self.backbone(views)).squeeze(-1)
+        return logits.view(len(FLIPS), -1).mean(0)
 
     @property
     def explain_layer(self) -> nn.Module:
@@ -118,7 +132,13 @@ class AnomalyDetector(BackboneStage):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, explain: bool = False) -> DetectorOutput:
         """Anomaly probabilities, and Grad-CAM heatmaps when ``explain``."""
-        heatmap = grad_cam(self, self.explain_layer, images) if explain else None
+        heatmap = None
+        if explain:  # the map of the image as sent: its layer runs once per image
+            self._flips = False
+            try:
+                heatmap = grad_cam(self, self.explain_layer, images)
+            finally:
+                self._flips = True
         return self.answer(self(images))._replace(heatmap=heatmap)
 
     def answer(self, logits: torch.Tensor) -> DetectorOutput:

@@ -71,6 +71,11 @@ class TrainSettings:
         model_config: overrides of the family's model config.
         augment: training augmentation: ``d4`` (flips and right-angle turns) or
             ``flips`` for parts always imaged the same way up.
+        pool_categories: the detector and classifier learn from the images of
+            every category trained together, one model registered under each
+            (each category's decision rule is still fitted on its own validation
+            images): for product types that look alike, such as ELPV's mono and
+            poly cells.
     """
 
     epochs: int = 8
@@ -89,6 +94,12 @@ class TrainSettings:
     cpus_per_worker: int | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
     augment: str = "d4"
+    pool_categories: bool = False
+
+
+# The stages one model may learn for several categories (the verifier and the
+# memory bank learn a category's own good parts, and calibrate on them).
+POOLABLE = (DETECTOR, CLASSIFIER)
 
 
 @dataclass
@@ -197,17 +208,26 @@ def fit_family(spec: Mapping[str, Any], settings: TrainSettings, name: str) -> F
 
 
 def family_spec(
-    dataset: Dataset, stage: str, category: str, settings: TrainSettings
+    dataset: Dataset,
+    stage: str,
+    category: str,
+    settings: TrainSettings,
+    pooled_with: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The family dict shipped to the workers: stage, samples, model config, seed."""
+    """The family dict shipped to the workers: stage, samples, model config, seed.
+
+    ``pooled_with``: other categories whose images the model also learns from.
+    """
     if STAGES[stage].shared:  # one model for every category
         samples = list(dataset.samples)
         category = SHARED_CATEGORY
     else:
-        samples = [s for s in dataset.samples if s.category == category]
-        if not samples:
+        learnt = {category, *pooled_with}
+        samples = [s for s in dataset.samples if s.category in learnt]
+        missing = sorted(learnt - {s.category for s in samples})
+        if missing:
             raise ValueError(
-                f"dataset {dataset.name!r} has no category {category!r}; "
+                f"dataset {dataset.name!r} has no category {missing[0]!r}; "
                 f"it has {dataset.categories}"
             )
     return {
@@ -217,6 +237,7 @@ def family_spec(
         "model_config": dict(settings.model_config),
         "seed": settings.seed,
         "augment": settings.augment,
+        "pooled_with": list(pooled_with),
     }
 
 
@@ -257,6 +278,37 @@ def train_stage(
     name = run_name or f"{dataset.name}-{spec['category']}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     fit = fit_family(spec, settings, name)
     return register_fit(registry, dataset, spec, settings, fit)
+
+
+def train_pooled(
+    registry: ArtifactRegistry,
+    dataset: Dataset,
+    stage: str,
+    categories: Sequence[str],
+    settings: TrainSettings,
+) -> list[dict[str, Any]]:
+    """Train one model of ``stage`` on the images of all of ``categories``.
+
+    It is registered and promoted under each, and each category's decision rule
+    is refitted on its own validation images (one summary per category).
+
+    Raises:
+        ValueError: a stage that learns a category's own good parts (verifier,
+            memory bank) or one shared by every category anyway.
+    """
+    if stage not in POOLABLE:
+        raise ValueError(f"the {stage} cannot be pooled across categories; these can: {POOLABLE}")
+    first, *others = categories
+    spec = family_spec(dataset, stage, first, settings, pooled_with=others)
+    build_family(spec)
+    name = f"{dataset.name}-{'+'.join(categories)}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    fit = fit_family(spec, settings, name)
+    summaries = []
+    for category in categories:
+        pooled_with = [c for c in categories if c != category]
+        own = spec | {"category": category, "pooled_with": pooled_with}
+        summaries.append(register_fit(registry, dataset, own, settings, fit))
+    return summaries
 
 
 def register_fit(
@@ -415,7 +467,9 @@ def refit_prototypes(registry: ArtifactRegistry, dataset: Dataset, category: str
     """
     classifier = load_stage(registry, category, CLASSIFIER)
     manifest = classifier.manifest
-    samples = [s for s in dataset.samples if s.category == category]
+    # A classifier pooled across categories keeps learning from all of them.
+    pooled_with = manifest.config.get("training", {}).get("pooled_with", [])
+    samples = [s for s in dataset.samples if s.category in {category, *pooled_with}]
     architecture = {k: v for k, v in manifest.config.items() if k not in TRAINING_KEYS}
     family = build_family(
         {
@@ -423,6 +477,7 @@ def refit_prototypes(registry: ArtifactRegistry, dataset: Dataset, category: str
             "category": category,
             "samples": samples,
             "model_config": architecture,
+            "pooled_with": pooled_with,
         }
     )
     if family.classes != classifier.model.config.classes:

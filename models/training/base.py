@@ -41,6 +41,8 @@ class TrainingFamily(abc.ABC):
         seed: seed of augmentation and synthetic anomalies.
         augment: training augmentation, ``"d4"`` (default) or ``"flips"`` for parts
             always imaged the same way up.
+        pooled_with: other categories whose images this model also learns from
+            (one model for several product types, registered under each).
     """
 
     stage: ClassVar[str]
@@ -68,19 +70,22 @@ class TrainingFamily(abc.ABC):
         model_config: Mapping[str, Any] | None = None,
         seed: int = 0,
         augment: str = D4,
+        pooled_with: Sequence[str] = (),
     ) -> None:
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         self.samples = list(samples)
         self.augment = augment
         self.category = category
+        self.pooled_with = tuple(pooled_with)
         self.model_config = dict(model_config or {})
         self.seed = seed
         self._check()
 
     def split(self, name: str) -> list[Sample]:
         """This family's samples of one split."""
-        return [s for s in self.samples if s.split == name and s.category == self.category]
+        learnt = (self.category, *self.pooled_with)
+        return [s for s in self.samples if s.split == name and s.category in learnt]
 
     def _check(self) -> None:
         for split in ("train", "val"):
@@ -89,7 +94,8 @@ class TrainingFamily(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """What the artifact records about how the model was trained."""
-        return {"family": self.stage, "category": self.category, "augment": self.augment}
+        pooled = {"pooled_with": list(self.pooled_with)} if self.pooled_with else {}
+        return {"family": self.stage, "category": self.category, "augment": self.augment} | pooled
 
     def labelled_datasets(
         self,
@@ -141,7 +147,10 @@ def register_family(family: type[TrainingFamily]) -> type[TrainingFamily]:
 
 
 def build_family(spec: Mapping[str, Any]) -> TrainingFamily:
-    """Build a family from its spec: stage, samples, category, model_config, seed, augment."""
+    """Build a family from its spec (stage, samples, category, model_config, seed, ...).
+
+    Optional keys: ``augment`` and ``pooled_with``.
+    """
     stage = spec["stage"]
     if stage not in FAMILIES:
         raise ValueError(f"unknown stage {stage!r}; known: {sorted(FAMILIES)}")
@@ -151,4 +160,5 @@ def build_family(spec: Mapping[str, Any]) -> TrainingFamily:
         spec.get("model_config"),
         spec.get("seed", 0),
         spec.get("augment", D4),
+        spec.get("pooled_with", ()),
     )

@@ -256,6 +256,27 @@ def test_two_workers_train_with_ddp(ray_cluster, synth_root, tmp_path):
     assert history[0]["world_size"] == 2
 
 
+def test_one_detector_pooled_for_two_categories(ray_cluster, synth_root, tmp_path, capsys):
+    registry_dir = tmp_path / "registry"
+    common = ["--dataset", "synthetic", "--root", str(synth_root), "--pool-categories"]
+    common += ["--epochs", "1", "--input-size", "64", "--registry", str(registry_dir)]
+    common += ["--storage", str(tmp_path / "runs")]
+    assert main(["train", "detector", *common]) == 0
+    trained = json.loads(capsys.readouterr().out)["trained"]
+    assert [t["category"] for t in trained] == [CATEGORY, "painted_panel"]
+    registry = ArtifactRegistry(str(registry_dir))
+    first, second = (registry.load(c, "detector") for c in (CATEGORY, "painted_panel"))
+    assert first.state_dict.keys() == second.state_dict.keys()
+    assert all(first.state_dict[k].equal(second.state_dict[k]) for k in first.state_dict)
+    assert first.manifest.config["training"]["pooled_with"] == ["painted_panel"]
+    assert second.manifest.config["training"]["pooled_with"] == [CATEGORY]
+    # It learnt from both categories' images; each rule is fitted on its own.
+    assert first.manifest.data["categories"] == [CATEGORY, "painted_panel"]
+    assert all(registry.stages(c) == ["decision", "detector"] for c in (CATEGORY, "painted_panel"))
+    assert main(["train", "verifier", *common]) == 2
+    assert "applies to the detector and classifier" in capsys.readouterr().err
+
+
 def _registered_checkpoints(snapshot: Path) -> int:
     try:
         return len(json.loads(snapshot.read_text())["checkpoint_results"])

@@ -76,6 +76,22 @@ def test_fit_score_map_and_calibration():
     assert ((scored.anomaly_map >= 0) & (scored.anomaly_map <= 1)).all()
 
 
+def test_a_fit_chooses_from_at_most_max_candidates_patches():
+    model = MemoryBank(
+        MemoryBankConfig(input_size=SIZE, coreset_ratio=0.1, max_candidates=300), pretrained=False
+    )
+    features = torch.randn(1000, model.channels, generator=torch.Generator().manual_seed(3))
+    figures = model.fit(features, seed=1)
+    assert (figures["patches"], figures["candidates"], figures["bank_size"]) == (1000, 300, 30)
+    rows = {tuple(r.tolist()) for r in features}
+    assert all(tuple(r.tolist()) in rows for r in model.bank)  # the bank keeps real patches
+    again = MemoryBank(model.config, pretrained=False)
+    again.fit(features, seed=1)
+    assert torch.equal(again.bank, model.bank)  # the draw is seeded
+    with pytest.raises(ValueError, match="max_candidates"):
+        MemoryBankConfig(max_candidates=0)
+
+
 def test_a_fitted_bank_loads_into_an_unfitted_model_with_its_size():
     config = MemoryBankConfig(input_size=SIZE)
     fitted = MemoryBank(config, pretrained=False)

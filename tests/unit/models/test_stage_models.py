@@ -44,8 +44,29 @@ def test_detector_predict_returns_probabilities_and_gradcam(images):
     assert model.preprocessing.input_size == SIZE
 
 
+def test_detector_test_flips_average_the_four_flips_when_judging_only(images):
+    torch.manual_seed(0)
+    plain = AnomalyDetector(AnomalyDetectorConfig(input_size=SIZE), pretrained=False).eval()
+    flipped = AnomalyDetector(
+        AnomalyDetectorConfig(input_size=SIZE, test_flips=True), pretrained=False
+    ).eval()
+    flipped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        views = [images, images.flip(3), images.flip(2), images.flip((2, 3))]
+        expected = torch.stack([plain(v) for v in views]).mean(0)
+        assert torch.allclose(flipped(images), expected, atol=1e-5)
+        assert not torch.allclose(flipped(images), plain(images), atol=1e-4)
+    explained = flipped.predict(images, explain=True)  # the map of the image as sent
+    assert explained.heatmap.shape == (3, SIZE, SIZE)
+    assert torch.allclose(explained.probability, torch.sigmoid(expected), atol=1e-5)
+    with torch.no_grad():
+        for model in (plain, flipped):  # training: one pass of the image as sent
+            model.train().head[0].p = 0.0
+        assert torch.allclose(flipped(images), plain(images), atol=1e-5)
+
+
 def test_detector_config_roundtrip_and_unknown_key():
-    config = AnomalyDetectorConfig(input_size=160, freeze_stages=3)
+    config = AnomalyDetectorConfig(input_size=160, freeze_stages=3, test_flips=True)
     assert AnomalyDetectorConfig.from_dict(config.to_dict()) == config
     with pytest.raises(TypeError):
         AnomalyDetectorConfig.from_dict({"no_such_field": 1})

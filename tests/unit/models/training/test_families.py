@@ -47,6 +47,21 @@ def test_detector_is_supervised_with_defects_and_weights_them(tmp_path):
     assert {"val_loss", "val_auroc", "val_accuracy"} <= set(metrics)
 
 
+def test_a_pooled_detector_learns_from_its_pooled_categories_only(tmp_path):
+    splits = {"train": ["good"] * 3 + ["crack"], "val": ["good", "crack"]}
+    samples = [
+        *_samples(tmp_path, splits, category="mono"),
+        *_samples(tmp_path, splits, category="poly"),
+        *_samples(tmp_path, splits, category="other"),
+    ]
+    alone = build_family(_spec("detector", samples, category="mono"))
+    pooled = build_family(_spec("detector", samples, category="mono") | {"pooled_with": ["poly"]})
+    assert {s.category for s in alone.split("train")} == {"mono"}
+    assert {s.category for s in pooled.split("train")} == {"mono", "poly"}
+    assert len(pooled.split("val")) == 4
+    assert pooled.describe()["pooled_with"] == ["poly"] and "pooled_with" not in alone.describe()
+
+
 def test_detector_is_normal_only_without_defects_and_synthesises(tmp_path):
     samples = _samples(tmp_path, {"train": ["good"] * 4, "val": ["good"] * 2})
     family = build_family(_spec("detector", samples))
