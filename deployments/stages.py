@@ -147,21 +147,27 @@ def stage_deployment(cls: type[ModelStage]) -> type[ModelStage]:
     return STAGE_DEPLOYMENTS[cls.stage]
 
 
-class _FlaggedImageStage(ModelStage):
-    """A stage answering an image and a flag (draw its map): ``answer(model, images, flags)``."""
+class _ImageStage(ModelStage):
+    """A stage answering one image at a time, batched: ``answer(model, images)``.
 
-    answer: ClassVar[Callable[[LoadedStage, list[Image.Image], list[bool]], list[Any]]]
+    A ``flagged`` stage draws a map where its flag asks: ``answer(model, images, flags)``.
+    """
+
+    answer: ClassVar[Callable[..., list[Any]]]
+    flagged: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
 
-        # One @serve.batch queue per stage class (see _OneImageStage).
+        # One @serve.batch queue per stage class: the decorator keeps its queue
+        # per decorated function, so each subclass gets a function of its own.
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
         async def _batch(
-            self: _FlaggedImageStage, images: list[Image.Image], flags: list[bool]
+            self: _ImageStage, images: list[Image.Image], flags: list[bool]
         ) -> list[Any]:
             stage = await self._model()
-            return await asyncio.to_thread(type(self).answer, stage, images, flags)
+            extra = (flags,) if type(self).flagged else ()
+            return await asyncio.to_thread(type(self).answer, stage, images, *extra)
 
         cls._batch = _batch  # type: ignore[attr-defined]
 
@@ -175,49 +181,25 @@ class _FlaggedImageStage(ModelStage):
 
 
 @stage_deployment
-class AnomalyDetector(_FlaggedImageStage):
+class AnomalyDetector(_ImageStage):
     """p(anomalous) per image, batched; Grad-CAM heatmaps where the flag asks."""
 
     stage = DETECTOR
     answer = compute.detect
+    flagged = True
 
 
 @stage_deployment
-class MemoryBank(_FlaggedImageStage):
+class MemoryBank(_ImageStage):
     """The memory bank's calibrated score per image, batched; its anomaly map where asked."""
 
     stage = MEMORY_BANK
     answer = compute.score_patches
-
-
-class _OneImageStage(ModelStage):
-    """A stage whose answer needs the image alone: ``answer(model, images)`` batched."""
-
-    answer: ClassVar[Callable[[LoadedStage, list[Image.Image]], list[Any]]]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-
-        # One @serve.batch queue per stage class: the decorator keeps its queue
-        # per decorated function, so each subclass gets a function of its own.
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-        async def _batch(self: _OneImageStage, images: list[Image.Image]) -> list[Any]:
-            stage = await self._model()
-            return await asyncio.to_thread(type(self).answer, stage, images)
-
-        cls._batch = _batch  # type: ignore[attr-defined]
-
-    def batched_method(self) -> Any:
-        """See :class:`ModelStage`."""
-        return self._batch  # type: ignore[attr-defined]
-
-    async def predict(self, image: Image.Image) -> Any:
-        """The stage's answer for one image (batched with others)."""
-        return await self._batch(image)  # type: ignore[attr-defined]
+    flagged = True
 
 
 @stage_deployment
-class AutoencoderVerifier(_OneImageStage):
+class AutoencoderVerifier(_ImageStage):
     """The calibrated reconstruction score and error map, for images in the band."""
 
     stage = VERIFIER
@@ -225,7 +207,7 @@ class AutoencoderVerifier(_OneImageStage):
 
 
 @stage_deployment
-class DefectClassifier(_OneImageStage):
+class DefectClassifier(_ImageStage):
     """Ranked defect types from the SupCon embedding's prototypes."""
 
     stage = CLASSIFIER
@@ -233,7 +215,7 @@ class DefectClassifier(_OneImageStage):
 
 
 @stage_deployment
-class DefectLocalizer(_OneImageStage):
+class DefectLocalizer(_ImageStage):
     """DEIMv2 boxes of the defects, in the image's pixels."""
 
     stage = LOCALIZER
