@@ -308,5 +308,5 @@ def _gpu() -> str | None:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    """``a / b`` to three places, None when either is missing."""
-    return round(a / b, 3) if a is not None and b else None
+    """``a / b`` to three significant figures, None when either is missing."""
+    return float(f"{a / b:.3g}") if a is not None and b else None

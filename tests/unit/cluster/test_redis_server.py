@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import redis
@@ -60,3 +61,13 @@ def test_binary_is_the_real_redis() -> None:
     out = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "Redis server v=" in out.stdout
     assert 1024 <= free_port() <= 65535
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    low, _ = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert all(20_000 <= p < min(32_000, low) for p in ports)
+    for port in ports[:5]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
