@@ -10,25 +10,40 @@
 4. deploys the app (:mod:`deployments.app`) and waits until ``/readyz`` says
    every stage has its models;
 5. prints the URLs, and on Ctrl-C (or SIGTERM) shuts down what it started.
+
+The console stays quiet: one line per step (and progress bars while training).
+The Ray processes' own logs (workers, Serve replicas, training runs) go to Ray's
+session folder, linked as ``<workdir>/logs/ray``; ``verbose=True`` also streams
+them to the console.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
 from cluster.redis_server import RedisServer, free_port
 from deployments.config import GRPC_PORT, GRPC_SERVICER
 from models.artifacts import ArtifactRegistry
-from models.stages import DETECTOR, SHARED_CATEGORY
+from models.stages import DETECTOR, MEMORY_BANK, SHARED_CATEGORY
+
+# The loggers of Ray's driver side; without --verbose they write to a file.
+# (ray.init clears the "ray" logger's handlers: "ray._private" keeps init's own notices.)
+RAY_LOGGERS = ("ray", "ray._private", "ray.serve", "ray.train", "ray.tune", "ray.data")
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class LocalClusterError(RuntimeError):
@@ -36,9 +51,9 @@ class LocalClusterError(RuntimeError):
 
 
 def has_models(registry: ArtifactRegistry) -> bool:
-    """Whether any category has a trained detector."""
+    """Whether any category has a detector or a memory bank to judge its parts."""
     return any(
-        DETECTOR in registry.stages(category)
+        {DETECTOR, MEMORY_BANK} & set(registry.stages(category))
         for category in registry.categories()
         if category != SHARED_CATEGORY
     )
@@ -59,7 +74,12 @@ class LocalCluster:
         dashboard: start the Ray dashboard.
         serving_overrides: keys merged over the serving YAML (tests make replicas small).
         grpc_port: port of the gRPC API (Serve's gRPC proxy).
+        verbose: stream the Ray processes' logs to the console too.
+        say: where the one-line step messages go (default: stderr; None: nowhere).
     """
+
+    # The file handler Ray's driver-side loggers write to (one per process).
+    _driver_handler: ClassVar[logging.Handler | None] = None
 
     def __init__(
         self,
@@ -74,8 +94,12 @@ class LocalCluster:
         dashboard: bool = True,
         serving_overrides: dict[str, Any] | None = None,
         grpc_port: int = GRPC_PORT,
+        verbose: bool = False,
+        say: Callable[[str], None] | None = _to_stderr,
     ) -> None:
         self.grpc_port = grpc_port
+        self.verbose = verbose
+        self._say = say
         self.registry_uri = registry if "://" in registry else str(Path(registry).resolve())
         self.port, self.host, self.config = port, host, config
         self.redis_url = redis_url or os.environ.get("REDIS_URL") or None
@@ -89,6 +113,7 @@ class LocalCluster:
         self.timings: dict[str, float] = {}
         self.trained: dict[str, Any] | None = None
         self.dashboard_url: str | None = None
+        self.log_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -109,35 +134,51 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
+            if not self.verbose:
+                self._driver_logs_to_file()
             context = ray.init(
                 address=address,
                 include_dashboard=self.dashboard if address is None else None,
                 dashboard_host="127.0.0.1",
                 dashboard_port=free_port() if address is None else None,
                 configure_logging=False,
+                log_to_driver=self.verbose,
+                logging_level=logging.INFO if self.verbose else logging.WARNING,
             )
             self._started_ray = address is None
             url = getattr(context, "dashboard_url", None) or None
             if url and self.dashboard:
                 self.dashboard_url = url if "://" in url else f"http://{url}"
+            self.log_dir = self._link_ray_logs(context.address_info.get("session_dir"))
+            if not self.verbose:
+                self._driver_logs_to_file()  # again: ray.init took the "ray" logger's handlers
         self.timings["ray_s"] = time.perf_counter() - started
+        self.say(
+            f"Ray is up ({self.timings['ray_s']:.1f} s)"
+            + (f"; its logs: {self.log_dir}" if self.log_dir and not self.verbose else "")
+        )
         if self.redis_url is None:
             self.redis = RedisServer(workdir=self.workdir / "redis", appendonly=True).start()
             self.redis_url = self.redis.url
+            self.say(f"Redis is up at {self.redis.host}:{self.redis.port}")
         registry = ArtifactRegistry(self.registry_uri)
         if not has_models(registry):
             from cluster.quickstart import QuickSet, train_quick_set
 
-            print(
+            self.say(
                 f"the registry {self.registry_uri} has no models: training a quick set "
-                "(a few minutes; train real ones with `inspectray train all`)",
-                file=sys.stderr,
+                "(a few minutes; train real ones with `inspectray train all`)"
             )
             began = time.perf_counter()
             self.trained = train_quick_set(
-                registry, self.workdir, self.quick_set or QuickSet(), progress=self.progress
+                registry,
+                self.workdir,
+                self.quick_set or QuickSet(),
+                progress=self.progress,
+                say=self.say,
             )
             self.timings["training_s"] = time.perf_counter() - began
+            self.say(f"the quick set is trained ({self.timings['training_s']:.0f} s)")
         from deployments.config import load_serving_config
 
         serving = load_serving_config(self.config, self._overrides())
@@ -150,11 +191,54 @@ class LocalCluster:
             grpc_options=self._grpc_options(service.request_timeout_s),
             logging_config={"enable_access_log": access_log},
         )
+        self.say(f"deploying the app ({serving.topology} topology)")
         self.deploy()
         self._wait_ready(ready_timeout_s)
         self.timings["deploy_s"] = time.perf_counter() - began
         self.timings["ready_s"] = time.perf_counter() - started
+        self.say(
+            f"every stage has its models ({self.timings['deploy_s']:.0f} s to deploy, "
+            f"{self.timings['ready_s']:.0f} s in all)"
+        )
         return self
+
+    def _driver_logs_to_file(self) -> None:
+        """Ray's and Serve's notices in this process go to ``<workdir>/logs/driver.log``."""
+        import ray.serve  # noqa: F401  (sets up Serve's logger, which this then redirects)
+
+        folder = self.workdir / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(folder / "driver.log")  # appends
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for name in RAY_LOGGERS:
+            logger = logging.getLogger(name)
+            for old in list(logger.handlers):
+                to_console = isinstance(old, logging.StreamHandler) and not isinstance(
+                    old, logging.FileHandler
+                )
+                if old is LocalCluster._driver_handler or to_console:
+                    logger.removeHandler(old)
+            logger.addHandler(handler)
+            logger.propagate = False
+        if LocalCluster._driver_handler is not None:
+            LocalCluster._driver_handler.close()
+        LocalCluster._driver_handler = handler
+
+    def say(self, line: str) -> None:
+        """One step's line on the console."""
+        if self._say is not None:
+            self._say(line)
+
+    def _link_ray_logs(self, session_dir: str | None) -> Path | None:
+        """``<workdir>/logs/ray``: a link to this Ray session's log folder, when it is local."""
+        if not session_dir or not (Path(session_dir) / "logs").is_dir():
+            return None
+        link = self.workdir / "logs" / "ray"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(session_dir) / "logs", target_is_directory=True)
+        return link
 
     def _overrides(self) -> dict[str, Any]:
         """The serving overrides, with the spool under the work folder."""
@@ -289,6 +373,7 @@ class LocalCluster:
             "dashboard": self.dashboard_url,
             "redis": self.redis_url.split("@")[-1] if self.redis_url else None,
             "registry": self.registry_uri,
+            "logs": str(self.log_dir) if self.log_dir else None,
         }
 
     def stop(self) -> None:

@@ -1,13 +1,21 @@
 """A quick set of models, so an empty registry can serve within minutes.
 
 ``inspectray serve`` runs this when its registry has no model: it generates a
-small synthetic dataset, takes a share of the packaged ELPV images, and trains
-on the running Ray cluster, at a small input size and for a few epochs:
+small synthetic dataset, takes a share of the packaged ELPV images, and fits on
+the running Ray cluster models that need little or no gradient training:
 
-- the category router over every category (both datasets);
-- per synthetic surface: detector, verifier (and decision rule), classifier,
-  reranker; the DEIMv2 localizer over the synthetic boxes;
-- per ELPV module type: detector and verifier (and decision rule).
+- the category router over every category (both datasets), trained a few epochs;
+- per synthetic surface: a memory bank of its good patches (the detector; the
+  decision rule is fitted on it) and a defect classifier whose embedding is
+  fitted, not trained (``embedding: patch``: frozen patch features weighted by
+  their distance to the good ones, one prototype per type);
+- per ELPV module type: a memory bank of its good cells.
+
+Nothing but the router runs an optimizer, so the set is ready in a few minutes
+on a laptop. ``QuickSet(fitted=False)`` trains the older, slower set instead
+(detector, verifier, classifier and reranker per surface, the DEIMv2 localizer,
+detector and verifier per ELPV type, each for a few epochs at a small input):
+the end-to-end tests use it to exercise every stage.
 
 These models are for trying the service, not for the line: train the real ones
 with ``inspectray train all`` (see the README).
@@ -18,7 +26,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,15 @@ from typing import Any
 from models.artifacts import ArtifactRegistry
 from models.data import Dataset, load_dataset
 from models.data.synthetic import generate
-from models.stages import CLASSIFIER, DETECTOR, LOCALIZER, RERANKER, ROUTER, VERIFIER
+from models.stages import (
+    CLASSIFIER,
+    DETECTOR,
+    LOCALIZER,
+    MEMORY_BANK,
+    RERANKER,
+    ROUTER,
+    VERIFIER,
+)
 
 QUICK_SURFACES = ("brushed_metal", "painted_panel")
 
@@ -41,10 +57,14 @@ class QuickSet:
         image_size: side of the generated images.
         elpv_categories: ELPV module types to train (None: both).
         elpv_train: ELPV training images kept per category (the test split is whole).
-        input_size: model input side.
-        epochs: epochs of each stage but the detector.
-        detector_epochs: epochs of the detectors, which decide the verdict.
+        input_size: model input side of the trained stages.
+        fitted_input_size: model input side of the fitted stages (memory banks and
+            the patch classifiers).
+        epochs: epochs of each trained stage but the detector.
+        detector_epochs: epochs of the trained detectors, which decide the verdict.
         seed: dataset and training seed.
+        fitted: fit memory banks and patch classifiers (True), or train the
+            detector, verifier, classifier, reranker and localizer (False).
     """
 
     surfaces: Sequence[str] = QUICK_SURFACES
@@ -53,9 +73,11 @@ class QuickSet:
     elpv_categories: Sequence[str] | None = None
     elpv_train: int = 96
     input_size: int = 96  # the localizer's 100 queries need 189 proposals: 96 px gives them
+    fitted_input_size: int = 128
     epochs: int = 2
     detector_epochs: int = 5
     seed: int = 7
+    fitted: bool = True
 
 
 def quick_datasets(work_dir: Path, spec: QuickSet) -> tuple[Dataset, Dataset]:
@@ -85,10 +107,17 @@ def quick_datasets(work_dir: Path, spec: QuickSet) -> tuple[Dataset, Dataset]:
     return synthetic, Dataset("elpv", tuple(kept))
 
 
-def quick_plan(synthetic: Dataset, elpv: Dataset) -> list[tuple[Dataset, str, str]]:
+def quick_plan(
+    synthetic: Dataset, elpv: Dataset, fitted: bool = True
+) -> list[tuple[Dataset, str, str]]:
     """Every (dataset, stage, category) run of the quick set, in training order."""
     both = Dataset("quickstart", synthetic.samples + elpv.samples)
     runs: list[tuple[Dataset, str, str]] = [(both, ROUTER, both.categories[0])]
+    if fitted:
+        for category in synthetic.categories:
+            runs += [(synthetic, MEMORY_BANK, category), (synthetic, CLASSIFIER, category)]
+        runs += [(elpv, MEMORY_BANK, category) for category in elpv.categories]
+        return runs
     for category in synthetic.categories:
         runs += [(synthetic, stage, category) for stage in (DETECTOR, VERIFIER, CLASSIFIER)]
         runs.append((synthetic, RERANKER, category))
@@ -98,13 +127,27 @@ def quick_plan(synthetic: Dataset, elpv: Dataset) -> list[tuple[Dataset, str, st
     return runs
 
 
+def stage_settings(settings: Any, spec: QuickSet, stage: str) -> Any:
+    """The training settings of one quick-set run."""
+    if spec.fitted and stage == MEMORY_BANK:
+        return replace(settings, model_config={"input_size": spec.fitted_input_size})
+    if spec.fitted and stage == CLASSIFIER:
+        config = {"input_size": spec.fitted_input_size, "embedding": "patch"}
+        return replace(settings, model_config=config)
+    epochs = spec.detector_epochs if stage == DETECTOR else spec.epochs
+    return replace(settings, epochs=epochs, patience=epochs)
+
+
 def train_quick_set(
     registry: ArtifactRegistry,
     work_dir: Path,
     spec: QuickSet = QuickSet(),
     progress: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Generate the data and train the quick set into ``registry`` (Ray must be up).
+
+    ``say`` receives one line per model trained (its time and validation figure).
 
     Returns:
         ``{"seconds", "trained": [{"stage", "category", "version"}, ...]}``.
@@ -124,16 +167,43 @@ def train_quick_set(
         storage_path=str((work_dir / "runs").resolve()),
         model_config={"input_size": spec.input_size},
     )
-    runs = quick_plan(synthetic, elpv)
+    runs = quick_plan(synthetic, elpv, spec.fitted)
     trained = []
     bar = tqdm(
-        runs, desc="training the quick set", unit="model", disable=not progress, file=sys.stderr
+        runs,
+        desc="training the quick set",
+        unit="model",
+        disable=None if progress else True,  # None: a bar on a terminal, none in a file
+        file=sys.stderr,
     )
     for dataset, stage, category in bar:
         bar.set_postfix_str(f"{stage} {category}")
-        epochs = spec.detector_epochs if stage == DETECTOR else spec.epochs
-        stage_settings = replace(settings, epochs=epochs, patience=epochs)
-        summary = train_stage(registry, dataset, stage, category, stage_settings)
-        trained.append({"stage": stage, "category": category, "version": summary.get("version")})
+        began = time.perf_counter()
+        summary = train_stage(
+            registry, dataset, stage, category, stage_settings(settings, spec, stage)
+        )
+        seconds = round(time.perf_counter() - began, 1)
+        trained.append(
+            {
+                "stage": stage,
+                "category": category,
+                "version": summary.get("version"),
+                "seconds": seconds,
+            }
+        )
+        if say is not None:
+            figure = _figure(stage, summary)
+            bar.clear()
+            say(f"  {stage} for {category}: {seconds:.0f} s" + (f", {figure}" if figure else ""))
+            bar.refresh()
     bar.close()
     return {"seconds": round(time.perf_counter() - started, 1), "trained": trained}
+
+
+def _figure(stage: str, summary: dict[str, Any]) -> str:
+    """The run's monitored validation figure, as ``val_auroc 0.981``."""
+    from models.training import FAMILIES
+
+    monitor = FAMILIES[stage].monitor
+    value = (summary.get("best") or {}).get(monitor)
+    return f"{monitor} {value:.3f}" if isinstance(value, int | float) else ""

@@ -1,6 +1,7 @@
 """``inspectray serve``, ``inspectray predict`` and ``inspectray keys``.
 
 inspectray serve [--port P] [--host H] [--registry DIR] [--config FILE] [--redis-url URL]
+                 [--json] [--verbose]
 inspectray bench [--duration S] [--users U] [--registry DIR] [--report FILE]
 inspectray predict IMAGE... [--url URL] [--category C] [--explain] [--boxes] [--api-key K]
 inspectray keys add --tenant T [--category C ...] [--rate N] | revoke KEY
@@ -20,12 +21,27 @@ from cluster.arguments import add_command, print_json, settings
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+def _url_lines(urls: dict[str, str | None]) -> str:
+    """Where everything is, one per line, last on the console."""
+    names = (
+        ("api", "API (HTTP)"),
+        ("ui", "inspection page"),
+        ("docs", "API docs"),
+        ("grpc", "API (gRPC)"),
+        ("dashboard", "Ray dashboard"),
+        ("logs", "Ray's logs"),
+    )
+    width = max(len(label) for _, label in names)
+    lines = [f"  {label:<{width}}  {urls[key]}" for key, label in names if urls.get(key)]
+    return "\n".join(["inspectray is serving:", *lines, "Ctrl-C stops it."])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start Ray, Redis and the app on this machine; train a quick set when none exists."""
     from cluster.local import LocalCluster
 
     registry = args.registry or settings(args).registry.uri
-    # stdout carries this command's JSON alone: Ray's worker logs go to stderr.
+    # With --json, stdout carries this command's JSON alone: everything else goes to stderr.
     sys.stdout.flush()
     summary_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     saved_stdout = os.dup(sys.stdout.fileno())
@@ -38,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         workdir=Path(args.workdir),
         grpc_port=args.grpc_port,
+        verbose=args.verbose,
     )
     try:
         cluster.start()
@@ -47,17 +64,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "timings": {k: round(v, 1) for k, v in cluster.timings.items()},
             "quick_set": cluster.trained,
         }
-        json.dump(summary, summary_out, indent=2)
-        summary_out.write("\n")
-        summary_out.flush()
-        urls = cluster.urls()
-        print(
-            f"inspectray is serving: API {urls['api']}  page {urls['ui']}  docs {urls['docs']}"
-            f"  gRPC {urls['grpc']}"
-            + (f"  Ray dashboard {urls['dashboard']}" if urls["dashboard"] else "")
-            + "\nCtrl-C stops it.",
-            file=sys.stderr,
-        )
+        written = Path(args.workdir) / "serve.json"
+        written.write_text(json.dumps(summary, indent=2) + "\n")
+        if args.json:
+            json.dump(summary, summary_out, indent=2)
+            summary_out.write("\n")
+            summary_out.flush()
+        print(_url_lines(cluster.urls()), file=sys.stderr, flush=True)
         if not args.exit_when_ready:
             cluster.wait_for_signal()
     finally:
@@ -243,6 +256,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--workdir", default=".inspectray", help="local Redis, quick-set data")
     serve.add_argument(
         "--exit-when-ready", action="store_true", help="print the URLs, then shut down (checks)"
+    )
+    serve.add_argument(
+        "--json",
+        action="store_true",
+        help="print the URLs and timings as JSON on stdout (always in WORKDIR/serve.json)",
+    )
+    serve.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream Ray's worker, replica and training logs to the console too",
     )
 
     bench = add(commands, "bench", cmd_bench)

@@ -405,6 +405,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """
     from models.evaluation.run import evaluate
 
+    if args.url:
+        return _eval_served(args)
     dataset, store = _load(args)
     inspector = evaluation_inspector(store, args.serving_config)
     _register_descriptions(inspector, args)
@@ -432,6 +434,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"report: {report}", file=sys.stderr)
     print_json(metrics)
     return 0
+
+
+def _eval_served(args: argparse.Namespace) -> int:
+    """``eval --url``: the split judged by a running service over HTTP."""
+    from cluster.served_eval import evaluate_served
+    from deployments.client import HttpClient
+    from models.data import load_dataset
+
+    dataset = load_dataset(args.dataset, dataset_root(args))
+    client = HttpClient(args.url, api_key=args.api_key)
+    metrics = evaluate_served(client, dataset, split=args.split, categories=args.category)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    print_json(metrics)
+    return 0 if metrics["failed"] == 0 else 1
 
 
 def _common(command: argparse.ArgumentParser) -> None:
@@ -566,4 +584,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument(
         "--route", action="store_true", help="withhold categories: the router names them"
+    )
+    evaluate.add_argument(
+        "--url",
+        help="judge through this running service's HTTP API instead (image AUROC, "
+        "accuracy and defect-type top-1 of its answers)",
+    )
+    evaluate.add_argument("--api-key", help="with --url: the X-API-Key to send")
+    evaluate.add_argument(
+        "--category", action="append", help="with --url: only this category (repeatable)"
     )

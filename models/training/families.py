@@ -28,6 +28,7 @@ from models.data.tensors import (
     validation_dataset,
 )
 from models.defect_classifier import (
+    PATCH,
     DefectClassifier,
     DefectClassifierConfig,
     defect_classes,
@@ -229,6 +230,9 @@ class ClassifierFamily(TrainingFamily):
     the batch's views. Validation fits the prototypes on the (unaugmented) training
     images and scores the validation split against them, so the monitored
     accuracy is the one serving will have.
+
+    With ``embedding: patch`` nothing is trained by gradient: the good training
+    images' patches are fitted (:meth:`features`, :meth:`fit`), then the prototypes.
     """
 
     stage = CLASSIFIER
@@ -254,15 +258,44 @@ class ClassifierFamily(TrainingFamily):
         self.classes, self.defect_types = classes, defects
         self._prototype_ds: ImageTensorDataset | None = None
 
+    @property
+    def gradient_free(self) -> bool:  # type: ignore[override]
+        """Whether the embedding is fitted (``patch``) rather than trained."""
+        return self.model_config.get("embedding") == PATCH
+
     def build_model(self, pretrained: bool = True) -> DefectClassifier:  # noqa: D102
         config = {"classes": self.classes, "defect_types": self.defect_types, **self.model_config}
         return DefectClassifier(DefectClassifierConfig.from_dict(config), pretrained)
+
+    def features(self, model: nn.Module, loader: DataLoader) -> torch.Tensor:
+        """Every patch of the loader's good training images, as rows ``(N, C)`` (``patch``)."""
+        classifier = unwrap(model)
+        rows = [
+            classifier.patches(images).permute(0, 2, 3, 1).flatten(0, 2) for images, _ in loader
+        ]
+        return torch.cat(rows).cpu()
+
+    def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:
+        """Keep the good patches' coreset, then fit the prototypes on the training images."""
+        classifier = unwrap(model)
+        figures = classifier.fit_good_patches(features, seed=self.seed)
+        return figures | {"prototype_images": self.fit_prototypes(classifier)}
 
     def targets(self, samples: Sequence[Sample]) -> list[int]:
         """Class index of each sample."""
         return [self.classes.index(s.label) for s in samples]
 
-    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+        """Two augmented views of each training image (``patch``: the good ones, plain)."""
+        if self.gradient_free:
+            goods = [s for s in self.split("train") if s.label == GOOD]
+            if not goods:
+                raise DataError(f"category {self.category!r} has no good training images")
+            val = self.split("val")
+            return (
+                ImageTensorDataset(goods, [0] * len(goods), model.preprocessing),
+                ImageTensorDataset(val, self.targets(val), model.preprocessing),
+            )
         return self.labelled_datasets(
             model, self.split("train"), self.split("val"), self.targets, views=2
         )

@@ -8,6 +8,7 @@ their coreset and calibrates it (:meth:`MemoryBankFamily.fit`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import numpy as np
@@ -80,22 +81,46 @@ class MemoryBankFamily(TrainingFamily):
     def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:
         """Keep the coreset of ``features`` and calibrate on the good validation parts.
 
-        With fewer than :data:`MIN_CALIBRATION_GOODS` of them (tiny datasets), the
-        good training parts calibrate too, although the bank remembers them and
-        scores them low.
+        With fewer than :data:`MIN_CALIBRATION_GOODS` of them (tiny datasets, such
+        as the quick set's), the good training parts calibrate too, each scored by
+        a bank fitted on the other half of them: scored by the bank that remembers
+        them, they would look nearer than any new good part, and every new part
+        would then score as a certain defect.
         """
         bank = unwrap(model)
         figures = bank.fit(features, seed=self.seed)
         raw, target = predict_all(bank, val, lambda m, x: m.predict(x).raw_score)
         good = raw[target < 0.5].tolist()
         if len(good) < MIN_CALIBRATION_GOODS:
-            goods = self.goods()
-            loader = DataLoader(
-                ImageTensorDataset(goods, [0.0] * len(goods), bank.preprocessing), batch_size=16
-            )
-            own, _ = predict_all(bank, loader, lambda m, x: m.predict(x).raw_score)
-            good += own.tolist()
-        return figures | {"calibration": calibrate(bank, good)}
+            good += self.held_out_scores(bank)
+        return figures | {"calibration": calibrate(bank, good), "calibration_goods": len(good)}
+
+    def held_out_scores(self, bank: MemoryBank) -> list[float]:
+        """Raw scores of the good training parts, each from a bank that never saw it.
+
+        Two folds: a copy of the bank is fitted on every other good image and
+        scores the rest, then the other way round. With a single good image, its
+        own score (all there is).
+        """
+        goods = self.goods()
+
+        def loader(samples: list) -> DataLoader:
+            dataset = ImageTensorDataset(samples, [0.0] * len(samples), bank.preprocessing)
+            return DataLoader(dataset, batch_size=16)
+
+        def raw_scores(scorer: MemoryBank, samples: list) -> list[float]:
+            raw, _ = predict_all(scorer, loader(samples), lambda m, x: m.predict(x).raw_score)
+            return raw.tolist()
+
+        if len(goods) < 2:
+            return raw_scores(bank, goods)
+        halves = (goods[0::2], goods[1::2])
+        scores = []
+        for seen, unseen in (halves, halves[::-1]):
+            fold = copy.deepcopy(bank)
+            fold.fit(self.features(fold, loader(seen)), seed=self.seed)
+            scores += raw_scores(fold, unseen)
+        return scores
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:  # noqa: D102
         score, target = predict_all(unwrap(model), loader, lambda m, x: m.predict(x).score)

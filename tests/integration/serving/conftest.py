@@ -22,7 +22,8 @@ from models.inspection import LocalInspector
 from tests.integration.conftest import local_cluster
 
 SURFACE, MODULE = "brushed_metal", "solar_cell_mono"
-QUICK = QuickSet(surfaces=(SURFACE,), elpv_categories=(MODULE,), elpv_train=64)
+# The trained quick set: every stage of the flow has a model to serve.
+QUICK = QuickSet(surfaces=(SURFACE,), elpv_categories=(MODULE,), elpv_train=64, fitted=False)
 # Small replicas: every deployment fits on the 2-core machine beside the test process.
 SMALL = {
     "deployments": {

@@ -132,3 +132,64 @@ def test_class_priors_tilt_an_ambiguous_image_towards_the_common_class():
     fresh = _model()
     fresh.load_state_dict(state, strict=True)
     assert torch.equal(fresh.log_prior, torch.zeros(3))
+
+
+def _patch_model(**overrides) -> DefectClassifier:
+    config = DefectClassifierConfig(
+        classes=("good", "crack", "scratch"),
+        defect_types=("crack", "scratch"),
+        input_size=64,
+        **({"embedding": "patch"} | overrides),
+    )
+    return DefectClassifier(config, pretrained=True)
+
+
+def _textured(n: int, seed: int) -> torch.Tensor:
+    """Normalized images of one fine stripe texture, with a little noise."""
+    draw = torch.Generator().manual_seed(seed)
+    stripes = torch.sin(torch.arange(64.0) * 1.3).view(1, 1, 1, 64).expand(n, 3, 64, 64)
+    return stripes + 0.3 * torch.randn(n, 3, 64, 64, generator=draw)
+
+
+def test_the_patch_embedding_is_fitted_and_speaks_for_the_defect():
+    model = _patch_model(max_good_patches=64)
+    assert not [p for p in model.parameters() if p.requires_grad]  # nothing to train
+    assert not model.backbone.training
+    with pytest.raises(RuntimeError, match="no good patches"):
+        model(_textured(1, 0))
+    goods = _textured(4, 1)
+    rows = model.patches(goods).permute(0, 2, 3, 1).flatten(0, 2)
+    assert rows.shape[1] == model.embedding_dim
+    figures = model.fit_good_patches(rows)
+    assert figures == {"patches": len(rows), "good_patches": 64}
+    assert model.config.good_patches == 64 and model.good.shape == (64, model.embedding_dim)
+    with pytest.raises(ValueError, match="patch features"):
+        model.fit_good_patches(rows[:, :3])
+
+    def blot(top: int) -> torch.Tensor:  # a square stain
+        images = _textured(3, top)
+        images[:, :, top : top + 6, 20:26] = 2.5
+        return images
+
+    def line(top: int) -> torch.Tensor:  # a thin dark cut across the stripes
+        images = _textured(3, top + 100)
+        images[:, :, top + 2 : top + 4, 16:36] = -2.5
+        return images
+
+    # Prototypes from defects high on the part name the same defects low on it:
+    # the embedding follows the defect, not where it lies or the surface around it.
+    with torch.no_grad():
+        seen = torch.cat([model(goods), model(line(8)), model(blot(8))])
+        assert torch.allclose(seen.norm(dim=-1), torch.ones(10), atol=1e-5)
+        model.fit_prototypes(seen, torch.tensor([0] * 4 + [1] * 3 + [2] * 3))
+        low = torch.cat([line(40), blot(40)])
+        named = [row[0][0] for row in model.rank_defects(model.predict(low).scores, k=1)]
+        assert named == ["crack"] * 3 + ["scratch"] * 3
+    # The stored model loads into the size of bank it holds.
+    loaded = build_stage("classifier", model.config.to_dict() | {"good_patches": 0})
+    loaded.load_state_dict(model.state_dict(), strict=True)
+    assert loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded.predict(low).scores, model.predict(low).scores)
+    with pytest.raises(ValueError, match="embedding"):
+        _patch_model(embedding="pooled")
