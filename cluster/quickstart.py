@@ -60,6 +60,8 @@ class QuickSet:
         input_size: model input side of the trained stages.
         fitted_input_size: model input side of the fitted stages (memory banks and
             the patch classifiers).
+        max_bank: the most patches a memory bank keeps (bounds its fit and its
+            serving cost).
         epochs: epochs of each trained stage but the detector.
         detector_epochs: epochs of the trained detectors, which decide the verdict.
         seed: dataset and training seed.
@@ -74,6 +76,7 @@ class QuickSet:
     elpv_train: int = 96
     input_size: int = 96  # the localizer's 100 queries need 189 proposals: 96 px gives them
     fitted_input_size: int = 128
+    max_bank: int = 2048
     epochs: int = 2
     detector_epochs: int = 5
     seed: int = 7
@@ -110,13 +113,18 @@ def quick_datasets(work_dir: Path, spec: QuickSet) -> tuple[Dataset, Dataset]:
 def quick_plan(
     synthetic: Dataset, elpv: Dataset, fitted: bool = True
 ) -> list[tuple[Dataset, str, str]]:
-    """Every (dataset, stage, category) run of the quick set, in training order."""
+    """Every (dataset, stage, category) run of the quick set, in training order.
+
+    A fitted ELPV memory bank remembers every good training cell of its type (a
+    pass over them costs seconds), not only the router's share.
+    """
     both = Dataset("quickstart", synthetic.samples + elpv.samples)
     runs: list[tuple[Dataset, str, str]] = [(both, ROUTER, both.categories[0])]
     if fitted:
         for category in synthetic.categories:
             runs += [(synthetic, MEMORY_BANK, category), (synthetic, CLASSIFIER, category)]
-        runs += [(elpv, MEMORY_BANK, category) for category in elpv.categories]
+        every_cell = load_dataset("elpv", None)
+        runs += [(every_cell, MEMORY_BANK, category) for category in elpv.categories]
         return runs
     for category in synthetic.categories:
         runs += [(synthetic, stage, category) for stage in (DETECTOR, VERIFIER, CLASSIFIER)]
@@ -130,7 +138,8 @@ def quick_plan(
 def stage_settings(settings: Any, spec: QuickSet, stage: str) -> Any:
     """The training settings of one quick-set run."""
     if spec.fitted and stage == MEMORY_BANK:
-        return replace(settings, model_config={"input_size": spec.fitted_input_size})
+        config = {"input_size": spec.fitted_input_size, "max_bank": spec.max_bank}
+        return replace(settings, model_config=config)
     if spec.fitted and stage == CLASSIFIER:
         config = {"input_size": spec.fitted_input_size, "embedding": "patch"}
         return replace(settings, model_config=config)

@@ -9,7 +9,8 @@ The figures, overall and per category: ``image_auroc`` of the answered
 ``anomaly_score``; ``binary_accuracy`` of the verdicts; ``type_top1``, the share of
 true defects answered "defective" whose first defect type is right, and
 ``type_top1_strict``, the same over every true defect (a defect answered "ok"
-counts as wrong); ``failed`` requests (none should fail).
+counts as wrong), both None where no answer names a type; ``failed`` requests
+(none should fail).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def _figures(answers: Sequence[ServedAnswer]) -> dict[str, Any]:
             if answered
             else None
         ),
+        # None where no answer named a type (a category without a classifier).
         "type_top1": right / len(typed) if typed else None,
-        "type_top1_strict": right / len(defects) if defects else None,
+        "type_top1_strict": right / len(defects) if typed else None,
         "typed_defects": len(typed),
     }
 
