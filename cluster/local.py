@@ -59,6 +59,17 @@ def has_models(registry: ArtifactRegistry) -> bool:
     )
 
 
+def _metrics_url(node_ip: str | None) -> str | None:
+    """The Prometheus scrape URL of this node's Ray metrics (the app's among them)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("NodeManagerAddress") == node_ip:
+            port = node.get("MetricsExportPort")
+            return f"http://{node_ip}:{port}/metrics" if port else None
+    return None
+
+
 class LocalCluster:
     """Ray + Redis + the app on this machine.
 
@@ -114,6 +125,7 @@ class LocalCluster:
         self.trained: dict[str, Any] | None = None
         self.dashboard_url: str | None = None
         self.log_dir: Path | None = None
+        self.metrics_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -141,6 +153,7 @@ class LocalCluster:
                 include_dashboard=self.dashboard if address is None else None,
                 dashboard_host="127.0.0.1",
                 dashboard_port=free_port() if address is None else None,
+                _metrics_export_port=free_port() if address is None else None,
                 configure_logging=False,
                 log_to_driver=self.verbose,
                 logging_level=logging.INFO if self.verbose else logging.WARNING,
@@ -150,6 +163,7 @@ class LocalCluster:
             if url and self.dashboard:
                 self.dashboard_url = url if "://" in url else f"http://{url}"
             self.log_dir = self._link_ray_logs(context.address_info.get("session_dir"))
+            self.metrics_url = _metrics_url(context.address_info.get("node_ip_address"))
             if not self.verbose:
                 self._driver_logs_to_file()  # again: ray.init took the "ray" logger's handlers
         self.timings["ray_s"] = time.perf_counter() - started
@@ -371,6 +385,7 @@ class LocalCluster:
             "docs": f"{self.url}/docs",
             "grpc": self.grpc_target,
             "dashboard": self.dashboard_url,
+            "metrics": self.metrics_url,
             "redis": self.redis_url.split("@")[-1] if self.redis_url else None,
             "registry": self.registry_uri,
             "logs": str(self.log_dir) if self.log_dir else None,

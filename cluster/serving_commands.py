@@ -29,6 +29,7 @@ def _url_lines(urls: dict[str, str | None]) -> str:
         ("docs", "API docs"),
         ("grpc", "API (gRPC)"),
         ("dashboard", "Ray dashboard"),
+        ("metrics", "metrics (Prometheus)"),
         ("logs", "Ray's logs"),
     )
     width = max(len(label) for _, label in names)

@@ -75,6 +75,16 @@ class DeploymentSpec(_Section):
         return config
 
 
+class DriftSpec(_Section):
+    """When a category's recent scores are said to drift from validation's (:mod:`models.drift`)."""
+
+    window: int = Field(default=400, ge=1)
+    min_parts: int = Field(default=50, ge=1)
+    min_reference: int = Field(default=20, ge=1)
+    max_ks: float = Field(default=0.35, gt=0, le=1)
+    max_share_rise: float = Field(default=0.3, gt=0, le=1)
+
+
 class ServiceSpec(_Section):
     """The router's settings (its ``user_config``: changed live by ``reconfigure``)."""
 
@@ -94,6 +104,7 @@ class ServiceSpec(_Section):
     # The fused topology's in-process stages (from the router's deployment spec).
     max_batch_size: int = Field(default=16, ge=1, le=256)
     fault_delay_s: float = Field(default=0, ge=0, le=600)
+    drift: DriftSpec = DriftSpec()
 
 
 class ServingConfig(_Section):

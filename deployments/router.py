@@ -50,6 +50,7 @@ from deployments.imaging import (
     decode_base64,
     decode_image,
 )
+from deployments.metrics import InspectionMetrics
 from deployments.protos import inspection_pb2
 from deployments.schemas import (
     SCHEMA_VERSION,
@@ -69,6 +70,7 @@ from deployments.stages import resolve_device
 from deployments.store import AuthError, RedisStore, StoreUnavailable
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.descriptions import DefectDescription, DescriptionError
+from models.drift import DriftLimits, DriftMonitor
 from models.inspection import (
     Banked,
     Classified,
@@ -297,8 +299,15 @@ class _Router:
         self._in_flight = 0
         self._maintenance: asyncio.Task | None = None
         self._configured = False  # the store opens with the first user_config
+        self.metrics: InspectionMetrics | None = None  # created in the running replica
+        self.drift = self._drift_monitor()
 
     # -- configuration -------------------------------------------------------------
+
+    def _drift_monitor(self) -> DriftMonitor:
+        """Fresh windows against the serving rules' references, under the configured limits."""
+        references = {n: m.drift_reference for n, m in self.plan.categories.items()}
+        return DriftMonitor(references, DriftLimits(**self.service.drift.model_dump()))
 
     def _open_store(self) -> None:
         self._configured = True
@@ -325,6 +334,9 @@ class _Router:
             self.local.fault_delay_s = self.service.fault_delay_s
         if (previous.versions, previous.rules) != (self.service.versions, self.service.rules):
             self.plan = load_plan(self.registry, self.service.versions, self.service.rules)
+            self.drift = self._drift_monitor()
+        elif previous.drift != self.service.drift:
+            self.drift = self._drift_monitor()
         settings = (self.service.spool_dir, self.service.stream_maxlen, self.service.cache_ttl_s)
         if not self._configured or settings != (
             previous.spool_dir,
@@ -347,6 +359,7 @@ class _Router:
         if changed:
             log.info("serving plan changed: %s", plan.versions(None))
             self.plan = plan
+            self.drift = self._drift_monitor()  # new models: new windows
             self._publish_taxonomy()
         return changed
 
@@ -359,6 +372,10 @@ class _Router:
                 if store is not None and store.spooled() and await asyncio.to_thread(store.ping):
                     moved = await asyncio.to_thread(store.replay_spool)
                     log.info("replayed %d spooled results into the stream", moved)
+                if self.metrics is not None:
+                    spooled = store.spooled() if store is not None else 0
+                    drift = self.drift.report(self.plan.categories)
+                    self.metrics.service_state(self._in_flight, spooled, drift)
                 now = time.monotonic()
                 if now - getattr(self, "_refreshed", 0.0) >= self.service.refresh_s:
                     self._refreshed = now
@@ -370,6 +387,7 @@ class _Router:
         if not self._configured:  # deployed without a user_config: the defaults
             self._open_store()
         if self._maintenance is None or self._maintenance.done():
+            self.metrics = self.metrics or InspectionMetrics.in_ray()
             self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
 
     async def category_router(self, model_id: str) -> LoadedStage:
@@ -403,6 +421,17 @@ class _Router:
             _Problem: 401/403 for the key, 429 over its rate, 503 when keys
                 cannot be checked.
         """
+        try:
+            await self._authorize(key, category)
+        except _Problem as problem:
+            self._count_refusal(problem)
+            raise
+
+    def _count_refusal(self, problem: _Problem) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(problem.status)
+
+    async def _authorize(self, key: str | None, category: str | None) -> None:
         if not await asyncio.to_thread(self._auth_required):
             return
         if self.store is None:
@@ -456,12 +485,33 @@ class _Router:
         """Inspect a validated image: cache, flow, result, cache, stream.
 
         ``decode_ms``: the time its decoding took, counted in the answer's latency.
+        Each answer is counted in the metrics and, unless it came from the cache,
+        in its category's drift window.
 
         Raises:
             _Problem: 422 refused; 503 overloaded, a replica lost or a model refused;
                 504 too slow.
         """
         self._ensure_maintenance()
+        try:
+            result = await self._inspect_decoded(decoded, category, explain, boxes, decode_ms)
+        except _Problem as problem:
+            self._count_refusal(problem)
+            raise
+        if not result.cache_hit:
+            self.drift.observe(result.category, result.anomaly_score)
+        if self.metrics is not None:
+            self.metrics.answered(result)
+        return result
+
+    async def _inspect_decoded(
+        self,
+        decoded: DecodedImage,
+        category: str | None,
+        explain: bool,
+        boxes: bool,
+        decode_ms: float,
+    ) -> InspectionResult:
         if self._in_flight >= self.service.max_in_flight:
             raise _Problem(
                 503,
@@ -588,7 +638,11 @@ class _Router:
     ) -> InspectionResult:
         """Decode then inspect (raises _Problem)."""
         started = time.perf_counter()
-        decoded = await asyncio.to_thread(self.decode, data, content_type)
+        try:
+            decoded = await asyncio.to_thread(self.decode, data, content_type)
+        except _Problem as problem:
+            self._count_refusal(problem)
+            raise
         decode_ms = (time.perf_counter() - started) * 1000.0
         return await self.inspect_decoded(decoded, category, explain, boxes, decode_ms)
 
@@ -666,6 +720,7 @@ class _Router:
             "max_in_flight": self.service.max_in_flight,
             "replica_pid": os.getpid(),
             "models": self.plan.versions(None),
+            "drift": self.drift.report(sorted(self.plan.categories)),
         }
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -62,6 +62,8 @@ class CategoryModels:
         rule: its decision rule (band, thresholds), overrides applied.
         descriptions: the reranker's trained types, name → description record.
         classifier_types: the defect types its classifier was trained on.
+        drift_reference: the good validation parts' final scores its drift is
+            measured against (:mod:`models.drift`; empty without a fitted rule).
     """
 
     category: str
@@ -71,6 +73,7 @@ class CategoryModels:
         default_factory=lambda: MappingProxyType({})
     )
     classifier_types: tuple[str, ...] = ()
+    drift_reference: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def model_id(self, stage: str) -> str:
         """The multiplexed model id of one of its stages."""
@@ -211,10 +214,12 @@ def _category_models(
     versions = _versions(registry, category, present, (*CATEGORY_STAGES, DECISION), pinned)
     # Without a fitted rule: the detector's probability, else the memory bank's score.
     rule = DecisionRule()
+    reference: Mapping[str, Any] = {}
     if DETECTOR not in versions:
         rule = DecisionRule(detector_weight=0.0, bank_weight=1.0)
     if DECISION in versions:
-        rule, _ = load_decision(registry, category, versions[DECISION])
+        rule, decision = load_decision(registry, category, versions[DECISION])
+        reference = decision.metrics.get("drift_reference") or {}
     if overrides:
         rule = DecisionRule.from_dict(rule.to_dict() | dict(overrides))
     if VERIFIER not in versions:  # no verifier: no band
@@ -233,4 +238,4 @@ def _category_models(
     if CLASSIFIER in versions:
         config = registry.manifest(category, CLASSIFIER, versions[CLASSIFIER]).config
         classifier_types = tuple(config.get("defect_types", ()))
-    return CategoryModels(category, versions, rule, descriptions, classifier_types)
+    return CategoryModels(category, versions, rule, descriptions, classifier_types, reference)

@@ -13,6 +13,7 @@ from models.artifacts import ArtifactRegistry
 from models.data.sample import Sample
 from models.data.tensors import predict_all, validation_dataset
 from models.decision import DecisionRule, ensemble_rule, fit_decision_rule, fit_scorers
+from models.drift import score_reference
 from models.stages import DETECTOR, MEMORY_BANK, VERIFIER, load_stage, save_decision
 
 
@@ -87,7 +88,26 @@ def fit_decision(
         rule, fit = fit_decision_rule(first, verifier_scores, truth)
     rule = replace(rule, **weights)
     figures |= fit
+    # The good validation parts' final scores: what drift is measured against.
+    firsts = np.atleast_1d(first)
+    verified = firsts if verifier_scores is None else np.atleast_1d(verifier_scores)
+    finals = [
+        rule.decide(float(p), None if verifier_scores is None else float(v)).anomaly_score
+        for p, v in zip(firsts, verified, strict=True)
+    ]
+    # The share judged defective among the real parts (synthetic defects are not
+    # parts a line makes).
+    judged = np.asarray(finals) >= 0.5
+    real = np.ones_like(truth) if real_defects else ~truth
+    reference = score_reference(
+        (s for s, bad in zip(finals, truth, strict=True) if not bad),
+        defective_share=float(judged[real].mean()),
+    )
     manifest = save_decision(
-        registry, category, rule, fitted_on=fitted_on, metrics=figures | {"n_val": len(truth)}
+        registry,
+        category,
+        rule,
+        fitted_on=fitted_on,
+        metrics=figures | {"n_val": len(truth), "drift_reference": reference},
     )
     return {"category": category, "version": manifest.version, "rule": rule.to_dict(), **figures}

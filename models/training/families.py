@@ -232,7 +232,8 @@ class ClassifierFamily(TrainingFamily):
     accuracy is the one serving will have.
 
     With ``embedding: patch`` nothing is trained by gradient: the good training
-    images' patches are fitted (:meth:`features`, :meth:`fit`), then the prototypes.
+    images' patches are fitted (:meth:`features`, :meth:`fit`), then the prototypes
+    (by :meth:`evaluate`, as for every epoch of the trained embedding).
     """
 
     stage = CLASSIFIER
@@ -276,10 +277,8 @@ class ClassifierFamily(TrainingFamily):
         return torch.cat(rows).cpu()
 
     def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:
-        """Keep the good patches' coreset, then fit the prototypes on the training images."""
-        classifier = unwrap(model)
-        figures = classifier.fit_good_patches(features, seed=self.seed)
-        return figures | {"prototype_images": self.fit_prototypes(classifier)}
+        """Keep the good patches' coreset (:meth:`evaluate` then fits the prototypes)."""
+        return unwrap(model).fit_good_patches(features, seed=self.seed)
 
     def targets(self, samples: Sequence[Sample]) -> list[int]:
         """Class index of each sample."""

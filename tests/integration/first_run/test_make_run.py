@@ -91,7 +91,8 @@ def test_serve_fits_the_quick_set_serves_it_well_and_keeps_the_console_quiet(tmp
     assert len(lines) <= 25 and not [line for line in lines if "pid=" in line], lines
     last = lines[lines.index("inspectray is serving:") : lines.index(READY) + 2]
     assert last[-1] == "shutting down", lines
-    for where in (urls["api"], urls["ui"], urls["dashboard"], urls["grpc"], urls["logs"]):
+    wheres = ("api", "ui", "dashboard", "metrics", "grpc", "logs")
+    for where in (urls[name] for name in wheres):
         assert any(line.endswith(where) for line in last), (where, last)
     logs = work / "logs" / "ray"
     assert urls["logs"] == str(logs) and any(logs.glob("*.log"))

@@ -101,6 +101,79 @@ def validate_ray(document: dict[str, Any]) -> list[str]:
     return errors + [f"unknown field {f}" for f in unknown_fields(body, schema)]
 
 
+def _strict(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
+
+
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+# The Prometheus Operator's PodMonitor (monitoring.coreos.com/v1), the fields
+# this project uses, strictly: a misspelt field is an error here, not a silently
+# ignored one there.
+POD_MONITOR = _strict(
+    {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": _strict(
+            {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _LABELS},
+            ("name",),
+        ),
+        "spec": _strict(
+            {
+                "jobLabel": {"type": "string"},
+                "namespaceSelector": _strict(
+                    {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    }
+                ),
+                "selector": _strict({"matchLabels": _LABELS}, ("matchLabels",)),
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _strict(
+                        {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "relabelings": {
+                                "type": "array",
+                                "items": _strict(
+                                    {
+                                        "sourceLabels": {
+                                            "type": "array",
+                                            "items": {"type": "string"},
+                                        },
+                                        "targetLabel": {"type": "string"},
+                                        "action": {"type": "string"},
+                                    }
+                                ),
+                            },
+                        },
+                        ("port",),
+                    ),
+                },
+            },
+            ("selector", "podMetricsEndpoints"),
+        ),
+    },
+    ("apiVersion", "kind", "metadata", "spec"),
+)
+
+
+def validate_pod_monitor(document: dict[str, Any]) -> list[str]:
+    """Schema errors of a PodMonitor."""
+    validator = jsonschema.Draft7Validator(POD_MONITOR)
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(document)
+    ]
+
+
 def _pointer(path: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in path.strip("/").split("/")]
 
@@ -198,6 +271,8 @@ def test_each_manifest_is_valid(name, document):
     if document["kind"] in CRDS:
         assert document["apiVersion"] == "ray.io/v1"
         assert validate_ray(document) == []
+    elif document["kind"] == "PodMonitor":
+        assert validate_pod_monitor(document) == []
     else:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 

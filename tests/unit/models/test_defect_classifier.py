@@ -193,3 +193,25 @@ def test_the_patch_embedding_is_fitted_and_speaks_for_the_defect():
         assert torch.equal(loaded.predict(low).scores, model.predict(low).scores)
     with pytest.raises(ValueError, match="embedding"):
         _patch_model(embedding="pooled")
+
+
+@pytest.mark.parametrize("focus", [16.0, 1e-3])
+def test_the_patch_embedding_weighs_patches_by_their_distance_to_the_good_ones(focus):
+    """One defective patch among 256 noisy good ones: weighted by its distance to the good
+    patches, the embedding points at the defect; averaged evenly, the noise drowns it."""
+    model = _patch_model(max_good_patches=64, focus=focus)
+    width = model.embedding_dim
+    draw = torch.Generator().manual_seed(0)
+    good = torch.randn(width, generator=draw)
+    model.fit_good_patches(good + 0.05 * torch.randn(64, width, generator=draw))
+    surface = good.view(1, width, 1, 1) + 0.3 * torch.randn(1, width, 16, 16, generator=draw)
+    defect = 2.0 * torch.randn(width, generator=draw)
+    surface[0, :, 5, 9] = good + defect
+    model.patches = lambda images: surface.expand(len(images), -1, -1, -1)
+    with torch.no_grad():
+        embedding = model(torch.zeros(1, 3, 64, 64))[0]
+    towards_defect = float(F.cosine_similarity(embedding, defect, dim=0))
+    if focus > 1:
+        assert towards_defect > 0.9
+    else:  # without the weighting: what the even average leaves of the defect
+        assert towards_defect < 0.5
