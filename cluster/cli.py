@@ -12,6 +12,7 @@ key, a truncated image) exit with status 2 and one clear line, not a traceback.
     inspectray walkthrough
     inspectray train | tune | eval        (cluster/training_commands.py)
     inspectray serve | predict | keys     (cluster/serving_commands.py)
+    inspectray dashboards                 (cluster/dashboards.py)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cluster import serving_commands, training_commands
+from cluster import dashboards, serving_commands, training_commands
 from cluster.arguments import add_command as add
 from cluster.arguments import dataset_choices, dataset_root, print_json, registry, settings
 
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     training_commands.add_commands(commands)
     serving_commands.add_commands(commands)
+    dashboards.add_commands(commands)
     return parser
 
 
@@ -262,13 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.descriptions import DescriptionError
 
     args = build_parser().parse_args(argv)
+    from cluster.dashboards import DashboardError
     from cluster.local import LocalClusterError
     from cluster.redis_server import RedisServerError
 
     user_errors = (DataError, ConfigError, ArtifactError, WeightsError, DescriptionError)
     try:
         return int(args.func(args))
-    except (*user_errors, LocalClusterError, RedisServerError) as error:
+    except (*user_errors, LocalClusterError, RedisServerError, DashboardError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -157,6 +157,7 @@ def train_settings(args: argparse.Namespace, epochs: int) -> Any:
         patience=args.patience,
         seed=args.seed,
         storage_path=args.storage,
+        tracking_uri=args.mlflow_uri,
         cpus_per_worker=args.cpus_per_worker,
         model_config=overrides,
         augment=args.augment,
@@ -488,6 +489,11 @@ def _training_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument("--storage", default="runs", help="checkpoint folder or URL")
     command.add_argument(
+        "--mlflow-uri",
+        help="MLflow tracking store the runs are logged to (default: sqlite:///STORAGE/mlflow.db "
+        "for a local --storage; none: not logged); `inspectray dashboards` shows it",
+    )
+    command.add_argument(
         "--hold-out",
         action="append",
         metavar="LABEL",
@@ -540,7 +546,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _training_options(tune)
     tune.add_argument("--num-samples", type=int, required=True, help="trials per category")
     tune.add_argument("--max-epochs", type=int, default=4, help="ASHA's maximum epochs per trial")
-    tune.add_argument("--mlflow-uri", help="also log the trials to this MLflow tracking URI")
 
     refit = add(commands, "refit-fusion", cmd_refit_fusion)
     _common(refit)

@@ -25,6 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 from models.artifacts import ArtifactRegistry
 from models.data import Dataset
 from models.training import FAMILIES
+from tune.tracking import tracking_uri
 from tune.trainer import (
     DEFAULT_LR,
     FitResult,
@@ -81,7 +82,9 @@ def sweep_stage(
         category: the product category.
         num_samples: trials.
         settings: everything not swept; ``settings.epochs`` is ASHA's ``max_t``.
-        mlflow_uri: an MLflow tracking URI to log the trials to, optionally.
+        mlflow_uri: the MLflow tracking URI to log the trials to (default:
+            ``settings.tracking_uri``, else the store beside the checkpoints;
+            ``none``: not logged).
 
     Returns:
         The trials (config, epochs, best metric), the best trial and the promoted artifact.
@@ -92,10 +95,11 @@ def sweep_stage(
     spec = family_spec(dataset, stage, category, settings)
     name = f"tune-{dataset.name}-{category}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     callbacks: list[Any] = [TBXLoggerCallback()]
-    if mlflow_uri:
+    tracking = tracking_uri(settings.storage_path, mlflow_uri or settings.tracking_uri)
+    if tracking:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        callbacks.append(MLflowLoggerCallback(tracking_uri=mlflow_uri, experiment_name=name))
+        callbacks.append(MLflowLoggerCallback(tracking_uri=tracking, experiment_name=name))
     # The trial function only drives; its Train workers hold the CPUs, so the trial
     # itself asks for no CPU (a token byte of memory: Tune refuses empty requests)
     # and trials run as many at a time as their workers fit.

@@ -43,6 +43,7 @@ from models.stages import (
 from models.training import FAMILIES, build_family
 from models.training.decision import fit_decision, validation_scores
 from tune.loop import CHECKPOINT_FILE, fit_in_one_pass, train_loop_per_worker
+from tune.tracking import record_training
 
 # Learning rates that suit each family with AdamW (the head; the backbone gets less).
 DEFAULT_LR = {stage: family.default_lr for stage, family in FAMILIES.items()}
@@ -66,6 +67,9 @@ class TrainSettings:
         patience: epochs without improvement before stopping early.
         seed: seed of initialisation, augmentation and synthetic anomalies.
         storage_path: where Ray keeps checkpoints: a folder or a URL (``s3://...``).
+        tracking_uri: the MLflow tracking store runs are logged to (default: an
+            SQLite file in a local storage folder; ``none``: not logged). See
+            :mod:`tune.tracking`.
         max_failures: worker-group restarts allowed (resuming from the last checkpoint).
         cpus_per_worker: CPU threads per worker (default: the machine's share).
         model_config: overrides of the family's model config.
@@ -90,6 +94,7 @@ class TrainSettings:
     patience: int = 3
     seed: int = 0
     storage_path: str = "runs"
+    tracking_uri: str | None = None
     max_failures: int = 2
     cpus_per_worker: int | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
@@ -307,7 +312,26 @@ def train_stage(
     build_family(spec)  # bad data fails here, before Ray starts
     name = run_name or f"{dataset.name}-{spec['category']}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     fit = fit_family(spec, settings, name)
-    return register_fit(registry, dataset, spec, settings, fit)
+    summary = register_fit(registry, dataset, spec, settings, fit)
+    summary["tracked"] = _record(settings, spec, name, summary, fit)
+    return summary
+
+
+def _record(
+    settings: TrainSettings,
+    spec: Mapping[str, Any],
+    name: str,
+    summary: Mapping[str, Any],
+    fit: FitResult,
+) -> dict[str, str]:
+    """The run in TensorBoard and MLflow (:mod:`tune.tracking`)."""
+    params = asdict(settings) | {
+        "lr": settings.lr or DEFAULT_LR[spec["stage"]],
+        "pooled_with": ",".join(spec.get("pooled_with", ())),
+    }
+    return record_training(
+        settings.storage_path, settings.tracking_uri, name, summary, params, fit.history
+    )
 
 
 def train_pooled(
@@ -337,7 +361,9 @@ def train_pooled(
     for category in categories:
         pooled_with = [c for c in categories if c != category]
         own = spec | {"category": category, "pooled_with": pooled_with}
-        summaries.append(register_fit(registry, dataset, own, settings, fit))
+        summary = register_fit(registry, dataset, own, settings, fit)
+        summary["tracked"] = _record(settings, own, f"{name}-{category}", summary, fit)
+        summaries.append(summary)
     return summaries
 
 

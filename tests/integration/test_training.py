@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -363,6 +365,14 @@ def test_tune_sweep_promotes_the_best_trial(ray_cluster, synth_root, tmp_path):
     manifest = registry.manifest(CATEGORY, "detector")
     assert manifest.metrics["sweep"][0]["trial_id"]
     assert list(Path(result["experiment"]).rglob("events.out.tfevents*")), "no TensorBoard events"
+    # Each trial is a run in the tracking store beside the checkpoints.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(Path(result["experiment"]).name)
+    assert experiment is not None
+    logged = client.search_runs([experiment.experiment_id])
+    assert len(logged) == 2 and all("val_auroc" in run.data.metrics for run in logged)
     # A production version that validates better is not replaced by the sweep.
     registry.save(
         CATEGORY,
@@ -377,3 +387,58 @@ def test_tune_sweep_promotes_the_best_trial(ray_cluster, synth_root, tmp_path):
     again = sweep_stage(registry, dataset, "detector", CATEGORY, 1, _settings(tmp_path))
     assert again["promoted"] is False and again["registered"]["version"] == "v3"
     assert registry.resolve(CATEGORY, "detector", "production") == "v2"
+
+
+def _read_until(process: subprocess.Popen, line: str, timeout_s: float) -> list[str]:
+    """The process's stderr lines up to ``line``."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = process.stderr.readline()
+        if not got and process.poll() is not None:
+            break
+        lines.append(got.rstrip("\n"))
+        if lines[-1] == line:
+            return lines
+    pytest.fail(f"no {line!r} in {timeout_s:.0f} s: {lines}")
+
+
+def test_training_runs_are_tracked_and_the_dashboards_serve_them(ray_cluster, synth_root, tmp_path):
+    import httpx
+    import mlflow
+
+    dataset = load_dataset("synthetic", synth_root)
+    registry = ArtifactRegistry(str(tmp_path / "registry"))
+    summary = train_stage(registry, dataset, "memory-bank", CATEGORY, _settings(tmp_path))
+    runs, tracked = tmp_path / "runs", summary["tracked"]
+    assert tracked["mlflow_uri"] == f"sqlite:///{runs / 'mlflow.db'}"
+    run = mlflow.MlflowClient(tracked["mlflow_uri"]).get_run(tracked["mlflow"])
+    assert run.data.tags["version"] == summary["version"] == "v1"
+    assert run.data.metrics["val_auroc"] == summary["best"]["val_auroc"]
+    assert run.data.params["batch_size"] == "8"
+    assert list(Path(tracked["tensorboard"]).glob("events.out.tfevents*"))
+
+    command = [sys.executable, "-m", "cluster.cli", "dashboards", "--runs", str(runs)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = _read_until(process, "Ctrl-C stops them.", timeout_s=240)
+        urls = dict(line.split() for line in lines if line.startswith("  "))
+        board, tracking = urls["TensorBoard"], urls["MLflow"]
+        assert "<title>TensorBoard</title>" in httpx.get(board, timeout=30).text
+        board_runs = httpx.get(f"{board}/data/runs", timeout=30).json()
+        assert f"tensorboard/{Path(tracked['tensorboard']).name}" in board_runs, board_runs
+        assert "MLflow" in httpx.get(tracking, timeout=30).text
+        found = httpx.post(
+            f"{tracking}/api/2.0/mlflow/experiments/search", json={"max_results": 100}, timeout=30
+        ).json()["experiments"]
+        [experiment] = [e for e in found if e["name"] == f"{CATEGORY}/memory-bank"]
+        logged = httpx.post(
+            f"{tracking}/api/2.0/mlflow/runs/search",
+            json={"experiment_ids": [experiment["experiment_id"]]},
+            timeout=30,
+        ).json()["runs"]
+        assert [r["info"]["run_id"] for r in logged] == [tracked["mlflow"]]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0
