@@ -5,6 +5,7 @@ inspectray serve [--port P] [--host H] [--registry DIR] [--config FILE] [--redis
 inspectray bench [--duration S] [--users U] [--registry DIR] [--report FILE]
 inspectray predict IMAGE... [--url URL] [--category C] [--explain] [--boxes] [--api-key K]
 inspectray keys add --tenant T [--category C ...] [--rate N] | revoke KEY
+inspectray reviews export --out DIR [--category C]
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
             "rate_per_minute": args.rate,
         }
     )
+    return 0
+
+
+def cmd_reviews_export(args: argparse.Namespace) -> int:
+    """Write the reviewed answers as a dataset the trainers read (COCO, image labels)."""
+    from cluster.reviews import export_reviews
+
+    print_json(export_reviews(_store(args), Path(args.out), args.category))
     return 0
 
 
@@ -318,6 +327,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     keys.choices["add"].add_argument("--rate", type=int, help="requests per minute (default: none)")
     keys.choices["revoke"].add_argument("key")
+
+    reviews = commands.add_parser("reviews", help="the review queue").add_subparsers(
+        dest="action", required=True
+    )
+    export = add(reviews, "export", cmd_reviews_export)
+    export.add_argument("--out", required=True, help="a new folder for the dataset")
+    export.add_argument("--category", help="one product category (default: all)")
+    export.add_argument("--redis-url", help="default: REDIS_URL or config")
+    export.add_argument("--workdir", default=".inspectray")
 
     results = commands.add_parser("results", help="the result stream").add_subparsers(
         dest="action", required=True

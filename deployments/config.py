@@ -85,6 +85,14 @@ class DriftSpec(_Section):
     max_share_rise: float = Field(default=0.3, gt=0, le=1)
 
 
+class ReviewSpec(_Section):
+    """Which answers a person is asked to review (the review queue, in Redis)."""
+
+    sample_share: float = Field(default=0.02, ge=0, le=1)
+    min_type_confidence: float = Field(default=0.5, ge=0, le=1)
+    max_pending: int = Field(default=10_000, ge=1)
+
+
 class ServiceSpec(_Section):
     """The router's settings (its ``user_config``: changed live by ``reconfigure``)."""
 
@@ -105,6 +113,7 @@ class ServiceSpec(_Section):
     max_batch_size: int = Field(default=16, ge=1, le=256)
     fault_delay_s: float = Field(default=0, ge=0, le=600)
     drift: DriftSpec = DriftSpec()
+    review: ReviewSpec = ReviewSpec()
 
 
 class ServingConfig(_Section):

@@ -15,6 +15,7 @@ metric                                    type       labels
 ``ray_inspectray_latency_ms``             histogram  stage (``request``: the whole answer)
 ``ray_inspectray_in_flight``              gauge
 ``ray_inspectray_spooled_results``        gauge
+``ray_inspectray_review_queue``           gauge
 ``ray_inspectray_drift_ks``               gauge      category
 ``ray_inspectray_defective_share``        gauge      category
 ``ray_inspectray_drifting``               gauge      category (1: drifting)
@@ -45,6 +46,7 @@ EXPORTED = {
     "ray_inspectray_latency_ms": "histogram",
     "ray_inspectray_in_flight": "gauge",
     "ray_inspectray_spooled_results": "gauge",
+    "ray_inspectray_review_queue": "gauge",
     "ray_inspectray_drift_ks": "gauge",
     "ray_inspectray_defective_share": "gauge",
     "ray_inspectray_drifting": "gauge",
@@ -91,6 +93,9 @@ class InspectionMetrics:
             f"{PREFIX}spooled_results",
             description="Results waiting in the replica's spool for Redis to come back.",
         )
+        self.review_queue = metrics.Gauge(
+            f"{PREFIX}review_queue", description="Answers waiting for a person's review."
+        )
         self.drift_ks = metrics.Gauge(
             f"{PREFIX}drift_ks",
             description="KS statistic of the recent ok parts' scores against validation's.",
@@ -131,11 +136,17 @@ class InspectionMetrics:
         self.refusals.inc(1, {"status": str(status)})
 
     def service_state(
-        self, in_flight: int, spooled: int, drift: Mapping[str, Mapping[str, Any]]
+        self,
+        in_flight: int,
+        spooled: int,
+        review_queue: int | None,
+        drift: Mapping[str, Mapping[str, Any]],
     ) -> None:
-        """Set the gauges: requests in flight, the spool, and each category's drift."""
+        """Set the gauges: in flight, the spool, the review queue (None: unknown), drift."""
         self.in_flight.set(in_flight)
         self.spooled.set(spooled)
+        if review_queue is not None:
+            self.review_queue.set(review_queue)
         for category, status in drift.items():
             tags = {"category": category}
             if status.get("ks") is not None:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -32,7 +33,7 @@ import grpc
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import ValidationError
 from ray import serve
@@ -49,6 +50,7 @@ from deployments.imaging import (
     ImageRejected,
     decode_base64,
     decode_image,
+    encode_png,
 )
 from deployments.metrics import InspectionMetrics
 from deployments.protos import inspection_pb2
@@ -65,9 +67,12 @@ from deployments.schemas import (
     InspectionResult,
     InspectRequest,
     Problem,
+    ReviewIn,
+    ReviewItem,
+    ReviewQueue,
 )
 from deployments.stages import resolve_device
-from deployments.store import AuthError, RedisStore, StoreUnavailable
+from deployments.store import ApiKey, AuthError, RedisStore, StoreUnavailable
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.descriptions import DefectDescription, DescriptionError
 from models.drift import DriftLimits, DriftMonitor
@@ -103,6 +108,8 @@ from models.stages import (
 
 log = logging.getLogger("ray.serve")
 API_KEY_HEADER = "X-API-Key"
+# Sent by the review view when it shows a queued part: that look is not queued again.
+REVIEWING_HEADER = "X-Inspectray-Reviewing"
 # The gRPC status of each HTTP status the router answers with.
 GRPC_STATUS = {
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -124,6 +131,12 @@ _ERRORS = {
     429: {"model": Problem, "description": "The key's rate limit; see Retry-After."},
     503: {"model": Problem, "description": "Overloaded or a stage unavailable; see Retry-After."},
     504: {"model": Problem, "description": "Not answered within request_timeout_s."},
+}
+_NOT_FOUND = {"model": Problem, "description": "No such review item."}
+_REVIEW_ERRORS = {
+    **{status: _ERRORS[status] for status in (401, 403, 422, 429)},
+    409: {"model": Problem, "description": "The service runs without Redis: no review queue."},
+    503: {"model": Problem, "description": "Redis is down: the review queue is unavailable."},
 }
 _INSPECT_BODY = {
     "requestBody": {
@@ -253,7 +266,7 @@ class HandleStageCalls(StageCalls):
         )
 
 
-class _Router:
+class RouterCore:
     """The Router's logic; :class:`Router` adds the HTTP routes and Serve wiring."""
 
     def __init__(
@@ -300,11 +313,11 @@ class _Router:
         self._maintenance: asyncio.Task | None = None
         self._configured = False  # the store opens with the first user_config
         self.metrics: InspectionMetrics | None = None  # created in the running replica
-        self.drift = self._drift_monitor()
+        self.drift = self.fresh_drift_windows()
 
     # -- configuration -------------------------------------------------------------
 
-    def _drift_monitor(self) -> DriftMonitor:
+    def fresh_drift_windows(self) -> DriftMonitor:
         """Fresh windows against the serving rules' references, under the configured limits."""
         references = {n: m.drift_reference for n, m in self.plan.categories.items()}
         return DriftMonitor(references, DriftLimits(**self.service.drift.model_dump()))
@@ -334,9 +347,9 @@ class _Router:
             self.local.fault_delay_s = self.service.fault_delay_s
         if (previous.versions, previous.rules) != (self.service.versions, self.service.rules):
             self.plan = load_plan(self.registry, self.service.versions, self.service.rules)
-            self.drift = self._drift_monitor()
+            self.drift = self.fresh_drift_windows()
         elif previous.drift != self.service.drift:
-            self.drift = self._drift_monitor()
+            self.drift = self.fresh_drift_windows()
         settings = (self.service.spool_dir, self.service.stream_maxlen, self.service.cache_ttl_s)
         if not self._configured or settings != (
             previous.spool_dir,
@@ -359,7 +372,7 @@ class _Router:
         if changed:
             log.info("serving plan changed: %s", plan.versions(None))
             self.plan = plan
-            self.drift = self._drift_monitor()  # new models: new windows
+            self.drift = self.fresh_drift_windows()  # new models: new windows
             self._publish_taxonomy()
         return changed
 
@@ -374,8 +387,12 @@ class _Router:
                     log.info("replayed %d spooled results into the stream", moved)
                 if self.metrics is not None:
                     spooled = store.spooled() if store is not None else 0
+                    queued = None
+                    if store is not None:
+                        with contextlib.suppress(StoreUnavailable):
+                            queued = await asyncio.to_thread(store.review_queue_length)
                     drift = self.drift.report(self.plan.categories)
-                    self.metrics.service_state(self._in_flight, spooled, drift)
+                    self.metrics.service_state(self._in_flight, spooled, queued, drift)
                 now = time.monotonic()
                 if now - getattr(self, "_refreshed", 0.0) >= self.service.refresh_s:
                     self._refreshed = now
@@ -414,15 +431,18 @@ class _Router:
             return True
         return self.store.auth_configured()
 
-    async def authorize(self, key: str | None, category: str | None) -> None:
+    async def authorize(self, key: str | None, category: str | None) -> ApiKey | None:
         """Check the API key (when keys are configured) and its rate limit.
+
+        Returns:
+            What the key grants (its tenant), or None when no key is needed.
 
         Raises:
             _Problem: 401/403 for the key, 429 over its rate, 503 when keys
                 cannot be checked.
         """
         try:
-            await self._authorize(key, category)
+            return await self._authorize(key, category)
         except _Problem as problem:
             self._count_refusal(problem)
             raise
@@ -431,9 +451,9 @@ class _Router:
         if self.metrics is not None:
             self.metrics.refused(problem.status)
 
-    async def _authorize(self, key: str | None, category: str | None) -> None:
+    async def _authorize(self, key: str | None, category: str | None) -> ApiKey | None:
         if not await asyncio.to_thread(self._auth_required):
-            return
+            return None
         if self.store is None:
             raise _Problem(503, "API keys are required but no Redis is configured to hold them")
         try:
@@ -481,12 +501,14 @@ class _Router:
         explain: bool = False,
         boxes: bool = False,
         decode_ms: float = 0.0,
+        review: bool = True,
     ) -> InspectionResult:
         """Inspect a validated image: cache, flow, result, cache, stream.
 
         ``decode_ms``: the time its decoding took, counted in the answer's latency.
         Each answer is counted in the metrics and, unless it came from the cache,
-        in its category's drift window.
+        in its category's drift window and, when ``review`` and it calls for a
+        person's look, queued for review (a reviewer's own look is not queued).
 
         Raises:
             _Problem: 422 refused; 503 overloaded, a replica lost or a model refused;
@@ -500,9 +522,53 @@ class _Router:
             raise
         if not result.cache_hit:
             self.drift.observe(result.category, result.anomaly_score)
+            reason = self._review_reason(result) if review else None
+            if reason is not None and self.store is not None:
+                await self._queue_for_review(result, decoded, reason)
         if self.metrics is not None:
             self.metrics.answered(result)
         return result
+
+    def _review_reason(self, result: InspectionResult) -> str | None:
+        """Why a person should look at this answer, or None."""
+        review = self.service.review
+        if result.decided_by == VERIFIER:
+            return "ambiguous"
+        if (
+            result.verdict == "defective"
+            and result.defect_types
+            and result.defect_types[0].score < review.min_type_confidence
+        ):
+            return "unsure-type"
+        if review.sample_share and random.random() < review.sample_share:
+            return "sampled"
+        return None
+
+    async def _queue_for_review(
+        self, result: InspectionResult, decoded: DecodedImage, reason: str
+    ) -> None:
+        """Queue the answer and its image; a Redis failure costs the review, not the answer."""
+        item = {
+            "id": result.request_id,
+            "reason": reason,
+            "queued_at": time.time(),
+            "category": result.category,
+            "verdict": result.verdict,
+            "anomaly_score": result.anomaly_score,
+            "decided_by": result.decided_by,
+            "defect_types": [{"name": t.name, "score": t.score} for t in result.defect_types[:3]],
+            "model_versions": dict(result.model_versions),
+            "image_sha256": result.image_sha256,
+        }
+        store, limit = self.store, self.service.review.max_pending
+
+        def queue() -> None:
+            store.enqueue_review(item, encode_png(decoded.image), limit)
+
+        try:
+            await asyncio.to_thread(queue)
+        except StoreUnavailable as error:
+            log.warning("answer %s not queued for review: %s", result.request_id, error)
 
     async def _inspect_decoded(
         self,
@@ -635,6 +701,7 @@ class _Router:
         explain: bool = False,
         boxes: bool = False,
         content_type: str | None = None,
+        review: bool = True,
     ) -> InspectionResult:
         """Decode then inspect (raises _Problem)."""
         started = time.perf_counter()
@@ -644,7 +711,7 @@ class _Router:
             self._count_refusal(problem)
             raise
         decode_ms = (time.perf_counter() - started) * 1000.0
-        return await self.inspect_decoded(decoded, category, explain, boxes, decode_ms)
+        return await self.inspect_decoded(decoded, category, explain, boxes, decode_ms, review)
 
     # -- catalog -----------------------------------------------------------------------
 
@@ -805,7 +872,7 @@ def _flag(value: Any) -> bool:
 
 @serve.deployment
 @serve.ingress(api)
-class Router(_Router):
+class Router(RouterCore):
     """The ingress deployment: HTTP routes and the by-handle ``inspect`` method."""
 
     async def inspect(
@@ -909,7 +976,8 @@ class Router(_Router):
                 sent = content_type or "no content type"
                 raise _Problem(415, f"send multipart/form-data or application/json, not {sent}")
             await self.authorize(request.headers.get(API_KEY_HEADER), category)
-            return await self.inspect_bytes(data, category, explain, boxes, image_type)
+            review = not _flag(request.headers.get(REVIEWING_HEADER))
+            return await self.inspect_bytes(data, category, explain, boxes, image_type, review)
         except ImageRejected as error:
             return _problem_response(_Problem(error.status, error.detail))
         except _Problem as problem:
@@ -987,6 +1055,89 @@ class Router(_Router):
         ready, body = await self.readiness()
         return JSONResponse(body, 200 if ready else 503)
 
+    @api.get(
+        "/v1/reviews",
+        response_model=ReviewQueue,
+        responses=_REVIEW_ERRORS,
+        summary="Answers waiting for a person's review",
+    )
+    async def http_reviews(
+        self, request: Request, category: str | None = None, limit: int = 50
+    ) -> Any:
+        """The review queue, oldest first: ambiguous answers, unsure types, a sample."""
+        try:
+            await self.authorize(request.headers.get(API_KEY_HEADER), category)
+            store = self._review_store()
+            pending = await asyncio.to_thread(store.review_queue_length)
+            items = await asyncio.to_thread(
+                store.pending_reviews, max(1, min(limit, 500)), category
+            )
+        except _Problem as problem:
+            return _problem_response(problem)
+        except StoreUnavailable as error:
+            return _problem_response(_Problem(503, f"the review queue is unavailable: {error}"))
+        return {"pending": pending, "items": items}
+
+    @api.get(
+        "/v1/reviews/{review_id}/image",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+            404: _NOT_FOUND,
+            **_REVIEW_ERRORS,
+        },
+        summary="The image of a review item",
+    )
+    async def http_review_image(self, review_id: str, request: Request) -> Any:
+        """The part's image as it was inspected (PNG)."""
+        try:
+            await self.authorize(request.headers.get(API_KEY_HEADER), None)
+            image = await asyncio.to_thread(self._review_store().review_image, review_id)
+        except _Problem as problem:
+            return _problem_response(problem)
+        except StoreUnavailable as error:
+            return _problem_response(_Problem(503, f"the review queue is unavailable: {error}"))
+        if image is None:
+            return _problem_response(_Problem(404, f"no review item {review_id!r}"))
+        return Response(image, media_type="image/png")
+
+    @api.post(
+        "/v1/reviews/{review_id}",
+        response_model=ReviewItem,
+        responses={404: _NOT_FOUND, **_REVIEW_ERRORS},
+        summary="Confirm or correct an answer",
+    )
+    async def http_review(self, review_id: str, body: ReviewIn, request: Request) -> Any:
+        """Record a person's verdict and defect type; the reviewer is the API key's tenant."""
+        try:
+            grant = await self.authorize(request.headers.get(API_KEY_HEADER), None)
+            if body.verdict == "defective" and not body.defect_type:
+                raise _Problem(422, "a defective part needs its defect_type (a new name is fine)")
+            review = {
+                "verdict": body.verdict,
+                "defect_type": body.defect_type if body.verdict == "defective" else None,
+                "note": body.note,
+                "reviewer": grant.tenant if grant is not None else "anonymous",
+                "reviewed_at": time.time(),
+            }
+            item = await asyncio.to_thread(self._review_store().record_review, review_id, review)
+        except _Problem as problem:
+            return _problem_response(problem)
+        except KeyError:
+            return _problem_response(_Problem(404, f"no review item {review_id!r}"))
+        except StoreUnavailable as error:
+            return _problem_response(_Problem(503, f"the review queue is unavailable: {error}"))
+        top = item["defect_types"][0]["name"] if item.get("defect_types") else None
+        item["review"]["agrees"] = item["verdict"] == body.verdict and (
+            body.verdict == "ok" or top == body.defect_type
+        )
+        return item
+
+    def _review_store(self) -> RedisStore:
+        if self.store is None:
+            raise _Problem(409, "the review queue needs Redis: this service runs without one")
+        return self.store
+
     @api.get("/ui", response_class=HTMLResponse, summary="The operator page")
     async def http_ui(self) -> HTMLResponse:
         """Drop an image; see the verdict, heatmap, boxes, defect types and trace."""
@@ -994,4 +1145,4 @@ class Router(_Router):
         return HTMLResponse(page)
 
 
-__all__ = ["Router", "api"]
+__all__ = ["Router", "RouterCore", "api"]

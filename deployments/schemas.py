@@ -33,6 +33,62 @@ class DefectTypeScore(_Schema):
     )
 
 
+class ReviewIn(_Schema):
+    """A person's review of a queued answer."""
+
+    verdict: Literal["ok", "defective"]
+    defect_type: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_ -]*$",
+        description="The defect's type (defective parts): a known one or a new name.",
+    )
+    note: str = Field(default="", max_length=500)
+
+
+class ReviewedType(_Schema):
+    """A defect type the service named, with its score."""
+
+    name: str
+    score: float
+
+
+class Review(_Schema):
+    """What a person said about an answer."""
+
+    verdict: Literal["ok", "defective"]
+    defect_type: str | None = None
+    note: str = ""
+    reviewer: str = Field(description="The API key's tenant (`anonymous` without keys).")
+    reviewed_at: float = Field(description="Unix time of the review.")
+    agrees: bool | None = Field(
+        default=None, description="Whether the review says what the service said."
+    )
+
+
+class ReviewItem(_Schema):
+    """An answer queued for review: what the service said, and the review once made."""
+
+    id: str = Field(description="The answer's request id (also its id in the result stream).")
+    reason: Literal["ambiguous", "unsure-type", "sampled"]
+    queued_at: float
+    category: str
+    verdict: Literal["ok", "defective"]
+    anomaly_score: float
+    decided_by: str
+    defect_types: list[ReviewedType] = Field(default_factory=list)
+    model_versions: dict[str, str] = Field(default_factory=dict)
+    image_sha256: str
+    review: Review | None = None
+
+
+class ReviewQueue(_Schema):
+    """The waiting answers, oldest first."""
+
+    pending: int = Field(description="How many answers wait in all.")
+    items: list[ReviewItem]
+
+
 class DefectBox(_Schema):
     """Where one defect is, in the pixels of the image sent."""
 

@@ -20,6 +20,7 @@ redis-server.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -780,6 +781,115 @@ class RedisStore:
             return True, 0.0
         retry_after = RATE_WINDOW_S - (now % RATE_WINDOW_S)
         return False, retry_after if retry_after > 0 else float(RATE_WINDOW_S)
+
+    # -- the review queue ---------------------------------------------------------
+
+    def _review_key(self, kind: str, review_id: str = "") -> str:
+        return f"{self.prefix}:review:{kind}" + (f":{review_id}" if review_id else "")
+
+    def enqueue_review(
+        self, item: Mapping[str, Any], image_png: bytes, max_pending: int = 10_000
+    ) -> None:
+        """Queue an answer for a person to review, with its image.
+
+        ``item["id"]`` is the answer's request id. Past ``max_pending`` waiting
+        items, the oldest waiting ones leave the queue (reviewed ones are kept).
+
+        Raises:
+            StoreUnavailable: Redis is down (the answer stands; it is not queued).
+        """
+        review_id = str(item["id"])
+        payload = json.dumps(dict(item))
+        image = base64.b64encode(image_png).decode("ascii")
+
+        def queue(r: redis.Redis) -> list[str]:
+            pipe = r.pipeline(transaction=True)
+            pipe.set(self._review_key("item", review_id), payload)
+            pipe.set(self._review_key("image", review_id), image)
+            pipe.zadd(self._review_key("pending"), {review_id: time.time()})
+            pipe.execute()
+            overflow = r.zcard(self._review_key("pending")) - max_pending
+            dropped = r.zpopmin(self._review_key("pending"), overflow) if overflow > 0 else []
+            for old, _ in dropped:
+                r.delete(self._review_key("item", old), self._review_key("image", old))
+            return [old for old, _ in dropped]
+
+        self._call(queue)
+
+    def pending_reviews(self, limit: int = 50, category: str | None = None) -> list[dict]:
+        """The waiting items, oldest first (of ``category`` only, when given).
+
+        Raises:
+            StoreUnavailable: Redis is down.
+        """
+
+        def read(r: redis.Redis) -> list[dict]:
+            found: list[dict] = []
+            start = 0
+            while len(found) < limit:
+                ids = r.zrange(self._review_key("pending"), start, start + 199)
+                if not ids:
+                    break
+                start += len(ids)
+                raw = r.mget([self._review_key("item", i) for i in ids])
+                items = [json.loads(v) for v in raw if v]
+                found += [i for i in items if category in (None, i.get("category"))]
+            return found[:limit]
+
+        return self._call(read)
+
+    def review_queue_length(self) -> int:
+        """How many items wait for a review (Redis down: raises StoreUnavailable)."""
+        return int(self._call(lambda r: r.zcard(self._review_key("pending"))))
+
+    def review_image(self, review_id: str) -> bytes | None:
+        """The image of a queued or reviewed item (None: no such item)."""
+        raw = self._call(lambda r: r.get(self._review_key("image", review_id)))
+        return base64.b64decode(raw) if raw else None
+
+    def record_review(self, review_id: str, review: Mapping[str, Any]) -> dict:
+        """Store a person's review of an item: it leaves the queue, durably recorded.
+
+        A second review of the same item replaces the first (a correction); each is
+        also appended to the reviews stream, the audit trail.
+
+        Returns:
+            The item with its ``review``.
+
+        Raises:
+            KeyError: no such item.
+            StoreUnavailable: Redis is down.
+        """
+
+        def record(r: redis.Redis) -> dict:
+            raw = r.get(self._review_key("item", review_id))
+            if raw is None:
+                raise KeyError(review_id)
+            item = json.loads(raw) | {"review": dict(review)}
+            payload = json.dumps(item)
+            pipe = r.pipeline(transaction=True)
+            pipe.set(self._review_key("item", review_id), payload)
+            pipe.zrem(self._review_key("pending"), review_id)
+            pipe.zadd(self._review_key("done"), {review_id: time.time()})
+            pipe.xadd(self._review_key("log"), {"id": review_id, "item": payload})
+            pipe.execute()
+            return item
+
+        return self._call(record)
+
+    def reviewed(self, category: str | None = None) -> list[dict]:
+        """Every reviewed item with its review, oldest review first."""
+
+        def read(r: redis.Redis) -> list[dict]:
+            ids = r.zrange(self._review_key("done"), 0, -1)
+            found = []
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                raw = r.mget([self._review_key("item", i) for i in chunk])
+                found += [json.loads(v) for v in raw if v]
+            return [i for i in found if category in (None, i.get("category"))]
+
+        return self._call(read)
 
     def close(self) -> None:
         """Close the spool file and the Redis connections."""

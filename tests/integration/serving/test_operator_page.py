@@ -244,3 +244,64 @@ def test_screenshot_of_an_answer(
     with Image.open(shot) as png:
         assert png.format == "PNG"
         assert png.width >= 1280
+
+
+def test_a_person_reviews_a_queued_answer_and_the_export_holds_it(
+    page: Page, serving: Any, tmp_path: Path, inspection_images: dict[str, Path]
+) -> None:
+    """Queue an answer, correct it in the review view, export it for retraining."""
+    from cluster.cli import main
+    from models.data import load_dataset
+    from tests.integration.serving.conftest import SURFACE
+
+    # New bytes (one pixel changed): a cached answer is never queued.
+    fresh = tmp_path / "part.png"
+    with Image.open(inspection_images["synthetic_good"]) as image:
+        image = image.convert("RGB")
+        image.putpixel((0, 0), (1, 2, 3))
+        image.save(fresh)
+    serving.deploy(service={"review": {"sample_share": 1.0}})  # every answer asks for a look
+    try:
+        answer = inspect_over_http(serving.url, fresh, SURFACE, explain=False, boxes=False).json()
+        queued = requests.get(f"{serving.url}/v1/reviews?limit=500", timeout=HTTP_TIMEOUT_S).json()
+        [item] = [i for i in queued["items"] if i["id"] == answer["request_id"]]
+        reason = "ambiguous" if answer["decided_by"] == "verifier" else "sampled"
+        if reason == "sampled" and answer["verdict"] == "defective":
+            reason = "unsure-type" if answer["defect_types"][0]["score"] < 0.5 else reason
+        assert (item["verdict"], item["reason"]) == (answer["verdict"], reason)
+
+        open_page(page, serving.url)
+        page.click("#review-load")
+        page.locator(f'#review-list button[data-id="{item["id"]}"]').click()
+        page.locator("#review-form").wait_for(state="visible")
+        # The part is shown as the service sees it now, with its heatmap.
+        assert page.locator("#verdict").inner_text().lower() == answer["verdict"]
+        assert page.locator("#opacity-row").is_visible()
+        assert page.locator("#review-ok").is_checked() == (answer["verdict"] == "ok")
+        page.check("#review-defective")
+        page.fill("#review-type", "smudge")  # a type no model knows yet
+        page.fill("#review-note", "oil film near the edge")
+        shot = tmp_path / "review_view.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"review view: {shot}")
+        page.click("#review-submit")
+        page.wait_for_function(
+            "() => document.getElementById('review-status').textContent.startsWith('Saved')"
+        )
+        said = page.inner_text("#review-status")
+        assert "smudge" in said and "anonymous" in said and "correction" in said, said
+
+        # It left the queue, and the reviewer's own look was not queued again.
+        left = requests.get(f"{serving.url}/v1/reviews?limit=500", timeout=HTTP_TIMEOUT_S).json()
+        assert item["id"] not in [i["id"] for i in left["items"]]
+        assert answer["image_sha256"] not in [i["image_sha256"] for i in left["items"]]
+    finally:
+        serving.deploy(service={"review": {"sample_share": 0.02}})
+
+    out = tmp_path / "reviews"
+    command = ["reviews", "export", "--out", str(out), "--redis-url", serving.redis_url]
+    assert main([*command, "--workdir", str(tmp_path)]) == 0
+    [sample] = [s for s in load_dataset("coco", out).samples if s.image_path.stem == item["id"]]
+    assert (sample.category, sample.label) == (SURFACE, "smudge")
+    with Image.open(sample.image_path) as exported, Image.open(fresh) as sent:
+        assert exported.size == sent.size

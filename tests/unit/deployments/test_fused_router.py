@@ -6,14 +6,15 @@ import time
 import pytest
 
 from deployments.imaging import encode_png
-from deployments.router import _Problem, _Router
+from deployments.router import RouterCore, _Problem
+from deployments.schemas import DefectTypeScore
 from models.inspection import LocalInspector
 from models.stages import VERIFIER
 from tests.tiny_models import PROBABILITIES
 
 
-def _router(registry, **service) -> _Router:
-    router = _Router({}, registry.uri, None, "cpu")  # no stage handles: fused
+def _router(registry, **service) -> RouterCore:
+    router = RouterCore({}, registry.uri, None, "cpu")  # no stage handles: fused
     router.reconfigure({"max_batch_size": 8, "auth": "off", **service})
     return router
 
@@ -63,3 +64,20 @@ def test_a_slow_fused_router_answers_504_within_its_timeout(registry, images):
     with pytest.raises(_Problem) as refused:
         asyncio.run(one())
     assert refused.value.status == 504
+
+
+def test_the_answers_a_person_should_see_are_named(registry, images):
+    router = _router(registry, review={"sample_share": 0.0, "min_type_confidence": 0.5})
+    [unsure, sure] = asyncio.run(_all(router, [(images[0], "unsure"), (images[1], "sure")]))
+    assert unsure.decided_by == "verifier" and router._review_reason(unsure) == "ambiguous"
+    assert router._review_reason(sure) is None  # decided outright, not sampled
+    doubtful = sure.model_copy(
+        update={"verdict": "defective", "defect_types": [DefectTypeScore(name="crack", score=0.3)]}
+    )
+    assert router._review_reason(doubtful) == "unsure-type"
+    router.reconfigure({"auth": "off", "review": {"sample_share": 1.0}})
+    assert router._review_reason(sure) == "sampled"
+
+
+async def _all(router, parts):
+    return [await router.inspect_bytes(encode_png(image), category) for image, category in parts]
