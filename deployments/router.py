@@ -1062,15 +1062,15 @@ class Router(RouterCore):
         summary="Answers waiting for a person's review",
     )
     async def http_reviews(
-        self, request: Request, category: str | None = None, limit: int = 50
+        self, request: Request, category: str | None = None, limit: int = 50, newest: bool = False
     ) -> Any:
-        """The review queue, oldest first: ambiguous answers, unsure types, a sample."""
+        """The review queue, oldest (or ``newest``) first."""
         try:
             await self.authorize(request.headers.get(API_KEY_HEADER), category)
             store = self._review_store()
             pending = await asyncio.to_thread(store.review_queue_length)
             items = await asyncio.to_thread(
-                store.pending_reviews, max(1, min(limit, 500)), category
+                store.pending_reviews, max(1, min(limit, 500)), category, newest
             )
         except _Problem as problem:
             return _problem_response(problem)

@@ -816,8 +816,10 @@ class RedisStore:
 
         self._call(queue)
 
-    def pending_reviews(self, limit: int = 50, category: str | None = None) -> list[dict]:
-        """The waiting items, oldest first (of ``category`` only, when given).
+    def pending_reviews(
+        self, limit: int = 50, category: str | None = None, newest: bool = False
+    ) -> list[dict]:
+        """The waiting items, oldest first or ``newest`` first (of ``category`` only, when given).
 
         Raises:
             StoreUnavailable: Redis is down.
@@ -827,7 +829,7 @@ class RedisStore:
             found: list[dict] = []
             start = 0
             while len(found) < limit:
-                ids = r.zrange(self._review_key("pending"), start, start + 199)
+                ids = r.zrange(self._review_key("pending"), start, start + 199, desc=newest)
                 if not ids:
                     break
                 start += len(ids)

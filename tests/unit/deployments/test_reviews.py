@@ -52,6 +52,7 @@ def test_items_wait_oldest_first_and_the_oldest_leave_past_the_limit(store):
     assert [i["id"] for i in store.pending_reviews()] == ["req1", "req2", "req3", "req4"]
     assert [i["id"] for i in store.pending_reviews(category="tile")] == ["req1", "req3"]
     assert [i["id"] for i in store.pending_reviews(limit=2)] == ["req1", "req2"]
+    assert [i["id"] for i in store.pending_reviews(limit=2, newest=True)] == ["req4", "req3"]
     assert store.review_image("req2") == _png(2)
 
 
