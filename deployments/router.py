@@ -313,6 +313,7 @@ class RouterCore:
         self._maintenance: asyncio.Task | None = None
         self._configured = False  # the store opens with the first user_config
         self.metrics: InspectionMetrics | None = None  # created in the running replica
+        self._queueing: set[asyncio.Task] = set()  # reviews being queued after their answer
         self.drift = self.fresh_drift_windows()
 
     # -- configuration -------------------------------------------------------------
@@ -382,11 +383,12 @@ class RouterCore:
             await asyncio.sleep(min(self.service.refresh_s, 2.0))
             try:
                 store = self.store
-                if store is not None and store.spooled() and await asyncio.to_thread(store.ping):
+                spooled = store.spooled() if store is not None else 0
+                if spooled and await asyncio.to_thread(store.ping):
                     moved = await asyncio.to_thread(store.replay_spool)
                     log.info("replayed %d spooled results into the stream", moved)
+                    spooled = store.spooled()
                 if self.metrics is not None:
-                    spooled = store.spooled() if store is not None else 0
                     queued = None
                     if store is not None:
                         with contextlib.suppress(StoreUnavailable):
@@ -524,7 +526,12 @@ class RouterCore:
             self.drift.observe(result.category, result.anomaly_score)
             reason = self._review_reason(result) if review else None
             if reason is not None and self.store is not None:
-                await self._queue_for_review(result, decoded, reason)
+                # Encoding the image and writing it wait for no one: the answer goes now.
+                task = asyncio.get_running_loop().create_task(
+                    self._queue_for_review(result, decoded, reason)
+                )
+                self._queueing.add(task)
+                task.add_done_callback(self._queueing.discard)
         if self.metrics is not None:
             self.metrics.answered(result)
         return result
@@ -832,8 +839,16 @@ def _description_fields(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _problem_response(problem: _Problem) -> JSONResponse:
-    return JSONResponse({"detail": problem.detail}, problem.status, headers=problem.headers())
+def _problem_response(problem: _Problem, started: float | None = None) -> JSONResponse:
+    """The Problem body, and with ``started`` (perf_counter) a ``Server-Timing`` header.
+
+    The header gives the time this replica spent before refusing, which a caller's
+    own clock cannot tell apart from its network and its own load.
+    """
+    headers = problem.headers()
+    if started is not None:
+        headers["Server-Timing"] = f"router;dur={(time.perf_counter() - started) * 1000.0:.1f}"
+    return JSONResponse({"detail": problem.detail}, problem.status, headers=headers)
 
 
 def _validation_message(error: ValidationError | RequestValidationError) -> str:
@@ -953,6 +968,7 @@ class Router(RouterCore):
     )
     async def http_inspect(self, request: Request) -> Any:
         """Multipart (`image` file + fields) or JSON (`InspectRequest`, image in base64)."""
+        started = time.perf_counter()
         try:
             content_type = request.headers.get("content-type", "")
             if content_type.startswith("multipart/form-data"):
@@ -979,9 +995,9 @@ class Router(RouterCore):
             review = not _flag(request.headers.get(REVIEWING_HEADER))
             return await self.inspect_bytes(data, category, explain, boxes, image_type, review)
         except ImageRejected as error:
-            return _problem_response(_Problem(error.status, error.detail))
+            return _problem_response(_Problem(error.status, error.detail), started)
         except _Problem as problem:
-            return _problem_response(problem)
+            return _problem_response(problem, started)
 
     @api.post(
         "/v1/inspect/batch",

@@ -89,12 +89,9 @@ def fit_decision(
     rule = replace(rule, **weights)
     figures |= fit
     # The good validation parts' final scores: what drift is measured against.
-    firsts = np.atleast_1d(first)
-    verified = firsts if verifier_scores is None else np.atleast_1d(verifier_scores)
-    finals = [
-        rule.decide(float(p), None if verifier_scores is None else float(v)).anomaly_score
-        for p, v in zip(firsts, verified, strict=True)
-    ]
+    firsts = np.atleast_1d(first).tolist()
+    verified = [None] * len(firsts) if verifier_scores is None else verifier_scores.tolist()
+    finals = [rule.decide(p, v).anomaly_score for p, v in zip(firsts, verified, strict=True)]
     # The share judged defective among the real parts (synthetic defects are not
     # parts a line makes).
     judged = np.asarray(finals) >= 0.5

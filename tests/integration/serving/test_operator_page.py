@@ -8,6 +8,7 @@ drop what the service said.
 from __future__ import annotations
 
 import mimetypes
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,8 +264,15 @@ def test_a_person_reviews_a_queued_answer_and_the_export_holds_it(
     serving.deploy(service={"review": {"sample_share": 1.0}})  # every answer asks for a look
     try:
         answer = inspect_over_http(serving.url, fresh, SURFACE, explain=False, boxes=False).json()
-        queued = requests.get(f"{serving.url}/v1/reviews?limit=500", timeout=HTTP_TIMEOUT_S).json()
-        [item] = [i for i in queued["items"] if i["id"] == answer["request_id"]]
+        # Queued just after the answer went: within moments.
+        deadline, found = time.monotonic() + 30, []
+        while not found and time.monotonic() < deadline:
+            queued = requests.get(
+                f"{serving.url}/v1/reviews?limit=5&newest=true", timeout=HTTP_TIMEOUT_S
+            ).json()
+            found = [i for i in queued["items"] if i["id"] == answer["request_id"]]
+            time.sleep(0.2)
+        [item] = found
         reason = "ambiguous" if answer["decided_by"] == "verifier" else "sampled"
         if reason == "sampled" and answer["verdict"] == "defective":
             reason = "unsure-type" if answer["defect_types"][0]["score"] < 0.5 else reason
