@@ -9,21 +9,24 @@ DIR)`` reads (image-level labels, no boxes)::
     DIR/reviews.json                     who reviewed what, and what the service said
 
 A part reviewed ok is ``good``; a defective one carries the type the reviewer
-named (a new name is a new type).
+named (a new name is a new type). ``inspectray train ... --with-reviews DIR``
+adds them to a dataset's training split (:func:`reviewed_samples`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from deployments.store import RedisStore
-from models.data.sample import GOOD, DataError
+from models.data.sample import GOOD, DataError, Sample
 
 
 def review_label(item: dict[str, Any]) -> str:
@@ -78,3 +81,40 @@ def export_reviews(store: RedisStore, out: Path, category: str | None = None) ->
     (out / "annotations" / "reviews_train.json").write_text(json.dumps(coco, indent=1))
     (out / "reviews.json").write_text(json.dumps(records, indent=1))
     return {"out": str(out), "images": len(images), "labels": labels}
+
+
+def reviewed_samples(
+    root: Path, categories: Collection[str]
+) -> tuple[list[Sample], dict[str, int]]:
+    """An export's reviewed parts of these categories, as training samples.
+
+    Every review trains (none is kept for validation: the held-out split that
+    judges the retrained models is the dataset's own).
+
+    Returns:
+        The samples (ids prefixed ``review:``), and how many reviews of other
+        categories were left out, by category.
+
+    Raises:
+        DataError: the folder is not an export, or none of its reviews is of
+            these categories.
+    """
+    from models.data import load_dataset
+
+    if not (Path(root) / "annotations" / "reviews_train.json").is_file():
+        raise DataError(f"{root} is not a review export: run `inspectray reviews export` first")
+    reviews = load_dataset("coco", Path(root)).samples
+    kept = [
+        dataclasses.replace(s, split="train", sample_id=f"review:{s.sample_id}")
+        for s in reviews
+        if s.category in categories
+    ]
+    others: dict[str, int] = {}
+    for s in reviews:
+        if s.category not in categories:
+            others[s.category] = others.get(s.category, 0) + 1
+    if not kept:
+        raise DataError(
+            f"the reviews in {root} are of {sorted(others)}, none of {sorted(categories)}"
+        )
+    return kept, others

@@ -2,6 +2,7 @@
 
     inspectray train {STAGE|all} --dataset NAME [--root DIR]
         [--category C] [--epochs N] [--num-workers W] [--use-gpu] [--registry DIR]
+        [--with-reviews DIR]
     inspectray tune STAGE --dataset NAME [--root DIR] --num-samples N
         [--max-epochs N] [--registry DIR]
     inspectray eval --dataset NAME [--root DIR] [--registry DIR] [--config serving.yaml]
@@ -166,42 +167,169 @@ def train_settings(args: argparse.Namespace, epochs: int) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train stages on Ray Train, register and promote them, refit the decision rules."""
-    from tune.trainer import POOLABLE, has_boxes, has_labelled_defects, train_pooled, train_stage
+    """Train stages on Ray Train, register and promote them, refit the decision rules.
+
+    With ``--with-reviews DIR`` the reviewed parts join the training split, the
+    retrained models (and the rules fitted to them) are staged as candidates, and
+    each category's candidate is promoted only if it beats production on the
+    held-out test split (:mod:`models.evaluation.promotion`).
+    """
+    from models.artifacts import StagedRegistry
 
     dataset, store = _load(args)
     categories = _categories(dataset, args.category)
     stages = list(STAGES) if args.stage == ALL else [args.stage]
     settings = train_settings(args, args.epochs)
-    if settings.pool_categories and args.stage not in (*POOLABLE, ALL):
+    reviews = None
+    target = store
+    if args.with_reviews:
+        stages = _judgeable(stages, args.stage)
+        dataset, reviews = _with_reviews(Path(args.with_reviews), dataset, categories)
+        target = StagedRegistry(store)
+        for category, left in target.discard_staged().items():
+            print(f"dropped an unfinished candidate of {category}: {left}", file=sys.stderr)
+    results = _train_stages(target, dataset, categories, stages, settings, args.stage)
+    out: dict[str, Any] = {"dataset": dataset.name, "registry": store.uri, "trained": results}
+    if reviews is not None:
+        out["reviews"] = reviews
+        out["judged"] = _judge_and_promote(store, target, dataset, results)
+    print_json(out)
+    return 0
+
+
+def _train_stages(
+    target: Any,
+    dataset: Any,
+    categories: list[str],
+    stages: list[str],
+    settings: Any,
+    asked: str,
+) -> list[dict[str, Any]]:
+    """Train each stage for each category into ``target``; the training summaries."""
+    from tune.trainer import POOLABLE, has_boxes, has_labelled_defects, train_pooled, train_stage
+
+    if settings.pool_categories and asked not in (*POOLABLE, ALL):
         from models.config import ConfigError
 
         raise ConfigError(
-            f"--pool-categories applies to the {' and '.join(POOLABLE)}, not the {args.stage}, "
+            f"--pool-categories applies to the {' and '.join(POOLABLE)}, not the {asked}, "
             "which learns each category's own good parts"
         )
     results = []
     for name in stages:
         stage = STAGES[name]
-        if args.stage == ALL and stage.needs == "boxes" and not has_boxes(dataset):
+        if asked == ALL and stage.needs == "boxes" and not has_boxes(dataset):
             print(f"no {name}: the training split has no boxes", file=sys.stderr)
             continue
         chosen = list(categories[:1] if stage.shared else categories)
-        if args.stage == ALL and stage.needs == "labelled-defects":
+        if asked == ALL and stage.needs == "labelled-defects":
             for category in [c for c in chosen if not has_labelled_defects(dataset, c)]:
                 print(f"no {name} for {category}: no labelled defects", file=sys.stderr)
                 chosen.remove(category)
         own = stage_settings(settings, name)
         if settings.pool_categories and name in POOLABLE and len(chosen) > 1:
             print(f"training one {name} for {', '.join(chosen)}", file=sys.stderr)
-            results.extend(train_pooled(store, dataset, name, chosen, own))
+            results.extend(train_pooled(target, dataset, name, chosen, own))
             continue
         for category in chosen:
-            target = "every category" if stage.shared else category
-            print(f"training {name} for {target} on {args.num_workers} worker(s)", file=sys.stderr)
-            results.append(train_stage(store, dataset, name, category, own))
-    print_json({"dataset": dataset.name, "registry": store.uri, "trained": results})
-    return 0
+            where = "every category" if stage.shared else category
+            workers = settings.num_workers
+            print(f"training {name} for {where} on {workers} worker(s)", file=sys.stderr)
+            results.append(train_stage(target, dataset, name, category, own))
+    return results
+
+
+def _with_reviews(root: Path, dataset: Any, categories: list[str]) -> tuple[Any, dict[str, Any]]:
+    """The dataset with an export's reviews of these categories in its training split."""
+    from collections import Counter
+
+    from cluster.reviews import reviewed_samples
+
+    samples, others = reviewed_samples(root, categories)
+    for category, count in sorted(others.items()):
+        print(f"{count} review(s) of {category} left out: not trained here", file=sys.stderr)
+    labels = dict(sorted(Counter(s.label for s in samples).items()))
+    print(f"training with {len(samples)} reviewed part(s): {labels}", file=sys.stderr)
+    added = {"added": len(samples), "labels": labels, "left_out": others}
+    return dataset.with_training(samples), added
+
+
+def _judgeable(stages: list[str], asked: str) -> list[str]:
+    """The stages retrained on reviews: those a held-out figure judges (no localizer)."""
+    from models.config import ConfigError
+    from models.evaluation.promotion import FIGURES
+
+    if asked != ALL and asked not in FIGURES:
+        raise ConfigError(
+            f"--with-reviews cannot retrain the {asked}: reviews carry no boxes, and no "
+            f"held-out figure would judge it; these can: {sorted(FIGURES)}"
+        )
+    for name in [s for s in stages if s not in FIGURES]:
+        print(f"no {name}: reviews carry no boxes", file=sys.stderr)
+    return [s for s in stages if s in FIGURES]
+
+
+def _judge_and_promote(
+    store: Any, staged: Any, dataset: Any, results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Judge each retrained category's candidate against production; promote the winners.
+
+    Both are inspected through the flow on the dataset's test split (the
+    reviews only ever train); a category's candidate is promoted, its decision
+    rule last, when it beats production, else it stays an unpromoted version.
+    """
+    from models.data import DataError, Dataset
+    from models.evaluation.promotion import Judgement, judge, judged_figures
+    from models.evaluation.run import evaluate
+    from models.stages import DECISION, SHARED_CATEGORY
+
+    trained: dict[str, set[str]] = {}
+    for result in results:
+        trained.setdefault(result["category"], set()).add(result["stage"])
+    shared = trained.pop(SHARED_CATEGORY, set())
+    judged = set(trained) or set(dataset.categories)  # a shared stage: judged on every category
+    test = tuple(s for s in dataset.samples if s.split == "test" and s.category in judged)
+    held = Dataset(dataset.name, test)
+    if not held.samples:
+        staged.discard_staged()
+        raise DataError(f"{dataset.name!r} has no test images of {sorted(judged)} to judge on")
+    metrics, plans = {}, {}
+    for side, models in (("production", store), ("candidate", staged)):
+        inspector = evaluation_inspector(models)
+        plans[side] = set(inspector.plan.categories)
+        print(f"judging the {side} on {len(held.samples)} held-out images", file=sys.stderr)
+        _, metrics[side] = evaluate(inspector, held, route=bool(shared), progress=False)
+    judgements: dict[str, Judgement] = {}
+    for category, stages in sorted(trained.items()):
+        if category not in plans["production"]:
+            judgements[category] = Judgement(True, "production has no model of it to beat")
+            continue
+        judgements[category] = judge(
+            metrics["production"]["per_category"].get(category, {}),
+            metrics["candidate"]["per_category"].get(category, {}),
+            judged_figures(stages),
+        )
+    if shared:
+        judgements[SHARED_CATEGORY] = judge(
+            metrics["production"], metrics["candidate"], judged_figures(shared)
+        )
+    winners = {c for c, j in judgements.items() if j.promoted}
+    promoted = staged.promote_staged(winners, last=(DECISION,))
+    kept = staged.discard_staged()
+    for category, judgement in judgements.items():
+        done = "promoted" if judgement.promoted else "production kept"
+        print(f"{category}: {done} ({judgement.reason})", file=sys.stderr)
+    return {
+        "held_out": {"split": "test", "images": len(held.samples)},
+        "categories": {
+            category: judgement.to_dict()
+            | {
+                "promoted_versions": promoted.get(category, {}),
+                "not_promoted": kept.get(category, {}),
+            }
+            for category, judgement in judgements.items()
+        },
+    }
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -533,6 +661,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _common(train)
     _training_options(train)
     train.add_argument("--epochs", type=int, default=8, help="maximum epochs (early stopping)")
+    train.add_argument(
+        "--with-reviews",
+        metavar="DIR",
+        help="add the reviewed parts of `inspectray reviews export --out DIR` to the "
+        "training split; the retrained models are promoted only where they beat "
+        "production on the held-out test split",
+    )
     train.add_argument(
         "--pool-categories",
         action="store_true",

@@ -19,6 +19,12 @@ tampered weights file is refused rather than used.
 A finished version may gain files beside its weights (an exported runtime and
 its parity record, :mod:`models.runtime`): :meth:`ArtifactRegistry.write_extra`
 and :meth:`~ArtifactRegistry.read_extra`; they never change the manifest.
+
+A candidate (retrained on reviews, say) is built beside production without
+serving: :class:`StagedRegistry` points the ``candidate`` alias where training
+would point ``production``, and reads the candidate first, so the whole
+candidate (its models and the decision rule fitted to them) can be judged
+before :meth:`StagedRegistry.promote_staged` makes it production.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 PRODUCTION = "production"
+CANDIDATE = "candidate"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 
@@ -109,6 +116,7 @@ class ArtifactRegistry:
 
     def __init__(self, uri: str, **storage_options: Any) -> None:
         self.uri = str(uri)
+        self.storage_options = dict(storage_options)
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options)
         self.root = self.root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
@@ -287,6 +295,16 @@ class ArtifactRegistry:
             {"version": version, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         )
 
+    def drop_alias(self, category: str, stage: str, alias: str) -> bool:
+        """Remove ``alias`` (never ``production``); returns whether it existed."""
+        if alias == PRODUCTION:
+            raise ArtifactError("the production alias is moved by promoting, never dropped")
+        path = self._path(category, stage, "aliases", f"{_check_name('alias', alias)}.json")
+        if not self.fs.exists(path):
+            return False
+        self.fs.rm(path)
+        return True
+
     # -- internals -------------------------------------------------------------------
 
     def _children(self, path: str) -> list[str]:
@@ -322,3 +340,76 @@ class ArtifactRegistry:
         else:
             # Object stores replace whole objects atomically.
             self.fs.pipe_file(path, data)
+
+
+class StagedRegistry(ArtifactRegistry):
+    """The registry as a candidate is built in: the same store, a different production.
+
+    Promoting points the ``candidate`` alias instead of ``production``, and
+    reading production reads the candidate where a stage has one. Training,
+    refitting the decision rule and evaluating run unchanged against this view;
+    the service, reading the registry itself, goes on serving production.
+
+    Args:
+        registry: the registry the candidate is built in.
+    """
+
+    def __init__(self, registry: ArtifactRegistry) -> None:
+        super().__init__(registry.uri, **registry.storage_options)
+
+    def __repr__(self) -> str:
+        return f"StagedRegistry({self.uri!r})"
+
+    def resolve(self, category: str, stage: str, ref: str = PRODUCTION) -> str:  # noqa: D102
+        if ref == PRODUCTION and CANDIDATE in self.aliases(category, stage):
+            ref = CANDIDATE
+        return super().resolve(category, stage, ref)
+
+    def promote(  # noqa: D102
+        self, category: str, stage: str, version: str, alias: str = PRODUCTION
+    ) -> None:
+        super().promote(category, stage, version, CANDIDATE if alias == PRODUCTION else alias)
+
+    def staged(self) -> dict[tuple[str, str], str]:
+        """(category, stage) → version, for every stage with a candidate."""
+        return {
+            (category, stage): version
+            for category in self.categories()
+            for stage in self.stages(category)
+            if (version := self.aliases(category, stage).get(CANDIDATE)) is not None
+        }
+
+    def promote_staged(
+        self, categories: set[str], last: tuple[str, ...] = ()
+    ) -> dict[str, dict[str, str]]:
+        """Make these categories' candidates production, dropping their candidate alias.
+
+        Args:
+            categories: whose candidates to promote.
+            last: stages promoted after the others (the decision rule fitted to
+                the models), so a reader never sees a rule without its models.
+
+        Returns:
+            category → stage → the version now in production.
+        """
+        chosen = [(key, v) for key, v in self.staged().items() if key[0] in categories]
+        chosen.sort(key=lambda item: item[0][1] in last)
+        promoted: dict[str, dict[str, str]] = {}
+        for (category, stage), version in chosen:
+            ArtifactRegistry.promote(self, category, stage, version)
+            self.drop_alias(category, stage, CANDIDATE)
+            promoted.setdefault(category, {})[stage] = version
+        return promoted
+
+    def discard_staged(self, categories: set[str] | None = None) -> dict[str, dict[str, str]]:
+        """Drop the candidate alias (of these categories; None: all); the versions stay.
+
+        Returns:
+            category → stage → the candidate version no longer staged.
+        """
+        dropped: dict[str, dict[str, str]] = {}
+        for (category, stage), version in self.staged().items():
+            if categories is None or category in categories:
+                self.drop_alias(category, stage, CANDIDATE)
+                dropped.setdefault(category, {})[stage] = version
+        return dropped

@@ -68,6 +68,22 @@ class Dataset:
         kept = tuple(s for s in self.samples if not (s.label in labels and s.split in splits))
         return Dataset(self.name, kept)
 
+    def with_training(self, samples: Iterable[Sample]) -> Dataset:
+        """The dataset with these samples added to its training split.
+
+        Raises:
+            DataError: a sample is not in the training split, or its id is taken.
+        """
+        added = tuple(samples)
+        wrong = sorted({s.split for s in added} - {"train"})
+        if wrong:
+            raise DataError(f"only training samples can be added to {self.name!r}, not {wrong}")
+        taken = {s.sample_id for s in self.samples} & {s.sample_id for s in added}
+        if taken:
+            first = sorted(taken)[:3]
+            raise DataError(f"{self.name!r} has samples with these ids already: {first}")
+        return Dataset(self.name, self.samples + added)
+
     @property
     def categories(self) -> list[str]:
         """Product categories, sorted."""

@@ -156,6 +156,12 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
     assert "KEY=VALUE" in capsys.readouterr().err
     assert main([*args, "--hold-out", "no_such_label"]) == 2
     assert "no label(s) ['no_such_label']" in capsys.readouterr().err
+    # Reviews retrain only what a held-out figure can judge, from an export.
+    assert main([*args, "--with-reviews", str(tmp_path)]) == 2
+    assert "is not a review export" in capsys.readouterr().err
+    args[1] = "localizer"
+    assert main([*args, "--with-reviews", str(tmp_path)]) == 2
+    assert "cannot retrain the localizer" in capsys.readouterr().err
     # Evaluating an empty registry says what is missing.
     code = main(
         [

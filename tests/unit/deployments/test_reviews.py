@@ -10,11 +10,11 @@ import redis
 from PIL import Image
 
 from cluster.redis_server import RedisServer
-from cluster.reviews import export_reviews
+from cluster.reviews import export_reviews, reviewed_samples
 from deployments.imaging import encode_png
 from deployments.store import RedisStore
-from models.data import load_dataset
-from models.data.sample import DataError
+from models.data import Dataset, load_dataset
+from models.data.sample import DataError, Sample
 
 
 @pytest.fixture()
@@ -97,3 +97,31 @@ def test_the_export_is_a_coco_dataset_with_the_reviewers_labels(store, tmp_path)
 def test_nothing_reviewed_is_said(store, tmp_path):
     with pytest.raises(DataError, match="no reviewed answers"):
         export_reviews(store, tmp_path / "empty")
+
+
+def test_the_reviews_join_a_datasets_training_split(store, tmp_path):
+    for n, (category, verdict, kind) in enumerate(
+        [("tile", "ok", None), ("tile", "defective", "new dent"), ("panel", "ok", None)]
+    ):
+        store.enqueue_review(_item(n, category), _png(30 * n))
+        store.record_review(f"req{n}", {"verdict": verdict, "defect_type": kind, "reviewer": "qa"})
+    out = tmp_path / "reviews"
+    export_reviews(store, out)
+    base = tmp_path / "base.png"
+    base.write_bytes(_png(200))
+    dataset = Dataset("line", (Sample(base, "tile", "good", "test", sample_id="tile/1"),))
+
+    samples, others = reviewed_samples(out, ["tile"])
+    assert others == {"panel": 1}
+    assert sorted((s.split, s.label) for s in samples) == [("train", "good"), ("train", "new dent")]
+    merged = dataset.with_training(samples)
+    assert [s.split for s in merged.samples] == ["test", "train", "train"]
+    assert all(s.sample_id.startswith("review:") for s in merged.samples[1:])
+    with pytest.raises(DataError, match="ids already"):
+        merged.with_training(samples)
+    with pytest.raises(DataError, match="only training samples"):
+        dataset.with_training(dataset.samples)
+    with pytest.raises(DataError, match="none of"):
+        reviewed_samples(out, ["stone"])
+    with pytest.raises(DataError, match="not a review export"):
+        reviewed_samples(tmp_path, ["tile"])

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.artifacts import MANIFEST_FILE, WEIGHTS_FILE, ArtifactError, ArtifactRegistry
+from models.artifacts import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    ArtifactError,
+    ArtifactRegistry,
+    StagedRegistry,
+)
 from models.backbone import PRETRAINED, create_backbone
 
 
@@ -68,6 +74,49 @@ def test_versions_aliases_and_refs(registry: ArtifactRegistry) -> None:
         registry.resolve("brushed_metal", "detector", "v9")
     with pytest.raises(ArtifactError, match="no such version"):
         registry.promote("brushed_metal", "detector", "v9")
+
+
+def test_a_candidate_is_staged_beside_production_until_promoted(
+    registry: ArtifactRegistry,
+) -> None:
+    state = {"w": torch.ones(3)}
+    _save(registry, state, promote=True)
+    staged = StagedRegistry(registry)
+    assert staged.resolve("brushed_metal", "detector") == "v1"  # no candidate yet: production
+    assert _save(staged, state, promote=True) == "v2"  # training promotes: the candidate moves
+    assert registry.resolve("brushed_metal", "detector") == "v1"  # what serves is unchanged
+    assert staged.resolve("brushed_metal", "detector") == "v2"
+    assert staged.load("brushed_metal", "detector").manifest.version == "v2"
+    assert staged.staged() == {("brushed_metal", "detector"): "v2"}
+    assert staged.promote_staged({"another_category"}) == {}  # not judged: left staged
+    assert staged.promote_staged({"brushed_metal"}) == {"brushed_metal": {"detector": "v2"}}
+    assert registry.aliases("brushed_metal", "detector") == {"production": "v2"}
+    assert staged.staged() == {}
+
+    _save(staged, state, promote=True)  # v3, judged no better
+    assert staged.discard_staged() == {"brushed_metal": {"detector": "v3"}}
+    assert registry.resolve("brushed_metal", "detector") == "v2"
+    assert registry.versions("brushed_metal", "detector") == ["v1", "v2", "v3"]  # history kept
+    with pytest.raises(ArtifactError, match="never dropped"):
+        registry.drop_alias("brushed_metal", "detector", "production")
+
+
+def test_the_decision_rule_is_promoted_after_its_models(tmp_path: Path, monkeypatch) -> None:
+    staged = StagedRegistry(ArtifactRegistry(str(tmp_path / "registry")))
+    for stage in ("decision", "detector", "verifier"):
+        staged.save(
+            "tile", stage, {"w": torch.ones(1)}, config={}, preprocessing={}, data={}, promote=True
+        )
+    order: list[str] = []
+    promote = ArtifactRegistry.promote
+
+    def recording(self, category, stage, version, alias="production"):
+        order.append(stage)
+        promote(self, category, stage, version, alias)
+
+    monkeypatch.setattr(ArtifactRegistry, "promote", recording)
+    staged.promote_staged({"tile"}, last=("decision",))
+    assert order[-1] == "decision" and sorted(order) == ["decision", "detector", "verifier"]
 
 
 def test_tampered_weights_are_refused(tmp_path: Path) -> None:
