@@ -4,14 +4,15 @@
 small synthetic dataset, takes a share of the packaged ELPV images, and fits on
 the running Ray cluster models that need little or no gradient training:
 
-- the category router over every category (both datasets), trained a few epochs;
+- the category router over every category (both datasets): its linear head fitted
+  on the frozen backbone's features of their training images;
 - per synthetic surface: a memory bank of its good patches (the detector; the
   decision rule is fitted on it) and a defect classifier whose embedding is
   fitted, not trained (``embedding: patch``: frozen patch features weighted by
   their distance to the good ones, one prototype per type);
 - per ELPV module type: a memory bank of its good cells.
 
-Nothing but the router runs an optimizer, so the set is ready in a few minutes
+Nothing runs epochs of gradient training, so the set is ready in a few minutes
 on a laptop. ``QuickSet(fitted=False)`` trains the older, slower set instead
 (detector, verifier, classifier and reranker per surface, the DEIMv2 localizer,
 detector and verifier per ELPV type, each for a few epochs at a small input):
@@ -41,6 +42,7 @@ from models.stages import (
     MEMORY_BANK,
     RERANKER,
     ROUTER,
+    STAGES,
     VERIFIER,
 )
 
@@ -58,8 +60,8 @@ class QuickSet:
         elpv_categories: ELPV module types to train (None: both).
         elpv_train: ELPV training images kept per category (the test split is whole).
         input_size: model input side of the trained stages.
-        fitted_input_size: model input side of the fitted stages (memory banks and
-            the patch classifiers).
+        fitted_input_size: model input side of the fitted stages (memory banks, the
+            router and the patch classifiers).
         max_bank: the most patches a memory bank keeps (bounds its fit and its
             serving cost).
         epochs: epochs of each trained stage but the detector.
@@ -143,6 +145,9 @@ def stage_settings(settings: Any, spec: QuickSet, stage: str) -> Any:
     if spec.fitted and stage == CLASSIFIER:
         config = {"input_size": spec.fitted_input_size, "embedding": "patch"}
         return replace(settings, model_config=config)
+    if stage == ROUTER:  # a linear head on frozen features: fitted, in either set
+        config = {"input_size": spec.fitted_input_size, "head": "fitted"}
+        return replace(settings, model_config=config)
     epochs = spec.detector_epochs if stage == DETECTOR else spec.epochs
     return replace(settings, epochs=epochs, patience=epochs)
 
@@ -203,7 +208,8 @@ def train_quick_set(
         if say is not None:
             figure = _figure(stage, summary)
             bar.clear()
-            say(f"  {stage} for {category}: {seconds:.0f} s" + (f", {figure}" if figure else ""))
+            where = "every category" if STAGES[stage].shared else category
+            say(f"  {stage} for {where}: {seconds:.0f} s" + (f", {figure}" if figure else ""))
             bar.refresh()
     bar.close()
     return {"seconds": round(time.perf_counter() - started, 1), "trained": trained}

@@ -2,7 +2,10 @@
 
 A linear classifier on the frozen ImageNet backbone's pooled features: product lines
 differ in global appearance (material, texture, layout), which ImageNet features
-separate well, so only the head is trained.
+separate well, so only the head is learnt. It is either trained by the training
+loop over augmented images (``head: trained``), or fitted in one pass: a
+multinomial logistic regression on the pooled features of the training images
+(``head: fitted``), which takes seconds and needs no epochs.
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.backbone import BackboneStage, Preprocessing, create_backbone
+
+TRAINED, FITTED = "trained", "fitted"
+HEADS = (TRAINED, FITTED)
 
 
 @dataclass(frozen=True)
@@ -27,16 +34,22 @@ class CategoryRouterConfig:
         input_size: side of the square model input in pixels.
         autocontrast: percent clipped at each end of a per-image contrast stretch
             (0: off); see :class:`~models.backbone.Preprocessing`.
+        head: how the head is learnt: ``"trained"`` by the training loop's
+            optimizer over epochs of augmented images, or ``"fitted"`` in one pass
+            (:meth:`CategoryRouter.fit_head`).
     """
 
     categories: tuple[str, ...]
     backbone: str = "efficientnet_lite0"
     input_size: int = 224
     autocontrast: float = 0.0
+    head: str = "trained"
 
     def __post_init__(self) -> None:
         if len(self.categories) < 1 or len(set(self.categories)) != len(self.categories):
             raise ValueError(f"need distinct categories, got {self.categories!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -70,6 +83,7 @@ class CategoryRouter(BackboneStage):
         self.preprocessing = config.preprocessing()
         self.backbone, _ = create_backbone(config.backbone, pretrained=pretrained, num_classes=0)
         self.freeze(self.backbone)
+        self.backbone.eval()  # ImageNet's batch statistics, from the start
         self.head = nn.Linear(self.backbone.num_features, len(config.categories))
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
@@ -78,9 +92,55 @@ class CategoryRouter(BackboneStage):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Category logits ``(B, C)``."""
+        return self.head(self.features(images))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's pooled features ``(B, F)`` the head reads."""
+        return self.backbone(images)
+
+    def fit_head(
+        self, features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3, steps: int = 200
+    ) -> dict[str, float]:
+        """Fit the head to pooled ``features`` ``(N, F)`` of images of class ``labels`` ``(N,)``.
+
+        A multinomial logistic regression: cross-entropy with inverse-frequency
+        class weights (as the trained head's loss) plus ``l2`` times the squared
+        weights, which keeps the probabilities finite on separable categories,
+        minimised by L-BFGS.
+
+        Returns:
+            ``{"images", "train_loss", "train_accuracy"}`` of the fit.
+        """
+        features, labels = features.float(), labels.long()
+        counts = torch.bincount(labels, minlength=len(self.config.categories)).clamp(min=1)
+        weights = (counts.sum() / counts / len(counts)).float()
+        head = nn.Linear(features.shape[1], len(self.config.categories))
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        optimizer = torch.optim.LBFGS(
+            head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe"
+        )
+
+        def objective() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(head(features), labels, weight=weights)
+            loss = loss + l2 * head.weight.square().sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(objective)
+        self.head.load_state_dict(head.state_dict())
         with torch.no_grad():
-            features = self.backbone(images)  # (B, 1280)
-        return self.head(features)
+            logits = head(features)
+            loss = F.cross_entropy(logits, labels, weight=weights)
+            accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return {
+            "images": len(labels),
+            "train_loss": float(loss),
+            "train_accuracy": float(accuracy),
+        }
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, allowed: Collection[str] | None = None) -> RouterOutput:

@@ -227,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def fit_without_gradients(family: Any, config: dict[str, Any], rank: int, world: int) -> None:
-    """A gradient-free family's one pass (the memory bank): no optimizer, no epochs.
+    """A gradient-free family's one pass (a memory bank, a fitted head): no epochs.
 
     Every worker describes its share of the training images (Ray's distributed
     sampler splits them); rank 0 gathers every description, fits the model,
@@ -292,8 +292,9 @@ def _fitted(
         "epoch_seconds": time.perf_counter() - started,
         "resumed_from": 0,
     }
+    rows = "patches" if "patches" in metrics else "images"
     print(
-        f"[{family.stage}/{family.category}] fitted on {metrics.get('patches', 0)} patches; "
+        f"[{family.stage}/{family.category}] fitted on {metrics.get(rows, 0)} {rows}; "
         f"{family.monitor} {metrics[family.monitor]:.4f} ({metrics['epoch_seconds']:.1f}s, "
         f"{world} worker{'s' if world > 1 else ''})",
         file=sys.stderr,

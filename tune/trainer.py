@@ -8,6 +8,7 @@ refits the category's decision rule.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,35 @@ def cpus_per_worker(settings: TrainSettings) -> int:
     return max(1, total // max(1, settings.num_workers))
 
 
+FREE_CPU_SETTLE_S = 3.0
+
+
+def requested_cpus(settings: TrainSettings, threads: int) -> float:
+    """The CPUs each worker of one training run asks Ray for.
+
+    Its threads' worth, unless fewer are free: a service on the same cluster
+    holds a share of a CPU for each replica although it mostly waits, and a
+    run asking for every CPU would then wait for ever. It then asks for what is
+    free and still runs ``threads`` threads. Nothing free (another run holds
+    them): it asks for all and waits its turn. ``--cpus-per-worker`` asks exactly.
+    """
+    if settings.cpus_per_worker:
+        return threads
+
+    def free() -> float:
+        return ray.available_resources().get("CPU", 0.0) / max(1, settings.num_workers)
+
+    # The cluster's view lags: a run or probe that just ended may still show as
+    # holding its CPUs for a moment, so the most seen over a short while counts.
+    seen, settled = free(), time.monotonic() + FREE_CPU_SETTLE_S
+    while seen < threads and time.monotonic() < settled:
+        time.sleep(0.2)
+        seen = max(seen, free())
+    if seen >= threads or seen <= 0:
+        return threads
+    return float(math.floor(seen)) if seen >= 1 else max(0.01, round(seen, 2))
+
+
 def storage_uri(path: str) -> str:
     """Ray wants absolute local paths; URLs pass through."""
     return path if "://" in path else str(Path(path).resolve())
@@ -180,10 +210,15 @@ def make_trainer(
     settings: TrainSettings,
     name: str,
     callbacks: Sequence[Any] = (),
+    cpus: float | None = None,
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` for one family run (Ray Train's entry point)."""
+    """A ``TorchTrainer`` for one family run (Ray Train's entry point).
+
+    ``cpus``: the CPUs each worker asks for (default: one per thread).
+    """
     threads = cpus_per_worker(settings)
-    resources = {"CPU": threads} | ({"GPU": 1} if settings.use_gpu else {})
+    resources = {"CPU": threads if cpus is None else cpus}
+    resources |= {"GPU": 1} if settings.use_gpu else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(spec, settings, threads),
@@ -205,14 +240,16 @@ def make_trainer(
 def fit_family(spec: Mapping[str, Any], settings: TrainSettings, name: str) -> FitResult:
     """Train one family run on Ray and return its best weights and history.
 
-    A gradient-free family (the memory bank, the patch classifier) on one worker
-    is fitted by one Ray task; everything else runs as a Ray Train worker group.
+    A gradient-free family (the memory bank, the patch classifier, the router
+    with a fitted head) on one worker is fitted by one Ray task; everything else
+    runs as a Ray Train worker group.
     """
     ensure_ray()
     started = time.perf_counter()
     if settings.num_workers == 1 and build_family(spec).gradient_free:
         return fit_as_task(spec, settings, name, started)
-    result = make_trainer(spec, settings, name).fit()
+    cpus = requested_cpus(settings, cpus_per_worker(settings))
+    result = make_trainer(spec, settings, name, cpus=cpus).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} reported no checkpoint")
     return FitResult.from_checkpoint(result.checkpoint, time.perf_counter() - started)
@@ -224,7 +261,9 @@ def fit_as_task(
     """A one-pass fit in one Ray task; its payload is kept under the run's folder too."""
     threads = cpus_per_worker(settings)
     task = ray.remote(fit_in_one_pass).options(
-        num_cpus=threads, num_gpus=1 if settings.use_gpu else 0, name=name
+        num_cpus=requested_cpus(settings, threads),
+        num_gpus=1 if settings.use_gpu else 0,
+        name=name,
     )
     payload = ray.get(task.remote(loop_config(spec, settings, threads)))
     kept = ""

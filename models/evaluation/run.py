@@ -7,7 +7,6 @@ its verdicts and final scores, overall and per category.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sys
 import time
@@ -22,6 +21,7 @@ from models.data import Dataset, Sample
 from models.evaluation.localizer_eval import localizer_metrics
 from models.evaluation.records import ImageRecord
 from models.inspection import Inspection, InspectionRequest, LocalInspector
+from models.inspection.local import run_to_completion
 from models.metrics import (
     balanced_accuracy,
     binary_accuracy,
@@ -263,7 +263,7 @@ def evaluate(
                 rate = done / (time.perf_counter() - started)
                 print(f"eval {done}/{len(samples)} images ({rate:.1f} img/s)", file=sys.stderr)
 
-    asyncio.run(judge())
+    run_to_completion(judge())
     thresholds = {c: m.rule.threshold for c, m in plan.categories.items()}
     described = described_only(inspector)
     # The final anomaly score puts every category's decision threshold at 0.5.

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
-from concurrent.futures import Executor
-from typing import Any
+from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -53,6 +53,22 @@ from models.stages import (
 )
 
 Compute = Callable[[list[Any]], Sequence[Any]]
+T = TypeVar("T")
+
+
+def run_to_completion(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` from synchronous code and return its result.
+
+    Where this thread already runs an event loop (a notebook, a test driving a
+    browser), the coroutine gets a loop of its own on another thread, since
+    ``asyncio.run`` refuses to start inside a running loop.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspect") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 class Batcher:
@@ -342,4 +358,4 @@ class LocalInspector:
             InspectionRequest(image, category, **options)
             for image, category in zip(images, categories, strict=True)
         ]
-        return asyncio.run(self.inspect_all(requests))
+        return run_to_completion(self.inspect_all(requests))

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
-from models.category_router import CategoryRouter, CategoryRouterConfig
+from models.category_router import FITTED, CategoryRouter, CategoryRouterConfig
 from models.data.sample import GOOD, DataError, Sample
 from models.data.tensors import (
     NONE,
@@ -166,7 +166,12 @@ class VerifierFamily(TrainingFamily):
 
 @register_family
 class RouterFamily(TrainingFamily):
-    """CategoryRouter: every category's images, the category is the class."""
+    """CategoryRouter: every category's images, the category is the class.
+
+    With ``head: fitted`` nothing runs epochs: the training images' pooled
+    features, each with its class (:meth:`features`), fit the head in one pass
+    (:meth:`fit`).
+    """
 
     stage = ROUTER
     default_lr = 3e-3
@@ -177,6 +182,29 @@ class RouterFamily(TrainingFamily):
     def categories(self) -> tuple[str, ...]:
         """The categories, sorted."""
         return tuple(sorted({s.category for s in self.samples}))
+
+    @property
+    def gradient_free(self) -> bool:  # type: ignore[override]
+        """Whether the head is fitted in one pass (``head: fitted``) rather than trained."""
+        return self.model_config.get("head") == FITTED
+
+    def features(self, model: nn.Module, loader: DataLoader) -> torch.Tensor:
+        """Rows ``(N, F + 1)``: each training image's pooled features, then its class.
+
+        The class travels in the row so that the rows of several workers
+        gathered together still carry their own labels.
+        """
+        router = unwrap(model)
+        device = next(router.parameters()).device
+        rows = [
+            torch.cat([router.features(images.to(device)).cpu(), target[:, None].float()], dim=1)
+            for images, target in loader
+        ]
+        return torch.cat(rows)
+
+    def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:
+        """Fit the head to the rows of :meth:`features`."""
+        return unwrap(model).fit_head(features[:, :-1], features[:, -1].long())
 
     def split(self, name: str) -> list[Sample]:  # noqa: D102
         return [s for s in self.samples if s.split == name]
@@ -193,7 +221,7 @@ class RouterFamily(TrainingFamily):
                 train,
                 [index[s.category] for s in train],
                 model.preprocessing,
-                augment=self.augment,
+                augment=NONE if self.gradient_free else self.augment,
             ),
             ImageTensorDataset(val, [index[s.category] for s in val], model.preprocessing),
         )

@@ -22,7 +22,15 @@ from models.artifacts import ArtifactRegistry
 from models.data import load_dataset
 from models.data.synthetic import DEFECT_TYPES, generate
 from models.stages import SHARED_CATEGORY
-from tune.trainer import DEFAULT_LR, TrainSettings, family_spec, fit_family, train_stage
+from tune.trainer import (
+    DEFAULT_LR,
+    TrainSettings,
+    cpus_per_worker,
+    family_spec,
+    fit_family,
+    requested_cpus,
+    train_stage,
+)
 
 pytestmark = pytest.mark.slow
 CATEGORY = "brushed_metal"
@@ -256,6 +264,37 @@ def test_two_workers_train_with_ddp(ray_cluster, synth_root, tmp_path):
     history = registry.manifest(CATEGORY, "detector").metrics["history"]
     assert summary["version"] == "v1"
     assert history[0]["world_size"] == 2
+
+
+def test_a_fitted_router_beside_a_service_that_holds_cpus_asks_for_what_is_free(
+    ray_cluster, synth_root, tmp_path
+):
+    """A service's replicas hold a share of the CPUs; a training run still starts."""
+
+    @ray_cluster.remote(num_cpus=ray_cluster.cluster_resources()["CPU"] - 0.5)
+    class Replica:
+        def ping(self) -> bool:
+            return True
+
+    replica = Replica.remote()
+    try:
+        ray_cluster.get(replica.ping.remote(), timeout=60)
+        settings = _settings(tmp_path, model_config={"input_size": 64, "head": "fitted"})
+        asked = requested_cpus(settings, cpus_per_worker(settings))
+        assert 0 < asked <= 0.5 < cpus_per_worker(settings)
+        probe = ray_cluster.remote(lambda: True).options(num_cpus=asked).remote()
+        assert ray_cluster.get(probe, timeout=60)  # schedulable beside the replica
+        dataset = load_dataset("synthetic", synth_root)
+        registry = ArtifactRegistry(str(tmp_path / "registry"))
+        summary = train_stage(registry, dataset, "router", CATEGORY, settings)
+    finally:
+        ray_cluster.kill(replica)
+    manifest = registry.manifest(SHARED_CATEGORY, "router")
+    assert summary["version"] == manifest.version == "v1"
+    assert manifest.config["head"] == "fitted"
+    [fit] = manifest.metrics["history"]  # one pass, no epochs
+    assert fit["images"] == len(dataset.select(CATEGORY, "train")) * 2
+    assert fit["val_accuracy"] == 1.0  # the two surfaces look nothing alike
 
 
 def test_one_detector_pooled_for_two_categories(ray_cluster, synth_root, tmp_path, capsys):

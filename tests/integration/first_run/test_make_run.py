@@ -22,7 +22,9 @@ from cluster.quickstart import QUICK_SURFACES
 from cluster.redis_server import free_port
 from cluster.served_eval import evaluate_served
 from deployments.client import HttpClient
+from models.artifacts import ArtifactRegistry
 from models.data import load_dataset
+from models.stages import SHARED_CATEGORY
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +80,8 @@ def test_serve_fits_the_quick_set_serves_it_well_and_keeps_the_console_quiet(tmp
     assert {("memory-bank", s) for s in QUICK_SURFACES} <= trained
     assert {("classifier", s) for s in QUICK_SURFACES} <= trained
     assert not {stage for stage, _ in trained} & {"detector", "verifier", "reranker", "localizer"}
+    router = ArtifactRegistry(str(tmp_path / "registry")).manifest(SHARED_CATEGORY, "router")
+    assert router.config["head"] == "fitted"  # no epochs: its head fitted in one pass
     assert summary["timings"]["ready_s"] < 600
 
     # Its answers over HTTP, on the generated held-out test images.

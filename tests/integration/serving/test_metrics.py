@@ -99,6 +99,7 @@ def test_prometheus_metrics_count_known_traffic(serving, inspection_images):
         time.sleep(2)
     after = _settled(read)
     change = {key: after[key] - before[key] for key in names}
+    print("metrics scrape, change over the known traffic:", change)
     assert change == {
         "ok": 3,
         "defective": 2,

@@ -314,3 +314,98 @@ def test_a_person_reviews_a_queued_answer_and_the_export_holds_it(
     assert (sample.category, sample.label) == (SURFACE, "smudge")
     with Image.open(sample.image_path) as exported, Image.open(fresh) as sent:
         assert exported.size == sent.size
+
+
+def test_reviewers_teach_a_type_and_the_retrained_classifier_is_promoted_for_beating_production(
+    page: Page, serving: Any, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Review, export, retrain, promote, on a copy of the line's registry.
+
+    The line's classifier never learnt scratches (trained with them held out);
+    reviewers name the scratched parts in the review view; retraining on the
+    export learns the type, beats production on the held-out test split (which
+    has scratches) and is promoted.
+    """
+    import json
+    import shutil
+
+    from cluster.cli import main
+    from cluster.quickstart import quick_datasets
+    from models.artifacts import CANDIDATE, ArtifactRegistry
+    from tests.integration.serving.conftest import QUICK, SURFACE
+
+    taught = "scratch"
+    synthetic, _ = quick_datasets(serving.workdir, QUICK)
+    parts = [s.image_path for s in synthetic.select(SURFACE, "train") if s.label == taught]
+    line = tmp_path / "registry"
+    shutil.copytree(serving.registry_uri, line)
+    # This line names types by its classifier alone: a reranker knows its types'
+    # descriptions, and a type new to it needs the reranker retrained as well.
+    shutil.rmtree(line / SURFACE / "reranker")
+    data = ["--dataset", "synthetic", "--root", str(serving.workdir / "quickstart-synth")]
+    classifier = [
+        "train", "classifier", *data, "--category", SURFACE, "--registry", str(line),
+        "--hold-out", taught, "--model-option", "embedding=patch", "--input-size", "128",
+        "--storage", str(tmp_path / "runs"), "--mlflow-uri", "none",
+    ]  # fmt: skip
+    assert main(classifier) == 0  # production: a classifier that knows no scratch
+    registry = ArtifactRegistry(str(line))
+    production = registry.manifest(SURFACE, "classifier")
+    assert taught not in production.config["defect_types"]
+    capsys.readouterr()
+
+    # The reviewers' work: every scratched part the line sent, named in the review view.
+    serving.deploy(service={"review": {"sample_share": 1.0}})
+    try:
+        ids = []
+        for n, path in enumerate(parts):
+            fresh = tmp_path / f"part{n}.png"
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image.putpixel((0, 0), (n, 2, 3))  # new bytes: never a cached answer
+                image.save(fresh)
+            answer = inspect_over_http(serving.url, fresh, SURFACE, explain=False, boxes=False)
+            ids.append(answer.json()["request_id"])
+        deadline, queued = time.monotonic() + 30, set()
+        while not set(ids) <= queued and time.monotonic() < deadline:
+            listed = requests.get(
+                f"{serving.url}/v1/reviews?limit=50&newest=true", timeout=HTTP_TIMEOUT_S
+            ).json()
+            queued = {i["id"] for i in listed["items"]}
+            time.sleep(0.2)
+        assert set(ids) <= queued
+    finally:
+        serving.deploy(service={"review": {"sample_share": 0.02}})
+    open_page(page, serving.url)
+    page.check("#review-newest")
+    page.click("#review-load")
+    for review_id in ids:
+        page.locator(f'#review-list button[data-id="{review_id}"]').click()
+        page.locator("#review-form").wait_for(state="visible")
+        page.check("#review-defective")
+        page.fill("#review-type", taught)
+        page.click("#review-submit")
+        page.wait_for_function(
+            "() => document.getElementById('review-status').textContent.startsWith('Saved')"
+        )
+        assert f"({taught})" in page.inner_text("#review-status")
+
+    out = tmp_path / "reviews"
+    export = ["reviews", "export", "--out", str(out), "--redis-url", serving.redis_url]
+    assert main([*export, "--category", SURFACE, "--workdir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main([*classifier, "--with-reviews", str(out)]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["reviews"]["labels"][taught] == len(parts)
+    judged = said["judged"]["categories"][SURFACE]
+    top1 = judged["figures"]["defect_type_top1"]
+    print(f"held-out defect-type top-1: production {top1['production']:.3f}, "
+          f"candidate {top1['candidate']:.3f}: {judged['reason']}")  # fmt: skip
+    assert judged["promoted"], judged
+    assert top1["candidate"] > top1["production"]
+    promoted = registry.manifest(SURFACE, "classifier")
+    assert promoted.version == judged["promoted_versions"]["classifier"] != production.version
+    assert taught in promoted.config["defect_types"]
+    for stage, version in judged["promoted_versions"].items():
+        assert registry.resolve(SURFACE, stage) == version
+    assert all(CANDIDATE not in registry.aliases(SURFACE, s) for s in registry.stages(SURFACE))

@@ -92,3 +92,19 @@ def test_off_the_loop_calls_that_arrive_while_a_batch_computes_form_the_next_bat
     assert answers == [1, 4, 9, 16]
     assert seen == [[1], [2, 3, 4]]
     assert sizes == [1, 3, 1] and free_loop_s < 1.0
+
+
+def test_synchronous_callers_inside_a_running_loop_still_get_their_answer():
+    from models.inspection.local import run_to_completion
+
+    async def answer() -> tuple[int, str]:
+        await asyncio.sleep(0)
+        return 42, threading.current_thread().name
+
+    assert run_to_completion(answer()) == (42, threading.current_thread().name)
+
+    async def notebook_cell() -> tuple[int, str]:  # a loop already runs in this thread
+        return run_to_completion(answer())
+
+    value, thread = asyncio.run(notebook_cell())
+    assert value == 42 and thread != threading.current_thread().name

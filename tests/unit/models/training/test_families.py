@@ -91,6 +91,33 @@ def test_router_uses_every_category(tmp_path):
     assert sorted(train.targets) == [0, 0, 1, 1, 1]
 
 
+def test_a_fitted_router_head_learns_the_categories_in_one_pass(tmp_path):
+    rng = np.random.default_rng(1)
+    samples = []
+    for category, low in (("dark", 0), ("bright", 170)):
+        for split, n in (("train", 6), ("val", 2)):
+            for i in range(n):
+                path = tmp_path / f"{category}-{split}-{i}.png"
+                pixels = rng.integers(low, low + 80, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(path)
+                samples.append(Sample(path, category, "good", split, sample_id=path.stem))
+    spec = _spec("router", samples, category="all-categories")
+    assert not build_family(spec).gradient_free  # trained by default
+    family = build_family(spec | {"model_config": {"input_size": 32, "head": "fitted"}})
+    assert family.gradient_free
+    model = family.build_model(pretrained=False)
+    train, val = family.datasets(model)
+    assert train.augment == "none"
+    rows = family.features(model, DataLoader(train, batch_size=5))
+    assert rows.shape == (12, model.backbone.num_features + 1)
+    assert sorted(rows[:, -1].tolist()) == sorted(float(t) for t in train.targets)
+    fitted = family.fit(model, rows, DataLoader(val, batch_size=4))
+    assert fitted["images"] == 12 and fitted["train_accuracy"] == 1.0
+    assert family.evaluate(model, DataLoader(val, batch_size=4))["val_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_family(spec | {"model_config": {"head": "guessed"}}).build_model(pretrained=False)
+
+
 def test_bad_specs_are_refused(tmp_path):
     samples = _samples(tmp_path, {"train": ["good"] * 2})
     with pytest.raises(ValueError, match="no val images"):
