@@ -35,6 +35,7 @@ from tune.trainer import (
     family_spec,
     make_trainer,
     register_fit,
+    requested_cpus,
     storage_uri,
 )
 
@@ -52,8 +53,13 @@ def search_space(stage: str) -> dict[str, Any]:
     }
 
 
-def _trial(config: dict[str, Any], spec: Mapping[str, Any], settings: TrainSettings) -> None:
-    """One Tune trial: a Ray Train run with the trial's hyperparameters."""
+def _trial(
+    config: dict[str, Any], spec: Mapping[str, Any], settings: TrainSettings, cpus: float
+) -> None:
+    """One Tune trial: a Ray Train run with the trial's hyperparameters.
+
+    ``cpus``: what each of its workers asks for (:func:`~tune.trainer.requested_cpus`).
+    """
     trial_settings = dataclasses.replace(
         settings,
         lr=float(config["lr"]),
@@ -61,7 +67,7 @@ def _trial(config: dict[str, Any], spec: Mapping[str, Any], settings: TrainSetti
         optimizer=str(config["optimizer"]),
     )
     name = f"trial-{tune.get_context().get_trial_id()}"
-    make_trainer(spec, trial_settings, name, callbacks=[TuneReportCallback()]).fit()
+    make_trainer(spec, trial_settings, name, [TuneReportCallback()], cpus=cpus).fit()
 
 
 def sweep_stage(
@@ -103,8 +109,12 @@ def sweep_stage(
     # The trial function only drives; its Train workers hold the CPUs, so the trial
     # itself asks for no CPU (a token byte of memory: Tune refuses empty requests)
     # and trials run as many at a time as their workers fit.
-    concurrent = max(1, int(_cluster_cpus() // (cpus_per_worker(settings) * settings.num_workers)))
-    trainable = tune.with_parameters(_trial, spec=spec, settings=settings)
+    # Beside a service that holds some CPUs, each worker asks for those left free
+    # (read once, before any trial holds its own).
+    threads = cpus_per_worker(settings)
+    cpus = requested_cpus(settings, threads)
+    concurrent = max(1, int(_cluster_cpus() // (threads * settings.num_workers)))
+    trainable = tune.with_parameters(_trial, spec=spec, settings=settings, cpus=cpus)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"memory": 1}),
         param_space=search_space(stage),

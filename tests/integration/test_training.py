@@ -6,6 +6,7 @@ Train run to seconds; the models are the real ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,19 +269,28 @@ def test_two_workers_train_with_ddp(ray_cluster, synth_root, tmp_path):
     assert history[0]["world_size"] == 2
 
 
-def test_a_fitted_router_beside_a_service_that_holds_cpus_asks_for_what_is_free(
-    ray_cluster, synth_root, tmp_path
-):
-    """A service's replicas hold a share of the CPUs; a training run still starts."""
+@contextlib.contextmanager
+def _service_holding_all_cpus_but_half_of_one(ray: Any) -> Iterator[None]:
+    """An actor that holds the cluster's CPUs but 0.5, as a service's replicas do."""
 
-    @ray_cluster.remote(num_cpus=ray_cluster.cluster_resources()["CPU"] - 0.5)
+    @ray.remote(num_cpus=ray.cluster_resources()["CPU"] - 0.5)
     class Replica:
         def ping(self) -> bool:
             return True
 
     replica = Replica.remote()
     try:
-        ray_cluster.get(replica.ping.remote(), timeout=60)
+        ray.get(replica.ping.remote(), timeout=60)
+        yield
+    finally:
+        ray.kill(replica)
+
+
+def test_a_fitted_router_beside_a_service_that_holds_cpus_asks_for_what_is_free(
+    ray_cluster, synth_root, tmp_path
+):
+    """A service's replicas hold a share of the CPUs; a training run still starts."""
+    with _service_holding_all_cpus_but_half_of_one(ray_cluster):
         settings = _settings(tmp_path, model_config={"input_size": 64, "head": "fitted"})
         asked = requested_cpus(settings, cpus_per_worker(settings))
         assert 0 < asked <= 0.5 < cpus_per_worker(settings)
@@ -287,8 +299,6 @@ def test_a_fitted_router_beside_a_service_that_holds_cpus_asks_for_what_is_free(
         dataset = load_dataset("synthetic", synth_root)
         registry = ArtifactRegistry(str(tmp_path / "registry"))
         summary = train_stage(registry, dataset, "router", CATEGORY, settings)
-    finally:
-        ray_cluster.kill(replica)
     manifest = registry.manifest(SHARED_CATEGORY, "router")
     assert summary["version"] == manifest.version == "v1"
     assert manifest.config["head"] == "fitted"
@@ -423,7 +433,8 @@ def test_tune_sweep_promotes_the_best_trial(ray_cluster, synth_root, tmp_path):
         metrics=manifest.metrics | {"val_auroc": 2.0},
         promote=True,
     )
-    again = sweep_stage(registry, dataset, "detector", CATEGORY, 1, _settings(tmp_path))
+    with _service_holding_all_cpus_but_half_of_one(ray_cluster):  # sweeping beside it
+        again = sweep_stage(registry, dataset, "detector", CATEGORY, 1, _settings(tmp_path))
     assert again["promoted"] is False and again["registered"]["version"] == "v3"
     assert registry.resolve(CATEGORY, "detector", "production") == "v2"
 
