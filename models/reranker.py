@@ -280,10 +280,11 @@ class Reranker(nn.Module):
         clip_probabilities: torch.Tensor,
         known: torch.Tensor | None = None,
         weight: float | None = None,
+        described: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fused type scores; see :func:`fuse_scores`. ``weight`` defaults to the config's."""
         w = self.config.fusion_weight if weight is None else weight
-        return fuse_scores(classifier_scores, clip_probabilities, w, known)
+        return fuse_scores(classifier_scores, clip_probabilities, w, known, described)
 
 
 def fuse_scores(
@@ -291,19 +292,24 @@ def fuse_scores(
     clip_probabilities: torch.Tensor,
     weight: float,
     known: torch.Tensor | None = None,
+    described: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``w·classifier + (1 - w)·clip`` per type, renormalised to sum to 1.
 
     The classifier abstains on types it was never trained on (registered by
     description only): their score is CLIP's alone, so a new type can come first
-    as soon as its description matches the image better than any other.
+    as soon as its description matches the image better than any other. CLIP
+    abstains on types it has no description of (taught to the classifier by
+    reviewers, say): their score is the classifier's alone.
 
     Args:
         classifier_scores: ``(B, N)`` in the same type order, summing to 1 over
             the known types. None: CLIP ranks alone.
-        clip_probabilities: ``(B, N)``, see :meth:`Reranker.text_probabilities`.
+        clip_probabilities: ``(B, N)``, see :meth:`Reranker.text_probabilities`;
+            0 for the types without a description.
         weight: the classifier's weight ``w`` in [0, 1].
         known: ``(N,)`` bool, the types the classifier knows (default: all).
+        described: ``(N,)`` bool, the types CLIP has a description of (default: all).
     """
     if classifier_scores is None:
         return clip_probabilities
@@ -315,6 +321,8 @@ def fuse_scores(
     fused = weight * classifier_scores + (1.0 - weight) * clip_probabilities
     if known is not None:
         fused = torch.where(known.to(fused.device), fused, clip_probabilities)
+    if described is not None:
+        fused = torch.where(described.to(fused.device), fused, classifier_scores)
     return fused / fused.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -323,6 +331,8 @@ def fit_fusion_weight(
     clip_probabilities: torch.Tensor,
     truth: torch.Tensor,
     grid: int = 21,
+    known: torch.Tensor | None = None,
+    described: torch.Tensor | None = None,
 ) -> tuple[float, dict[str, float]]:
     """The classifier weight that ranks the most validation images right.
 
@@ -332,10 +342,12 @@ def fit_fusion_weight(
     classifier's prototype softmax is sharp by construction.)
 
     Args:
-        classifier_scores: ``(B, N)`` classifier scores over the trained types.
+        classifier_scores: ``(B, N)`` classifier scores over the types.
         clip_probabilities: ``(B, N)`` CLIP probabilities over the same types.
         truth: ``(B,)`` index of each image's true type.
         grid: weights tried, evenly spaced over [0, 1].
+        known: ``(N,)`` bool, the types the classifier knows (see :func:`fuse_scores`).
+        described: ``(N,)`` bool, the types CLIP has a description of.
 
     Returns:
         The weight and the validation top-1 of the classifier alone, CLIP alone
@@ -343,21 +355,19 @@ def fit_fusion_weight(
     """
     if len(truth) == 0:
         raise ValueError("no validation image to fit the fusion weight on")
+
+    def top1(weight: float) -> float:
+        fused = fuse_scores(classifier_scores, clip_probabilities, weight, known, described)
+        return float((fused.argmax(1) == truth).float().mean())
+
     weights = torch.linspace(0.0, 1.0, grid).tolist()
-    top1 = [
-        float(
-            (fuse_scores(classifier_scores, clip_probabilities, w).argmax(1) == truth)
-            .float()
-            .mean()
-        )
-        for w in weights
-    ]
-    tied = [w for w, t in zip(weights, top1, strict=True) if t == max(top1)]
+    scores = [top1(w) for w in weights]
+    tied = [w for w, t in zip(weights, scores, strict=True) if t == max(scores)]
     weight = round(tied[(len(tied) - 1) // 2], 4)
     return weight, {
         "val_top1_classifier": float((classifier_scores.argmax(1) == truth).float().mean()),
         "val_top1_clip": float((clip_probabilities.argmax(1) == truth).float().mean()),
-        "val_top1_fused": max(top1),
+        "val_top1_fused": max(scores),
         "fusion_weight": weight,
     }
 

@@ -505,27 +505,67 @@ def fit_fusion(registry: ArtifactRegistry, family: Any, model: torch.nn.Module) 
     ranks alone (weight 0).
     """
     val = family.defective("val")
-    truth = torch.tensor(family.targets(val))
-    loader = torch.utils.data.DataLoader(
-        ImageTensorDataset(val, family.targets(val), model.preprocessing), batch_size=16
-    )
-    texts = model.type_embeddings(family.catalog)
-    clip, _ = predict_all(model, loader, lambda m, x: m.text_probabilities(x, texts))
-    clip_t = torch.from_numpy(clip)
     if CLASSIFIER not in registry.stages(family.category):
         model.config = replace(model.config, fusion_weight=0.0)
-        top1 = float((clip_t.argmax(1) == truth).float().mean())
+        texts = model.type_embeddings(family.catalog)
+        clip = _text_probabilities(model, texts, val, family.targets(val))
+        truth = torch.tensor(family.targets(val))
+        top1 = float((clip.argmax(1) == truth).float().mean())
         return {"fusion_weight": 0.0, "val_top1_clip": top1, "classifier_version": None}
     classifier = load_stage(registry, family.category, CLASSIFIER)
-    classifier_loader = torch.utils.data.DataLoader(
-        ImageTensorDataset(val, family.targets(val), classifier.model.preprocessing),
-        batch_size=16,
-    )
-    scores, _ = predict_all(classifier.model, classifier_loader, lambda m, x: m.predict(x).scores)
-    by_type = classifier.model.defect_scores(torch.from_numpy(scores), family.defect_types)
-    weight, figures = fit_fusion_weight(by_type, clip_t, truth)
+    weight, figures = _fusion_weight(model, classifier, val)
     model.config = replace(model.config, fusion_weight=weight)
-    return figures | {"classifier_version": classifier.manifest.version, "n_val": len(val)}
+    return figures
+
+
+def _text_probabilities(
+    model: torch.nn.Module, texts: torch.Tensor, samples: Sequence[Sample], targets: Sequence[int]
+) -> torch.Tensor:
+    """CLIP's probability of each described type for each image ``(B, N)``."""
+    loader = torch.utils.data.DataLoader(
+        ImageTensorDataset(samples, list(targets), model.preprocessing), batch_size=16
+    )
+    clip, _ = predict_all(model, loader, lambda m, x: m.text_probabilities(x, texts))
+    return torch.from_numpy(clip)
+
+
+def _fusion_weight(
+    model: torch.nn.Module, classifier: LoadedStage, val: Sequence[Sample]
+) -> tuple[float, dict[str, Any]]:
+    """The weight that ranks ``val``'s defective parts best, and its figures.
+
+    The types ranked are those the reranker has a description of and those the
+    classifier knows: a type only one side knows is scored by that side alone
+    (:func:`models.reranker.fuse_scores`), as serving scores it.
+    """
+    catalog = model.config.catalog()
+    own = list(classifier.model.config.defect_types)
+    names = [*catalog.names, *(t for t in own if t not in catalog.names)]
+    rows = [s for s in val if s.label in names]
+    if not rows:
+        raise DataError(
+            f"{classifier.manifest.category}: no defective validation part of a type the "
+            f"reranker or the classifier knows ({names}) to fit the fusion weight on"
+        )
+    targets = [names.index(s.label) for s in rows]
+    described = torch.arange(len(names)) < len(catalog.names)
+    clip = _text_probabilities(model, model.type_embeddings(catalog), rows, targets)
+    clip = torch.cat([clip, clip.new_zeros(len(rows), len(names) - clip.shape[1])], dim=1)
+    loader = torch.utils.data.DataLoader(
+        ImageTensorDataset(rows, targets, classifier.model.preprocessing), batch_size=16
+    )
+    scores, _ = predict_all(classifier.model, loader, lambda m, x: m.predict(x).scores)
+    by_type = classifier.model.defect_scores(torch.from_numpy(scores), names)
+    known = torch.tensor([name in own for name in names])
+    weight, figures = fit_fusion_weight(
+        by_type, clip, torch.tensor(targets), known=known, described=described
+    )
+    return weight, figures | {
+        "classifier_version": classifier.manifest.version,
+        "n_val": len(rows),
+        "ranked_by_classifier_alone": [n for n, d in zip(names, described, strict=True) if not d],
+        "ranked_by_clip_alone": [n for n, k in zip(names, known, strict=True) if not k],
+    }
 
 
 def resave(
@@ -617,23 +657,16 @@ def refit_fusion(
 
     The reranker's weights are unchanged; a new version with the new weight is
     stored and promoted, so the rule always matches the classifier in service.
+    The classifier may know types the reranker has no description of (taught
+    from reviews) or miss some it has (held out): each such type is ranked by the
+    side that knows it.
     """
     reranker = load_stage(registry, category, RERANKER)
-    manifest = reranker.manifest
-    spec = {
-        "stage": RERANKER,
-        "category": category,
-        "samples": list(samples),
-        "model_config": {"descriptions": list(manifest.config["descriptions"])},
-    }
-    family = build_family(spec)
-    if family.defect_types != reranker.model.config.defect_types:
-        raise DataError(
-            f"{category}: the training split's defect types {list(family.defect_types)} are "
-            f"not the reranker's {list(reranker.model.config.defect_types)}; train a new one"
-        )
-    figures = fit_fusion(registry, family, reranker.model)
-    saved = resave(registry, reranker, manifest.data, {"fusion": figures})
+    classifier = load_stage(registry, category, CLASSIFIER)
+    val = [s for s in samples if s.category == category and s.split == "val" and s.is_anomalous]
+    weight, figures = _fusion_weight(reranker.model, classifier, val)
+    reranker.model.config = replace(reranker.model.config, fusion_weight=weight)
+    saved = resave(registry, reranker, reranker.manifest.data, {"fusion": figures})
     return {"version": saved.version, **figures}
 
 

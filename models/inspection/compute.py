@@ -210,7 +210,9 @@ def rerank(
     """Each image's defect types reordered by ``w·classifier + (1-w)·CLIP``.
 
     A type the classifier was not trained on (registered by description) is
-    scored by CLIP alone (:func:`~models.reranker.fuse_scores`).
+    scored by CLIP alone, and one CLIP has no description of (taught to the
+    classifier from reviews) by the classifier alone
+    (:func:`~models.reranker.fuse_scores`).
 
     Args:
         stage: the category's reranker.
@@ -231,11 +233,15 @@ def rerank(
         with torch.inference_mode():
             clip = model.logits(image_embeddings[i : i + 1], text_embeddings).softmax(-1).cpu()
         own = classifier_scores[i]
-        fused_input = known = None
+        fused_input = known = described = None
         if own is not None:
+            undescribed = [name for name in own if name not in names]
+            names = (*names, *undescribed)
+            clip = torch.cat([clip, clip.new_zeros(1, len(undescribed))], dim=1)
+            described = torch.arange(len(names)) < clip.shape[1] - len(undescribed)
             known = torch.tensor([name in own for name in names])
             fused_input = torch.tensor([[own.get(name, 0.0) for name in names]])
-        fused = model.fuse(fused_input, clip, known)[0].tolist()
+        fused = model.fuse(fused_input, clip, known, described=described)[0].tolist()
         ranked = sorted(zip(names, fused, strict=True), key=lambda pair: -pair[1])
         answers.append(tuple(RankedType(name, float(score)) for name, score in ranked))
     ms = _per_image_ms(started, len(images))

@@ -218,10 +218,10 @@ def test_a_held_out_type_is_ranked_from_its_description(ray_cluster, synth_root,
     assert "perforation" not in [d["name"] for d in reranker["descriptions"]]
     # Refitting the fusion weight stores a new reranker version, weights unchanged.
     refit = ["refit-fusion", *common[:4], "--registry", str(registry_dir)]
-    assert main(refit) == 2  # the full training split has a type the reranker lacks
     assert main([*refit, "--hold-out", "perforation"]) == 0
     refitted = registry.manifest(CATEGORY, "reranker")
     assert refitted.version == "v2" and refitted.metrics["refitted_from"] == "v1"
+    assert refitted.metrics["fusion"]["ranked_by_classifier_alone"] == []
     assert refitted.weights.sha256 == registry.manifest(CATEGORY, "reranker", "v1").weights.sha256
     # Refitting the classifier's prototypes refits the fusion weight after it.
     refit = ["refit-prototypes", *common[:4], "--registry", str(registry_dir)]
@@ -256,6 +256,14 @@ def test_a_held_out_type_is_ranked_from_its_description(ray_cluster, synth_root,
         )
         == 2
     )
+    # Reviewers teach the classifier the type the reranker has no words for (here:
+    # the full training split): the reranker's fusion is refitted with the taught
+    # type ranked by the classifier alone (as the flow ranks it: tests/unit/models/inspection).
+    full = [arg for arg in common if arg not in ("--hold-out", "perforation")]
+    assert main(["train", "classifier", *full]) == 0
+    fusion = registry.manifest(CATEGORY, "reranker").metrics["fusion"]
+    assert fusion["classifier_version"] == registry.manifest(CATEGORY, "classifier").version
+    assert fusion["ranked_by_classifier_alone"] == ["perforation"]
 
 
 def test_two_workers_train_with_ddp(ray_cluster, synth_root, tmp_path):
@@ -335,6 +343,10 @@ def _registered_checkpoints(snapshot: Path) -> int:
         return 0
 
 
+# The kill lands after the first checkpoint, with four epochs still to run.
+DRILL_EPOCHS = 5
+
+
 @pytest.mark.faults
 def test_killed_worker_resumes_from_its_last_checkpoint(
     ray_cluster, synth_root, tmp_path, fault_report
@@ -344,7 +356,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(
     from loadtests.faults import FaultRow
 
     dataset = load_dataset("synthetic", synth_root)
-    settings = _settings(tmp_path, epochs=10, patience=100, max_failures=2)
+    settings = _settings(tmp_path, epochs=DRILL_EPOCHS, patience=100, max_failures=2)
     spec = family_spec(dataset, "detector", CATEGORY, settings)
     began = time.monotonic()
     straight = fit_family(spec, settings, "straight")  # the same run, left alone
@@ -375,11 +387,11 @@ def test_killed_worker_resumes_from_its_last_checkpoint(
     final, alone = fit.history[-1], straight.history[-1]
     fault_report.append(
         FaultRow(
-            "training worker SIGKILLed mid-run (detector, 10 epochs, max_failures 2)",
+            f"training worker SIGKILLed mid-run (detector, {DRILL_EPOCHS} epochs, max_failures 2)",
             tries=1,
             requests=len(epochs),
-            failed=0 if epochs == list(range(1, 11)) else 1,
-            results_lost=len(set(range(1, 11)) - set(epochs)),
+            failed=0 if epochs == list(range(1, DRILL_EPOCHS + 1)) else 1,
+            results_lost=len(set(range(1, DRILL_EPOCHS + 1)) - set(epochs)),
             recover_s=killed_s - straight_s,  # what the kill cost over the same run alone
             extra={
                 "resumed_from_epoch": resumed[-1],
@@ -390,7 +402,8 @@ def test_killed_worker_resumes_from_its_last_checkpoint(
             },
         )
     )
-    assert epochs == list(range(1, 11)), "every epoch ran exactly once across the restart"
+    every_epoch = list(range(1, DRILL_EPOCHS + 1))
+    assert epochs == every_epoch, "every epoch ran exactly once across the restart"
     assert resumed[0] == 0 and resumed[-1] >= 1, "the last epochs ran after resuming"
     # The same metrics as the run left alone: each epoch draws from its own seed,
     # so only floating-point noise may differ.

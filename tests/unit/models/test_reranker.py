@@ -179,3 +179,31 @@ def test_the_text_projection_can_be_locked_too():
     heads = {id(p) for p in model.head_parameters()}
     assert not heads & {id(p) for p in model.clip.text.proj.parameters()}
     assert id(model.clip.logit_scale) in heads
+
+
+def test_a_type_without_a_description_is_scored_by_the_classifier_alone():
+    # "smudge" was taught to the classifier from reviews; CLIP has no words for it.
+    classifier = torch.tensor([[0.1, 0.2, 0.7]])
+    clip = torch.tensor([[0.3, 0.7, 0.0]])
+    described = torch.tensor([True, True, False])
+    fused = fuse_scores(classifier, clip, 0.5, described=described)
+    raw = torch.tensor([[0.2, 0.45, 0.7]])
+    assert torch.allclose(fused, raw / raw.sum())
+    assert fused.argmax().item() == 2  # the taught type wins on the classifier's word
+    # Without the mask CLIP's silence would count against it.
+    assert fuse_scores(classifier, clip, 0.5).argmax().item() == 1
+
+
+def test_the_fusion_weight_is_fitted_over_types_only_one_side_knows():
+    # Types: scratch (both), crack (CLIP only: held out of the classifier), smudge
+    # (classifier only: no description). Each image's truth is ranked first by the
+    # side that knows it, and by both together on the shared type.
+    truth = torch.tensor([0, 1, 2])
+    classifier = torch.tensor([[0.6, 0.0, 0.4], [0.5, 0.0, 0.5], [0.3, 0.0, 0.7]])
+    clip = torch.tensor([[0.6, 0.4, 0.0], [0.2, 0.8, 0.0], [0.9, 0.1, 0.0]])
+    known = torch.tensor([True, False, True])
+    described = torch.tensor([True, True, False])
+    weight, figures = fit_fusion_weight(classifier, clip, truth, known=known, described=described)
+    assert figures["val_top1_fused"] == 1.0 and 0.0 < weight < 1.0
+    fused = fuse_scores(classifier, clip, weight, known, described)
+    assert torch.equal(fused.argmax(1), truth)

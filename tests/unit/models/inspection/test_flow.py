@@ -10,8 +10,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.artifacts import ArtifactError
+from models.defect_classifier import DefectClassifier, DefectClassifierConfig
 from models.descriptions import BUILTIN
 from models.inspection import (
     Coverage,
@@ -123,6 +125,34 @@ def test_the_reranker_reorders_and_ranks_types_known_only_by_description(registr
         inspector.register_description("unsure", BUILTIN["perforation"])
     with pytest.raises(ArtifactError, match="unknown category"):
         inspector.register_description("nope", BUILTIN["perforation"])
+
+
+def test_a_type_the_reranker_has_no_words_for_is_ranked_by_the_classifier_alone(registry, images):
+    # Reviewers taught the classifier "smudge"; the reranker knows crack and scratch.
+    classes = ("good", "crack", "scratch", "smudge")
+    classifier = DefectClassifier(
+        DefectClassifierConfig(classes, classes[1:], input_size=SIZE), pretrained=False
+    )
+    torch.manual_seed(1)
+    classifier.fit_prototypes(F.normalize(torch.randn(4, 128), dim=-1), torch.arange(4))
+    save(registry, "sure", "classifier", classifier)
+    add_reranker(registry, "sure", fusion_weight=0.5)
+    inspector = LocalInspector(registry)
+    reranker = inspector.calls.model(
+        "reranker", inspector.plan.categories["sure"].model_id("reranker")
+    )
+    texts = reranker.model.type_embeddings(reranker.model.config.catalog())
+    transform = reranker.model.preprocessing.transform()
+    clip = reranker.model.text_probabilities(torch.stack([transform(i) for i in images]), texts)
+    for result, row in zip(inspector.inspect_images(images, ["sure"] * 3), clip, strict=True):
+        scores = {t.name: t.score for t in result.defect_types}
+        assert set(scores) == {"crack", "scratch", "smudge"}
+        own = result.classified.defect_scores
+        raw = [0.5 * own["crack"] + 0.5 * float(row[0]), 0.5 * own["scratch"] + 0.5 * float(row[1])]
+        raw.append(own["smudge"])
+        expected = torch.tensor(raw) / sum(raw)
+        got = torch.tensor([scores["crack"], scores["scratch"], scores["smudge"]])
+        assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_boxes_locate_the_defects_of_defective_parts_when_asked(registry, images):
