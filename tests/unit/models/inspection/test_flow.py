@@ -91,6 +91,19 @@ def test_defective_parts_get_ranked_types_and_evaluation_types_every_part(regist
         assert len(typed.ranking) == 2 and typed.classified.predicted_class
 
 
+def _clip_probabilities(inspector, images, *registered):
+    """CLIP's probabilities of ``images`` over the reranker's types, plus ``registered``."""
+    reranker = inspector.calls.model(
+        "reranker", inspector.plan.categories["sure"].model_id("reranker")
+    )
+    catalog = reranker.model.config.catalog()
+    for description in registered:
+        catalog.register(description)
+    texts = reranker.model.type_embeddings(catalog)
+    transform = reranker.model.preprocessing.transform()
+    return reranker.model.text_probabilities(torch.stack([transform(i) for i in images]), texts)
+
+
 def test_the_reranker_reorders_and_ranks_types_known_only_by_description(registry, images):
     add_classifier(registry, "sure")
     add_reranker(registry, "sure", fusion_weight=1.0)
@@ -105,13 +118,7 @@ def test_the_reranker_reorders_and_ranks_types_known_only_by_description(registr
         )
     # A type registered with words only: the classifier abstains, CLIP scores it.
     inspector.register_description("sure", BUILTIN["perforation"])
-    calls = inspector.calls
-    reranker = calls.model("reranker", inspector.plan.categories["sure"].model_id("reranker"))
-    catalog = reranker.model.config.catalog()
-    catalog.register(BUILTIN["perforation"])
-    texts = reranker.model.type_embeddings(catalog)
-    transform = reranker.model.preprocessing.transform()
-    clip = reranker.model.text_probabilities(torch.stack([transform(i) for i in images]), texts)
+    clip = _clip_probabilities(inspector, images, BUILTIN["perforation"])
     for result, row in zip(inspector.inspect_images(images, ["sure"] * 3), clip, strict=True):
         scores = {t.name: t.score for t in result.defect_types}
         assert set(scores) == {"crack", "scratch", "perforation"}
@@ -138,12 +145,7 @@ def test_a_type_the_reranker_has_no_words_for_is_ranked_by_the_classifier_alone(
     save(registry, "sure", "classifier", classifier)
     add_reranker(registry, "sure", fusion_weight=0.5)
     inspector = LocalInspector(registry)
-    reranker = inspector.calls.model(
-        "reranker", inspector.plan.categories["sure"].model_id("reranker")
-    )
-    texts = reranker.model.type_embeddings(reranker.model.config.catalog())
-    transform = reranker.model.preprocessing.transform()
-    clip = reranker.model.text_probabilities(torch.stack([transform(i) for i in images]), texts)
+    clip = _clip_probabilities(inspector, images)
     for result, row in zip(inspector.inspect_images(images, ["sure"] * 3), clip, strict=True):
         scores = {t.name: t.score for t in result.defect_types}
         assert set(scores) == {"crack", "scratch", "smudge"}
