@@ -257,16 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; user errors exit 2 with a one-line message."""
+    # Parsed first: ``--help`` and a mistyped option answer before torch loads.
+    args = build_parser().parse_args(argv)
+    from cluster.dashboards import DashboardError
+    from cluster.local import LocalClusterError
+    from cluster.redis_server import RedisServerError
     from models.artifacts import ArtifactError
     from models.backbone import WeightsError
     from models.config import ConfigError
     from models.data.sample import DataError
     from models.descriptions import DescriptionError
-
-    args = build_parser().parse_args(argv)
-    from cluster.dashboards import DashboardError
-    from cluster.local import LocalClusterError
-    from cluster.redis_server import RedisServerError
 
     user_errors = (DataError, ConfigError, ArtifactError, WeightsError, DescriptionError)
     try:

@@ -145,6 +145,9 @@ class LocalCluster:
         started = time.perf_counter()
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
+            from tune.ray_env import set_train_poll_env
+
+            set_train_poll_env()  # the quick set and retraining run on this cluster
             address = os.environ.get("RAY_ADDRESS")
             if not self.verbose:
                 self._driver_logs_to_file()

@@ -32,17 +32,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 import torch
 from torch import nn
 from torchvision.ops import batched_nms
-from transformers import (
-    Deimv2Config,
-    Deimv2ForObjectDetection,
-    HGNetV2Config,
-    TimmBackboneConfig,
-)
 
 from models.backbone import (
     IMAGENET_MEAN,
@@ -51,6 +45,9 @@ from models.backbone import (
     Preprocessing,
     create_backbone,
 )
+
+if TYPE_CHECKING:
+    from transformers import Deimv2Config
 
 EFFICIENTNET_LITE0, HGNETV2_PICO = "efficientnet_lite0", "hgnetv2_pico"
 BACKBONES = (EFFICIENTNET_LITE0, HGNETV2_PICO)
@@ -153,6 +150,8 @@ class DefectLocalizerConfig:
 
     def deimv2_config(self) -> Deimv2Config:
         """The transformers config of the detector."""
+        from transformers import Deimv2Config, HGNetV2Config, TimmBackboneConfig
+
         size = [self.input_size, self.input_size]
         hidden = self.hidden_dim
         common: dict[str, Any] = {
@@ -249,6 +248,10 @@ class DefectLocalizer(BackboneStage):
     """
 
     def __init__(self, config: DefectLocalizerConfig, pretrained: bool = True) -> None:
+        # transformers loads here, not on import: a training worker or command that
+        # never builds a localizer starts sooner.
+        from transformers import Deimv2ForObjectDetection
+
         super().__init__()
         self.config = config
         self.preprocessing = config.preprocessing()

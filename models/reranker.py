@@ -21,12 +21,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
-from open_clip.tokenizer import HFTokenizer
 from torch import nn
 
 from models.backbone import Preprocessing, create_backbone
@@ -110,6 +106,8 @@ class RerankerConfig:
     def preprocessing(self) -> Preprocessing:
         """The image transform (ImageNet's convention, or CLIP's for open_clip models)."""
         if self.open_clip_model:
+            from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
             return Preprocessing(
                 input_size=self.input_size,
                 resize=self.input_size,
@@ -134,6 +132,11 @@ class Reranker(nn.Module):
     """
 
     def __init__(self, config: RerankerConfig, pretrained: bool = True) -> None:
+        # open_clip (and the transformers under it) loads here, not on import: a
+        # training worker or command that never builds a reranker starts seconds sooner.
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+        from open_clip.tokenizer import HFTokenizer
+
         super().__init__()
         self.config = config
         self.preprocessing = config.preprocessing()
@@ -172,6 +175,8 @@ class Reranker(nn.Module):
 
     def _build_open_clip(self, config: RerankerConfig, pretrained: bool) -> None:
         """An open_clip model by name: its text tower locked, whole (LiT)."""
+        import open_clip
+
         tag = config.open_clip_pretrained if pretrained else None
         self.clip = open_clip.create_model(config.open_clip_model, pretrained=tag)
         size = self.clip.visual.image_size

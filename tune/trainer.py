@@ -44,6 +44,7 @@ from models.stages import (
 from models.training import FAMILIES, build_family
 from models.training.decision import fit_decision, validation_scores
 from tune.loop import CHECKPOINT_FILE, fit_in_one_pass, train_loop_per_worker
+from tune.ray_env import set_train_poll_env
 from tune.tracking import record_training
 
 # Learning rates that suit each family with AdamW (the head; the backbone gets less).
@@ -138,6 +139,7 @@ class FitResult:
 def ensure_ray() -> None:
     """Start (or join, with ``RAY_ADDRESS``) a Ray cluster for this process."""
     if not ray.is_initialized():
+        set_train_poll_env()
         ray.init(
             address=os.environ.get("RAY_ADDRESS"),
             include_dashboard=None,

@@ -1,6 +1,7 @@
 """The driver's plain parts: the loop config, the schedule, the optimizer, the search space."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from ray import tune
 
 from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from tune.loop import build_optimizer, improved, warmup_cosine
+from tune.ray_env import set_train_poll_env
 from tune.sweep import BATCH_SIZES, OPTIMIZERS, search_space
 from tune.trainer import DEFAULT_LR, TrainSettings, loop_config
 
@@ -74,3 +76,14 @@ def test_search_space_is_the_documented_one():
     assert 60 < below < 140
     assert space["batch_size"].categories == list(BATCH_SIZES) == [8, 16, 32]
     assert space["optimizer"].categories == list(OPTIMIZERS) == ["adamw", "sgd"]
+
+
+def test_a_cluster_this_process_starts_polls_training_workers_often_unless_told_otherwise(
+    monkeypatch,
+):
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    set_train_poll_env()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    set_train_poll_env()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
