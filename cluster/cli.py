@@ -255,23 +255,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Where each kind of user error is defined. A command that never loaded one of these
+# modules cannot have raised its error, so none is imported just to be caught:
+# ``config show`` and ``--help`` answer without loading torch.
+USER_ERRORS = (
+    ("models.data.sample", "DataError"),
+    ("models.config", "ConfigError"),
+    ("models.artifacts", "ArtifactError"),
+    ("models.backbone", "WeightsError"),
+    ("models.descriptions", "DescriptionError"),
+    ("cluster.local", "LocalClusterError"),
+    ("cluster.redis_server", "RedisServerError"),
+    ("cluster.dashboards", "DashboardError"),
+)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is a mistake in the user's input (exit 2, one line)."""
+    return any(
+        module in sys.modules and isinstance(error, getattr(sys.modules[module], name))
+        for module, name in USER_ERRORS
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; user errors exit 2 with a one-line message."""
-    # Parsed first: ``--help`` and a mistyped option answer before torch loads.
     args = build_parser().parse_args(argv)
-    from cluster.dashboards import DashboardError
-    from cluster.local import LocalClusterError
-    from cluster.redis_server import RedisServerError
-    from models.artifacts import ArtifactError
-    from models.backbone import WeightsError
-    from models.config import ConfigError
-    from models.data.sample import DataError
-    from models.descriptions import DescriptionError
-
-    user_errors = (DataError, ConfigError, ArtifactError, WeightsError, DescriptionError)
     try:
         return int(args.func(args))
-    except (*user_errors, LocalClusterError, RedisServerError, DashboardError) as error:
+    except Exception as error:
+        if not is_user_error(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -23,12 +23,15 @@ def _loaded(code: str, modules: tuple[str, ...]) -> list[str]:
     return done.stdout.split()
 
 
-def test_the_command_line_answers_help_before_loading_torch():
+@pytest.mark.parametrize(
+    "command", [["train", "--help"], ["config", "show"], ["data", "show", "--dataset", "elpv"]]
+)
+def test_commands_that_need_no_model_answer_without_loading_torch(command):
     code = (
         "import contextlib, io\n"
         "from cluster.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-        "    main(['train', '--help'])"
+        f"    assert main({command!r}) == 0"
     )
     assert _loaded(code, ("torch", "ray", "timm")) == []
 
