@@ -25,6 +25,7 @@ from models.artifacts import ArtifactRegistry
 from models.data import load_dataset
 from models.data.synthetic import DEFECT_TYPES, generate
 from models.stages import SHARED_CATEGORY
+from tune.ray_env import TRAIN_POLL_ENV
 from tune.trainer import (
     DEFAULT_LR,
     TrainSettings,
@@ -55,6 +56,24 @@ def ray_cluster():
     ensure_ray()
     yield ray
     ray.shutdown()
+
+
+def test_the_ray_processes_of_a_cluster_training_starts_poll_their_workers_often():
+    """A fresh process's ``ensure_ray``: its Ray workers see the poll interval it set."""
+    probe = (
+        "import os, ray\n"
+        "from tune.trainer import ensure_ray\n"
+        "ensure_ray()\n"
+        "read = ray.remote(lambda: os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'))\n"
+        "print(ray.get(read.remote()))"
+    )
+    unset = ("RAY_ADDRESS", *TRAIN_POLL_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == TRAIN_POLL_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
 
 
 def _settings(tmp_path: Path, **overrides) -> TrainSettings:
