@@ -34,6 +34,19 @@ from loadtests.report import write_report
 from loadtests.runs import LoadResult, run_locust, verdict_parity
 from loadtests.traffic import Traffic, build_traffic, served_categories, write_traffic
 from models.artifacts import ArtifactRegistry
+from tune.ray_env import SERVE_INGRESS_ENV, environment
+
+# A served variant: ``fused-serve-proxy`` is the fused topology with requests coming
+# in through Serve's own Python proxy instead of HAProxy, measured on the same
+# traffic to show what the ingress buys.
+SERVE_PROXY = "-serve-proxy"
+
+
+def served_topology(name: str) -> tuple[str, dict[str, str]]:
+    """A measured name's topology, and the environment its cluster starts with."""
+    if name.endswith(SERVE_PROXY):
+        return name.removesuffix(SERVE_PROXY), {variable: "0" for variable in SERVE_INGRESS_ENV}
+    return name, {}
 
 
 def profile_run(url: str, settings: BenchSettings, traffic_file: Path, out: Path) -> dict[str, Any]:
@@ -200,19 +213,21 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         result |= figures("naive", naive)
 
     measured: dict[str, TopologyRun] = {}
-    for topology in settings.topologies:
-        measured[topology] = measure_topology(
-            topology,
-            cluster(topology),
-            settings,
-            traffic,
-            traffic_file,
-            out,
-            naive,
-            ceiling,
-            grpc=topology == settings.topologies[0] and "grpc" not in settings.skip,
-        )
-        result |= measured[topology].figures
+    for name in settings.topologies:
+        topology, env = served_topology(name)
+        with environment(env):
+            measured[name] = measure_topology(
+                name,
+                cluster(topology),
+                settings,
+                traffic,
+                traffic_file,
+                out,
+                naive,
+                ceiling,
+                grpc=name == settings.topologies[0] and "grpc" not in settings.skip,
+            )
+        result |= measured[name].figures
     dag = measured[settings.topologies[0]]  # the first topology listed heads the report
     result |= {
         key.replace(f"{dag.topology}_", "dag_", 1): value

@@ -145,22 +145,23 @@ class LocalCluster:
         started = time.perf_counter()
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
-            from tune.ray_env import set_train_poll_env
+            from tune.ray_env import environment, set_train_poll_env
 
             set_train_poll_env()  # the quick set and retraining run on this cluster
             address = os.environ.get("RAY_ADDRESS")
             if not self.verbose:
                 self._driver_logs_to_file()
-            context = ray.init(
-                address=address,
-                include_dashboard=self.dashboard if address is None else None,
-                dashboard_host="127.0.0.1",
-                dashboard_port=free_port() if address is None else None,
-                _metrics_export_port=free_port() if address is None else None,
-                configure_logging=False,
-                log_to_driver=self.verbose,
-                logging_level=logging.INFO if self.verbose else logging.WARNING,
-            )
+            with environment(self._ingress_env() if address is None else {}):
+                context = ray.init(
+                    address=address,
+                    include_dashboard=self.dashboard if address is None else None,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=free_port() if address is None else None,
+                    _metrics_export_port=free_port() if address is None else None,
+                    configure_logging=False,
+                    log_to_driver=self.verbose,
+                    logging_level=logging.INFO if self.verbose else logging.WARNING,
+                )
             self._started_ray = address is None
             url = getattr(context, "dashboard_url", None) or None
             if url and self.dashboard:
@@ -218,6 +219,29 @@ class LocalCluster:
             f"{self.timings['ready_s']:.0f} s in all)"
         )
         return self
+
+    def _ingress_env(self) -> dict[str, str]:
+        """The environment Ray starts with: HAProxy ingress, on this cluster's own ports.
+
+        HAProxy's stats and metrics ports are fixed by default, so two clusters on
+        one machine (``make run`` beside a bench) would fight over them; each
+        cluster takes free ones unless the user set them. (Its files are kept
+        per Ray node already.) A router replica that stops holds its port open for
+        30 s by default, for load balancers elsewhere to forget it; here HAProxy
+        is on the same machine and forgets it in a fraction of a second, so 2 s
+        is enough, and stopping the cluster does not wait half a minute.
+        """
+        from tune.ray_env import serve_ingress_env
+
+        env = serve_ingress_env()
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", env.get("RAY_SERVE_ENABLE_HA_PROXY")) != "1":
+            return env
+        local = {
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        }
+        return env | {name: value for name, value in local.items() if name not in os.environ}
 
     def _driver_logs_to_file(self) -> None:
         """Ray's and Serve's notices in this process go to ``<workdir>/logs/driver.log``."""

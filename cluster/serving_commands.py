@@ -239,13 +239,18 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _topologies(text: str) -> tuple[str, ...]:
-    """``fused,split`` → its names, each a known topology (else a usage error)."""
+    """``fused,split`` → its names, each a known topology (else a usage error).
+
+    A name may end in ``-serve-proxy``: that topology behind Serve's own proxy.
+    """
+    from cluster.bench import SERVE_PROXY
     from deployments.config import TOPOLOGIES
 
     names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in TOPOLOGIES]
+    unknown = [t for t in names if t.removesuffix(SERVE_PROXY) not in TOPOLOGIES]
     if not names or unknown:
-        raise SystemExit(f"error: --topologies takes some of {', '.join(TOPOLOGIES)}; got {text!r}")
+        known = ", ".join(f"{t}, {t}{SERVE_PROXY}" for t in TOPOLOGIES)
+        raise SystemExit(f"error: --topologies takes some of {known}; got {text!r}")
     return names
 
 
@@ -299,7 +304,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--topologies",
         default="fused,split",
-        help="served topologies to measure on the same traffic, the first heads the report",
+        help="served topologies to measure on the same traffic, the first heads the report; "
+        "NAME-serve-proxy: behind Serve's own proxy instead of HAProxy",
     )
     bench.add_argument(
         "--skip",

@@ -4,8 +4,8 @@ Both return :class:`~deployments.schemas.InspectionResult` and raise
 :class:`InspectionFailed` with the HTTP-style status for what the service
 refused. An inspection is idempotent (same image, same answer), so both clients
 retry what is worth retrying (503 overloaded or a replica lost, 504 and the
-proxy's 408 timeouts, the proxy's 500 when the router replica died, a dropped
-connection) with exponential backoff, honouring Retry-After.
+ingress's 408 timeouts, its 500 or a dropped connection when the router replica
+died) with exponential backoff, honouring Retry-After.
 
 In the cluster::
 
@@ -38,9 +38,9 @@ import httpx
 from deployments.schemas import CategoriesResult, DefectTypeIn, DefectTypeOut, InspectionResult
 
 APP_NAME = "inspectray"
-# 408: Serve's proxy timed the request out (its request_timeout_s). 500: the service
-# answers its own errors with 4xx, 503 or 504 (fuzzed: never 500), so a 500 is Serve's
-# proxy reporting that the router replica died under the request (a lost node).
+# 408: the ingress timed the request out (Serve's request_timeout_s). 500: the service
+# answers its own errors with 4xx, 503 or 504 (fuzzed: never 500), so a 500 is the
+# ingress reporting that the router replica died under the request (a lost node).
 RETRY_STATUSES = frozenset({408, 500, 502, 503, 504})
 T = TypeVar("T")
 

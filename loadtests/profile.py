@@ -31,6 +31,7 @@ import psutil
 _ROLES = (
     (re.compile(r"ray::ServeReplica:[^:]+:(\w+)"), "serve replica: {0}"),
     (re.compile(r"ray::ProxyActor"), "HTTP proxy"),
+    (re.compile(r"(?:^|/)haproxy\b"), "HAProxy"),  # the ingress (C): its CPU, not sampled
     (re.compile(r"ray::ServeController"), "Serve controller"),
     (re.compile(r"redis-server"), "Redis"),
     (re.compile(r"locust"), "load generator (Locust)"),

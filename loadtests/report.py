@@ -120,7 +120,9 @@ def topology_sections(result: dict[str, Any]) -> list[str]:
         "## Topologies side by side",
         "",
         "fused: every stage in each replica of the router (no hop between stages); "
-        "split: one deployment per model stage (two to four hops).",
+        "split: one deployment per model stage (two to four hops). Requests come in "
+        "through HAProxy straight to a router replica; a name ending in -serve-proxy: "
+        "through Serve's own Python proxy instead.",
         "",
     ]
     rows: list[list[Any]] = [
@@ -163,7 +165,7 @@ def topology_sections(result: dict[str, Any]) -> list[str]:
     lines += ["## Where the time goes", ""]
     lines += [
         "From each answer's own timings, averaged over the main run's requests: the "
-        "client's latency is the time outside the router (Locust, the HTTP proxy, the "
+        "client's latency is the time outside the router (Locust, the ingress, the "
         "hop to the router, the answer's way back) plus the router's; the router's "
         "splits into decoding the image (checks and hash), the cache lookup and the "
         "stages; each stage's call into the model's computing time and the wait "

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 from PIL import Image
@@ -315,6 +316,18 @@ def test_health_readiness_docs_and_page(serving):
     assert "InspectionResult" in spec["components"]["schemas"]
     assert httpx.get(f"{serving.url}/docs", timeout=30).status_code == 200
     assert "<canvas" in httpx.get(f"{serving.url}/ui", timeout=30).text
+
+
+def test_requests_come_in_through_haproxy_not_a_python_proxy(serving, inspection_images):
+    listening = {
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == serving.port and c.pid
+    }
+    assert {psutil.Process(pid).name() for pid in listening} == {"haproxy"}
+    # and through it an inspection is answered as ever
+    response = _post(serving, inspection_images["synthetic_good"], category=SURFACE)
+    assert response.status_code == 200 and response.json()["verdict"] == "ok"
 
 
 def test_predict_command(serving, inspection_images, capsys, tmp_path):

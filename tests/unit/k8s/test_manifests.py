@@ -22,6 +22,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.k8s import K8S, TARGETS, render_all
+from tune.ray_env import SERVE_INGRESS_ENV
 
 KUBERNETES_VERSION = "1.37.0"
 # Where the KubeRay CRDs are: $INSPECTRAY_K8S_SCHEMAS, or a `shared/k8s-schemas`
@@ -259,6 +260,17 @@ def test_each_overlay_builds_valid_manifests(folder):
             d for d in config["applications"][0]["deployments"] if d["name"] == "AnomalyDetector"
         ]
         assert detector["ray_actor_options"]["num_gpus"] == 0.25
+
+
+@pytest.mark.parametrize("folder", OVERLAYS, ids=[p.name for p in OVERLAYS])
+def test_every_serving_node_takes_requests_through_haproxy_as_a_local_cluster_does(folder):
+    service = next(d for d in build_overlay(folder) if d["kind"] == "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {name: env.get(name) for name in SERVE_INGRESS_ENV} == SERVE_INGRESS_ENV
 
 
 def test_there_are_manifests_of_every_kind():

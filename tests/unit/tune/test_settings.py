@@ -9,7 +9,7 @@ from ray import tune
 
 from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from tune.loop import build_optimizer, improved, warmup_cosine
-from tune.ray_env import set_train_poll_env
+from tune.ray_env import SERVE_INGRESS_ENV, environment, serve_ingress_env, set_train_poll_env
 from tune.sweep import BATCH_SIZES, OPTIMIZERS, search_space
 from tune.trainer import DEFAULT_LR, TrainSettings, loop_config
 
@@ -87,3 +87,21 @@ def test_a_cluster_this_process_starts_polls_training_workers_often_unless_told_
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
     set_train_poll_env()
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
+
+
+def test_a_cluster_this_process_serves_on_takes_requests_through_haproxy_unless_told_otherwise(
+    monkeypatch,
+):
+    for name in SERVE_INGRESS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert serve_ingress_env() == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    }
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # Serve's own proxy, by choice
+    assert serve_ingress_env() == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    # Applied for the cluster's start only: this process's environment is as it was after.
+    with environment(serve_ingress_env()):
+        assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in os.environ
