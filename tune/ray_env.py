@@ -17,7 +17,7 @@ TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 # HTTP itself: no Python proxy process decoding and re-sending every request.
 # The throughput-optimised settings run the replicas' request handling on their
 # own event loop (no extra thread hop) and call between deployments over gRPC.
-# On a 2-core machine this answers 1.6 to 1.8 times the inspections (the bench,
+# On a 2-core machine this answered 2.3 times the inspections (the bench,
 # docs/benchmarks.md). Set RAY_SERVE_ENABLE_HA_PROXY=0 and
 # RAY_SERVE_THROUGHPUT_OPTIMIZED=0 for Serve's own proxy.
 SERVE_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
