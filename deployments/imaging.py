@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 ALLOWED_CONTENT_TYPES = frozenset(
@@ -120,6 +120,8 @@ class DecodedImage:
         width: Width of ``image`` (after EXIF orientation).
         height: Height of ``image``.
         n_bytes: Size of the bytes as sent.
+        sent_png: The bytes as sent when they are a PNG that decodes to exactly
+            ``image`` (grayscale or RGB, no orientation to apply), else None.
     """
 
     image: Image.Image
@@ -128,6 +130,15 @@ class DecodedImage:
     width: int
     height: int
     n_bytes: int
+    sent_png: bytes | None = None
+
+    def png(self) -> bytes:
+        """The image as a PNG file.
+
+        The bytes as sent where they are a PNG that decodes to exactly :attr:`image`,
+        else an encoding of it (which costs milliseconds).
+        """
+        return self.sent_png if self.sent_png is not None else encode_png(self.image)
 
 
 def decode_base64(text: str) -> bytes:
@@ -211,7 +222,7 @@ def decode_image(
             415, f"image format not recognized (first bytes {data[:8]!r}); send {_ACCEPTED}"
         ) from None
 
-    with source:
+    try:
         image_format = _FORMAT_ALIASES.get(source.format or "", source.format or "unknown")
         if image_format not in ALLOWED_FORMATS:
             raise ImageRejected(
@@ -222,8 +233,7 @@ def decode_image(
             # Our own pixel check ran above, so PIL's checks can only fire here for
             # frames or tiles that disagree with the header.
             source.load()  # the first frame of a multi-frame TIFF
-            upright = ImageOps.exif_transpose(source)
-            image = _to_model_mode(upright)
+            image = _to_model_mode(_upright(source))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise ImageRejected(
                 413, f"image has too many pixels; the limit is {limits.max_pixels} ({error})"
@@ -232,6 +242,12 @@ def decode_image(
             raise ImageRejected(
                 422, f"{image_format} image is truncated or corrupt: {error}"
             ) from None
+    except BaseException:
+        source.close()
+        raise
+    if image is not source:
+        source.close()
+    # else: closing would free the pixels handed on; the source is bytes in memory.
 
     return DecodedImage(
         image=image,
@@ -240,6 +256,7 @@ def decode_image(
         width=image.width,
         height=image.height,
         n_bytes=n_bytes,
+        sent_png=data if image is source and image_format == "PNG" else None,
     )
 
 
@@ -317,12 +334,21 @@ def _check_size(size: tuple[int, int], limits: ImageLimits) -> None:
         )
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The image with its EXIF orientation applied; itself when there is none to apply."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return image  # exif_transpose would return a copy
+    return ImageOps.exif_transpose(image)
+
+
 def _to_model_mode(image: Image.Image) -> Image.Image:
-    """Convert to ``"L"`` (grayscale sources) or ``"RGB"``, as a new image."""
+    """``"L"`` (grayscale sources) or ``"RGB"``: the image itself if it is one already."""
     mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
     if mode in _HIGH_BIT_DEPTH or mode.startswith("I;16"):
         return _rescale_to_8bit(image)
-    if mode in ("1", "L"):
+    if mode == "1":
         return image.convert("L")
     if mode in ("LA", "La"):
         return _over_white(image.convert("LA"))

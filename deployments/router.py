@@ -50,7 +50,6 @@ from deployments.imaging import (
     ImageRejected,
     decode_base64,
     decode_image,
-    encode_png,
 )
 from deployments.metrics import InspectionMetrics
 from deployments.protos import inspection_pb2
@@ -485,17 +484,6 @@ class RouterCore:
             return await asyncio.to_thread(self.store.descriptions, category)
         return sorted(self._memory_descriptions.get(category, {}).values(), key=lambda d: d["name"])
 
-    async def _registered_now(
-        self, plan: InspectionPlan, category: str | None
-    ) -> dict[str, list[dict[str, Any]]]:
-        """The registered types of the categories an answer can depend on, read once."""
-        names = [category] if category is not None else sorted(plan.categories)
-        return {
-            name: await self._registered(name)
-            for name in names
-            if name in plan.categories and plan.categories[name].has(RERANKER)
-        }
-
     async def inspect_decoded(
         self,
         decoded: DecodedImage,
@@ -570,7 +558,7 @@ class RouterCore:
         store, limit = self.store, self.service.review.max_pending
 
         def queue() -> None:
-            store.enqueue_review(item, encode_png(decoded.image), limit)
+            store.enqueue_review(item, decoded.png(), limit)
 
         try:
             await asyncio.to_thread(queue)
@@ -596,7 +584,7 @@ class RouterCore:
         started = time.perf_counter() - decode_ms / 1000.0
         timings = {"decode": decode_ms}
         try:
-            result, cache_key = await asyncio.wait_for(
+            result, cache = await asyncio.wait_for(
                 self._answer(decoded, category, explain, boxes, started, timings),
                 timeout=self.service.request_timeout_s,
             )
@@ -637,7 +625,8 @@ class RouterCore:
             # One round trip: the stream's exactly-once append and, for a new answer,
             # the cache entry (a cache hit comes with no key).
             mark = time.perf_counter()
-            await asyncio.to_thread(self.store.publish, result.model_dump(mode="json"), cache_key)
+            key, tag = cache if cache is not None else (None, "")
+            await asyncio.to_thread(self.store.publish, result.model_dump(mode="json"), key, tag)
             result.timings_ms["publish"] = (time.perf_counter() - mark) * 1000.0
         return result
 
@@ -649,32 +638,34 @@ class RouterCore:
         boxes: bool,
         started: float,
         timings: dict[str, float],
-    ) -> tuple[InspectionResult, str | None]:
-        """The answer, and the key to cache it under (None: not cached)."""
+    ) -> tuple[InspectionResult, tuple[str, str] | None]:
+        """The answer, and the key and tag to cache it under (None: not cached)."""
         plan = self.plan
         mark = time.perf_counter()
         if category is not None and category not in plan.categories:
             raise InspectionRefused(
                 f"unknown category {category!r}; known: {sorted(plan.categories)}"
             )
-        key = None
+        cache: tuple[str, str] | None = None
         registered = self._registered  # read by the flow, for defective parts only
         if self.store is not None and self.service.cache_ttl_s > 0:  # 0: no cache
-            # Registered types change answers, so they are part of the key; the
-            # flow reuses what was read for it.
-            now = await self._registered_now(plan, category)
-            catalog = [d | {"category": name} for name, items in now.items() for d in items]
+            # Registered types change answers: an answer is cached under a tag of
+            # those it could rank, and one cached under other types is a miss. One
+            # round trip reads them and the cache; the flow reuses what was read.
             key = self.store.cache_key(
                 decoded.sha256,
                 category,
                 {"explain": explain, "boxes": boxes},
-                {"plan": plan.fingerprint, "registered_types": compute.catalog_key(catalog)},
+                {"plan": plan.fingerprint},
             )
+            names = [category] if category is not None else sorted(plan.categories)
+            ranked = [n for n in names if n in plan.categories and plan.categories[n].has(RERANKER)]
+            now, cached = await asyncio.to_thread(self.store.lookup, key, ranked, _types_tag)
+            cache = (key, _types_tag(now))
 
             async def registered(name: str) -> list[dict[str, Any]]:
                 return now[name] if name in now else await self._registered(name)
 
-            cached = await asyncio.to_thread(self.store.get_cached, key)
             timings["cache_lookup"] = (time.perf_counter() - mark) * 1000.0
             if cached is not None:
                 hit = InspectionResult.model_validate(
@@ -699,7 +690,7 @@ class RouterCore:
             latency_ms=(time.perf_counter() - started) * 1000.0,
             timings_ms=timings,
         )
-        return result, key  # cached when it is published
+        return result, cache  # cached when it is published
 
     async def inspect_bytes(
         self,
@@ -828,6 +819,12 @@ class RouterCore:
                 if self.store.spooled() and self.store.ping():
                     self.store.replay_spool()
             self.store.close()
+
+
+def _types_tag(registered: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """The cache tag of the registered types an answer could rank, by category."""
+    catalog = [dict(d) | {"category": name} for name, items in registered.items() for d in items]
+    return compute.catalog_key(catalog)
 
 
 def _description_fields(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,10 @@ While Redis is down the cache misses, rate limits allow, descriptions come from
 an in-memory mirror, and results go to a spool on disk that
 :meth:`RedisStore.replay_spool` moves into the stream once Redis is back.
 
+An inspection reads Redis once before it runs (:meth:`RedisStore.lookup`: the
+registered descriptions it may rank and its cached answer) and writes once after
+(:meth:`RedisStore.publish`: the stream and the cache).
+
 Results reach the stream exactly once: one Lua script marks the request id as
 published (``SET NX``) and appends only if the mark was new, so a result
 replayed after a lost reply, or by two routers, is appended once.
@@ -270,7 +274,7 @@ class RedisStore:
             model_versions: Stage name to model version; a new model means a new key.
 
         Returns:
-            ``"cache:<sha256>"``; the store puts its own prefix in front.
+            ``"answer:<sha256>"``; the store puts its own prefix in front.
         """
         identity = {
             "image_sha256": image_sha256,
@@ -279,19 +283,12 @@ class RedisStore:
             "model_versions": dict(model_versions),
         }
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
-        return "cache:" + hashlib.sha256(canonical.encode()).hexdigest()
+        return "answer:" + hashlib.sha256(canonical.encode()).hexdigest()
 
-    def get_cached(self, key: str) -> dict | None:
-        """The cached result under ``key`` (from :meth:`cache_key`).
-
-        Returns:
-            The result, or ``None`` on a miss or while Redis is down.
-        """
-        try:
-            raw = self._call(lambda r: r.get(f"{self.prefix}:{key}"))
-        except StoreUnavailable:
-            return None
-        if raw is None:
+    def _cached(self, key: str, tag: str, entry: Sequence[str | None]) -> dict | None:
+        """The result of a cache entry ``(result, tag)`` if it was cached under ``tag``."""
+        raw, cached_tag = entry
+        if raw is None or (cached_tag or "") != tag:
             return None
         try:
             return json.loads(raw)
@@ -299,13 +296,80 @@ class RedisStore:
             logger.warning("cache entry %s is not JSON; treated as a miss", key)
             return None
 
-    def put_cached(self, key: str, result: Mapping[str, Any]) -> None:
-        """Cache ``result`` for ``cache_ttl_s``; does nothing while Redis is down or at TTL 0."""
+    def get_cached(self, key: str, tag: str = "") -> dict | None:
+        """The result cached under ``key`` (from :meth:`cache_key`) and ``tag``.
+
+        Args:
+            key: The entry's key.
+            tag: What else the answer depended on (the registered defect types);
+                an entry cached under another tag is a miss.
+
+        Returns:
+            The result, or ``None`` on a miss or while Redis is down.
+        """
+        try:
+            entry = self._call(lambda r: r.hmget(f"{self.prefix}:{key}", "result", "tag"))
+        except StoreUnavailable:
+            return None
+        return self._cached(key, tag, entry)
+
+    def lookup(
+        self, key: str, categories: Sequence[str], tag: Callable[[Mapping[str, list[dict]]], str]
+    ) -> tuple[dict[str, list[dict]], dict | None]:
+        """Everything an inspection reads before it runs, in one round trip.
+
+        Args:
+            key: The cache key (from :meth:`cache_key`).
+            categories: The categories whose registered descriptions the answer
+                may depend on.
+            tag: The cache tag those descriptions make (see :meth:`get_cached`).
+
+        Returns:
+            Each category's registered descriptions (as :meth:`descriptions`;
+            while Redis is down, the last ones seen), and the cached result, or
+            ``None`` on a miss or while Redis is down.
+        """
+
+        def read(r: redis.Redis) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for category in categories:
+                pipe.hgetall(f"{self.prefix}:descriptions:{category}")
+            pipe.hmget(f"{self.prefix}:{key}", "result", "tag")
+            return pipe.execute()
+
+        try:
+            *found, entry = self._call(read)
+        except StoreUnavailable:
+            seen = {c: list(self._descriptions.get(c, [])) for c in categories}
+            return seen, None
+        described = {}
+        for category, raw in zip(categories, found, strict=True):
+            self._descriptions[category] = _sorted_descriptions(raw)
+            described[category] = list(self._descriptions[category])
+        return described, self._cached(key, tag(described), entry)
+
+    def put_cached(self, key: str, result: Mapping[str, Any], tag: str = "") -> None:
+        """Cache ``result`` under ``key`` and ``tag`` for ``cache_ttl_s``.
+
+        Does nothing while Redis is down or at TTL 0.
+        """
         if self.cache_ttl_s <= 0:
             return
         payload = json.dumps(result, separators=(",", ":"))
+
+        def put(r: redis.Redis) -> None:
+            pipe = r.pipeline(transaction=False)
+            self._cache_in(pipe, key, payload, tag)
+            pipe.execute()
+
         with contextlib.suppress(StoreUnavailable):
-            self._call(lambda r: r.set(f"{self.prefix}:{key}", payload, ex=self.cache_ttl_s))
+            self._call(put)
+
+    def _cache_in(self, pipe: redis.client.Pipeline, key: str, payload: str, tag: str) -> None:
+        """Queue the commands that cache ``payload`` under ``key`` and ``tag``."""
+        name = f"{self.prefix}:{key}"
+        pipe.hset(name, mapping={"result": payload, "tag": tag})
+        pipe.expire(name, self.cache_ttl_s)
 
     # -- result stream ------------------------------------------------------------
 
@@ -324,33 +388,49 @@ class RedisStore:
             )
         )
 
-    def _append_and_cache(self, request_id: str, payload: str, cache_key: str) -> None:
+    def _append_and_cache(
+        self, request_id: str, payload: str, cache_key: str, cache_tag: str
+    ) -> None:
         """The publish script and the cache entry in one round trip (a pipeline).
+
+        The script runs by its hash alone: a pipeline given the script object
+        would first ask Redis whether it knows the script, a second round trip
+        on every answer. A Redis that does not know it (restarted, or its
+        scripts flushed) refuses with NOSCRIPT; the script is loaded and both
+        commands run again: the cache entry is only set again, and the script
+        appends a request id once.
 
         Raises:
             StoreUnavailable: Redis is down (the result may or may not be in).
         """
         marker = f"{self.prefix}:published:{request_id}"
+        args = (self.published_ttl_s, self.stream_maxlen, request_id, payload)
 
         def both(r: redis.Redis) -> None:
             pipe = r.pipeline(transaction=False)
-            pipe.set(f"{self.prefix}:{cache_key}", payload, ex=self.cache_ttl_s)
-            self._publish_once(
-                keys=[marker, self.stream],
-                args=[self.published_ttl_s, self.stream_maxlen, request_id, payload],
-                client=pipe,
-            )
+            self._cache_in(pipe, cache_key, payload, cache_tag)
+            pipe.evalsha(self._publish_once.sha, 2, marker, self.stream, *args)
             pipe.execute()
 
-        self._call(both)
+        def loaded_then_both(r: redis.Redis) -> None:
+            try:
+                both(r)
+            except redis.exceptions.NoScriptError:
+                r.script_load(_PUBLISH_ONCE_LUA)
+                both(r)
 
-    def publish(self, result: Mapping[str, Any], cache_key: str | None = None) -> bool:
+        self._call(loaded_then_both)
+
+    def publish(
+        self, result: Mapping[str, Any], cache_key: str | None = None, cache_tag: str = ""
+    ) -> bool:
         """Append ``result`` to the stream, or to the spool on disk if Redis is down.
 
         Args:
             result: A JSON-able result with a ``request_id``.
             cache_key: also cache it under this key (from :meth:`cache_key`), in
                 the same round trip; a result spooled is not cached.
+            cache_tag: and under this tag (see :meth:`get_cached`).
 
         Returns:
             ``True`` if the result is in the stream now (appended, or already
@@ -365,7 +445,7 @@ class RedisStore:
         payload = json.dumps(result, separators=(",", ":"))
         try:
             if cache_key is not None and self.cache_ttl_s > 0:
-                self._append_and_cache(str(request_id), payload, cache_key)
+                self._append_and_cache(str(request_id), payload, cache_key, cache_tag)
             else:
                 self._append_once(str(request_id), payload)
         except StoreUnavailable:
@@ -601,9 +681,8 @@ class RedisStore:
             raw = self._call(lambda r: r.hgetall(f"{self.prefix}:descriptions:{category}"))
         except StoreUnavailable:
             return list(self._descriptions.get(category, []))
-        found = sorted((json.loads(v) for v in raw.values()), key=lambda d: d["name"])
-        self._descriptions[category] = found
-        return list(found)
+        self._descriptions[category] = _sorted_descriptions(raw)
+        return list(self._descriptions[category])
 
     # -- API keys and rate limits -------------------------------------------------
 
@@ -903,3 +982,8 @@ class RedisStore:
 
 
 __all__ = ["ApiKey", "AuthError", "RedisStore", "StoreUnavailable"]
+
+
+def _sorted_descriptions(raw: Mapping[str, str]) -> list[dict]:
+    """A category's descriptions hash as a list sorted by name."""
+    return sorted((json.loads(v) for v in raw.values()), key=lambda d: d["name"])

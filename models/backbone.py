@@ -88,7 +88,7 @@ class Preprocessing:
         Training caches this result and augments it (flips, synthetic anomalies)
         before :meth:`normalize`, so both halves stay the serving transform.
         """
-        steps: list[Callable[..., Any]] = [T.Lambda(_to_rgb)]
+        steps: list[Callable[..., Any]] = [T.Lambda(_gray_or_rgb)]
         if self.autocontrast > 0:
             steps.append(T.Lambda(functools.partial(_autocontrast, cutoff=self.autocontrast)))
         return T.Compose(
@@ -97,6 +97,9 @@ class Preprocessing:
                 T.PILToTensor(),
                 T.Resize(self.resize, interpolation=_INTERPOLATION[self.interpolation]),
                 T.CenterCrop(self.input_size),
+                # A grayscale image is resized as one channel, then given three: the
+                # same values its RGB copy would give, at a third of the work.
+                T.Lambda(_three_channels),
             ]
         )
 
@@ -146,8 +149,12 @@ _INTERPOLATION = {
 }
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
+def _gray_or_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode in ("L", "RGB") else image.convert("RGB")
+
+
+def _three_channels(image: torch.Tensor) -> torch.Tensor:
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
 def _autocontrast(image: Image.Image, cutoff: float) -> Image.Image:

@@ -38,10 +38,15 @@ from models.stages import LoadedStage
 
 
 def batched_inputs(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
-    """The images as one channels-last batch ``(B, 3, S, S)``, by the model's own preprocessing."""
-    transform = model.preprocessing.transform()
+    """The images as one channels-last batch ``(B, 3, S, S)``, by the model's own preprocessing.
+
+    Each image is cropped and resized on its own, in 8 bits; the batch is then
+    moved and normalized at once (the same values as image by image).
+    """
+    preprocessing = model.preprocessing
+    geometry = preprocessing.geometry()
     device = next(model.parameters()).device
-    batch = torch.stack([transform(image) for image in images]).to(device)
+    batch = preprocessing.normalize(torch.stack([geometry(image) for image in images]).to(device))
     return batch.contiguous(memory_format=torch.channels_last)
 
 

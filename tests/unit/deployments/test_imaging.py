@@ -93,11 +93,47 @@ def test_each_format_round_trips(image_format: str, mode: str) -> None:
         assert error.max() == 0
 
 
-def test_decoded_image_is_detached_from_the_bytes() -> None:
-    decoded = decode_image(_encode(_textured("RGB"), "PNG"))
-    # A lazily loaded PIL file object would still need its (closed) buffer.
-    assert type(decoded.image) is Image.Image
-    assert decoded.image.getpixel((0, 0)) is not None
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_decoded_image_travels_between_processes(image_format: str) -> None:
+    decoded = decode_image(_encode(_textured("RGB"), image_format))
+    expected = np.asarray(decoded.image)
+    # The split topology pickles it to the stage replicas.
+    travelled = pickle.loads(pickle.dumps(decoded.image))
+    assert travelled.mode == "RGB" and np.array_equal(np.asarray(travelled), expected)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_png_that_decodes_as_it_is_inspected_is_kept_as_sent(mode: str) -> None:
+    data = _encode(_textured(mode), "PNG")
+    decoded = decode_image(data)
+    assert decoded.sent_png == data
+    assert decoded.png() is data  # the review queue stores it without encoding again
+
+
+@pytest.mark.parametrize(
+    ("image", "image_format"),
+    [
+        (_textured("RGB"), "JPEG"),
+        (_textured("RGB").convert("RGBA"), "PNG"),  # composited over white
+        (_textured("RGB").convert("P"), "PNG"),  # palette: inspected as RGB
+        (Image.new("1", (32, 16), 1), "PNG"),
+    ],
+)
+def test_other_images_are_encoded_as_the_png_that_was_inspected(
+    image: Image.Image, image_format: str
+) -> None:
+    decoded = decode_image(_encode(image, image_format))
+    assert decoded.sent_png is None
+    again = Image.open(io.BytesIO(decoded.png()))
+    assert again.format == "PNG" and again.mode == decoded.image.mode
+    assert np.array_equal(np.asarray(again), np.asarray(decoded.image))
+
+
+def test_a_png_with_an_orientation_to_apply_is_not_kept_as_sent() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = decode_image(_encode(_textured("L", (40, 20)), "PNG", exif=exif.tobytes()))
+    assert decoded.image.size == (20, 40) and decoded.sent_png is None
 
 
 @pytest.mark.parametrize("image_format", ["PNG", "TIFF"])

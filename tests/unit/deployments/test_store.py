@@ -64,6 +64,47 @@ def test_cache_round_trip_with_ttl(store: RedisStore, redis_client: redis.Redis)
     assert 0 < ttl <= store.cache_ttl_s
 
 
+def test_an_answer_cached_under_other_registered_types_is_a_miss(store: RedisStore) -> None:
+    key = RedisStore.cache_key("ab" * 32, "bottle", {}, {"plan": "p1"})
+    answer = {"request_id": "r-1", "prediction": "good"}
+    store.put_cached(key, answer, tag="types-a")
+    assert store.get_cached(key, tag="types-a") == answer
+    assert store.get_cached(key, tag="types-b") is None
+    assert store.get_cached(key) is None  # untagged: cached with no registered types
+
+
+def test_lookup_reads_descriptions_and_the_cache_in_one_round_trip(
+    store: RedisStore, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    scratch = {"name": "scratch", "description": "thin line"}
+    store.register_description("bottle", scratch)
+
+    def tag(registered: dict[str, list[dict]]) -> str:
+        return ",".join(f"{c}:{d['name']}" for c, items in registered.items() for d in items)
+
+    key = RedisStore.cache_key("ab" * 32, "bottle", {}, {"plan": "p1"})
+    assert store.publish(result("r-1"), cache_key=key, cache_tag="bottle:scratch")
+    redis_client.config_resetstat()
+    described, cached = store.lookup(key, ["bottle", "screw"], tag)
+    assert described == {"bottle": [scratch], "screw": []}
+    assert cached == result("r-1")
+    calls = {
+        name.removeprefix("cmdstat_"): stats["calls"]
+        for name, stats in redis_client.info("commandstats").items()
+        if not name.startswith(("cmdstat_config", "cmdstat_info"))  # this test's own
+    }
+    assert calls == {"hgetall": 2, "hmget": 1}  # nothing else was read
+    # A type registered since: the answer no longer stands for this image.
+    store.register_description("bottle", {"name": "dent", "description": "a dip"})
+    described, cached = store.lookup(key, ["bottle"], tag)
+    assert [d["name"] for d in described["bottle"]] == ["dent", "scratch"] and cached is None
+    # Redis down: the descriptions last seen, and a miss.
+    down = RedisStore(dead_url(), tmp_path / "down", prefix=PREFIX, socket_timeout_s=0.2)
+    assert down.lookup(key, ["bottle"], tag) == ({"bottle": []}, None)
+    down.close()
+    assert store.lookup(key, ["bottle"], tag)[0] == described
+
+
 def test_cache_key_is_deterministic_and_follows_versions_and_options() -> None:
     base = RedisStore.cache_key(
         "ff" * 32, "bottle", {"a": 1, "b": [1, 2]}, {"det": "1", "cls": "2"}
@@ -72,7 +113,7 @@ def test_cache_key_is_deterministic_and_follows_versions_and_options() -> None:
         "ff" * 32, "bottle", {"b": [1, 2], "a": 1}, {"cls": "2", "det": "1"}
     )
     assert base == reordered
-    assert base.startswith("cache:") and len(base) == len("cache:") + 64
+    assert base.startswith("answer:") and len(base) == len("answer:") + 64
     new_model = RedisStore.cache_key(
         "ff" * 32, "bottle", {"a": 1, "b": [1, 2]}, {"det": "1", "cls": "3"}
     )
@@ -123,6 +164,28 @@ def test_publish_with_a_cache_key_caches_and_appends_once_in_one_round_trip(
     assert not down.publish(result("r-10"), cache_key=key)  # spooled, not lost
     assert down.spooled() == 1
     down.close()
+
+
+def test_publish_runs_its_script_by_hash_and_reloads_it_after_a_flush(
+    store: RedisStore, redis_client: redis.Redis
+) -> None:
+    redis_client.script_flush()  # as after a Redis restart without persistence
+    first = RedisStore.cache_key("ab" * 32, "bottle", {}, {"detector": "v1"})
+    assert store.publish(result("r-1"), cache_key=first)  # NOSCRIPT: loaded, then run
+    redis_client.config_resetstat()
+    second = RedisStore.cache_key("ef" * 32, "bottle", {}, {"detector": "v1"})
+    assert store.publish(result("r-2"), cache_key=second)
+    assert store.publish(result("r-2"), cache_key=second)  # a retry: appended once
+    assert stream_ids(redis_client) == ["r-1", "r-2"]
+    assert store.get_cached(first) == result("r-1")
+    assert store.get_cached(second) == result("r-2")
+    calls = {
+        name.removeprefix("cmdstat_"): stats["calls"]
+        for name, stats in redis_client.info("commandstats").items()
+    }
+    # Two publishes, each one SET and one EVALSHA, and no SCRIPT EXISTS before them.
+    assert calls["evalsha"] == 2 and calls["set"] >= 2
+    assert not any(name.startswith("script") for name in calls)
 
 
 def test_stream_is_bounded(

@@ -104,6 +104,29 @@ def test_autocontrast_stretches_dim_images_and_is_stored() -> None:
 
 
 @pytest.mark.parametrize(
+    "preprocessing",
+    [
+        Preprocessing(),
+        Preprocessing(autocontrast=1.0),
+        Preprocessing(input_size=200, resize=232, interpolation="bicubic", autocontrast=2.0),
+    ],
+)
+def test_a_grayscale_image_gives_exactly_what_its_rgb_copy_gives(
+    preprocessing: Preprocessing,
+) -> None:
+    # Grayscale is resized as one channel, then repeated: the same values, a third of the work.
+    rng = np.random.default_rng(3)
+    smooth = np.cumsum(rng.normal(0, 3, (171, 253)), axis=1)
+    gray = Image.fromarray(np.clip(smooth + 128, 0, 255).astype(np.uint8))
+    assert gray.mode == "L"
+    ours, theirs = preprocessing.geometry()(gray), preprocessing.geometry()(gray.convert("RGB"))
+    assert ours.shape == theirs.shape == (3, preprocessing.input_size, preprocessing.input_size)
+    assert torch.equal(ours, theirs)
+    transform = preprocessing.transform()
+    assert torch.equal(transform(gray), transform(gray.convert("RGB")))
+
+
+@pytest.mark.parametrize(
     "bad", [{"interpolation": "nearest-ish"}, {"input_size": 300}, {"autocontrast": 60.0}]
 )
 def test_preprocessing_validation(bad: dict) -> None:
