@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,18 @@ class RerankerConfig:
         return Preprocessing(
             input_size=self.input_size, resize=self.input_size, autocontrast=self.autocontrast
         )
+
+
+class RerankerOutput(NamedTuple):
+    """What the reranker's image tower says about a batch, against its trained descriptions.
+
+    Attributes:
+        probabilities: ``(B, N)`` each image's CLIP probability over the trained types.
+        embedding: ``(B, D)`` unit-length image embeddings.
+    """
+
+    probabilities: torch.Tensor
+    embedding: torch.Tensor
 
 
 class Reranker(nn.Module):
@@ -264,9 +276,28 @@ class Reranker(nn.Module):
             rows.append(F.normalize(variants.mean(0), dim=-1))
         return torch.stack(rows)
 
-    def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """Training logits ``(B, N)``: images against projected text features."""
+    def forward(
+        self, images: torch.Tensor, text_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Training logits ``(B, N)``: images against projected text features.
+
+        Without text features: the unit-length image embeddings ``(B, D)``, the
+        network an exported runtime runs (:mod:`models.runtime`); serving ranks
+        them against the descriptions of the moment.
+        """
+        if text_features is None:
+            return self.encode_images(images)
         return self.logits(self.encode_images(images), self.project_texts(text_features))
+
+    @torch.no_grad()
+    def answer(self, embedding: torch.Tensor) -> RerankerOutput:
+        """Probabilities over the trained descriptions, from :meth:`forward`'s embeddings.
+
+        What an export's parity check compares (from torch or an exported runtime).
+        """
+        embedding = embedding.float()
+        texts = self.type_embeddings(self.config.catalog()).to(embedding.device)
+        return RerankerOutput(self.logits(embedding, texts).softmax(-1), embedding)
 
     def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities ``(B, N)`` (CLIP's learnt temperature)."""

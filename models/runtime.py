@@ -1,8 +1,11 @@
 """A faster CPU runtime for the CNN stages: ONNX Runtime, exported and parity-checked.
 
-The detector, the verifier, the defect classifier and the category router each
-split their work into :meth:`forward` (the network: nearly all the time) and
-``answer`` (a few tensor operations on its output). :func:`export_runtime`
+The detector, the verifier, the defect classifier, the category router and the
+reranker's image tower each split their work into :meth:`forward` (the network:
+nearly all the time) and ``answer`` (a few tensor operations on its output; the
+reranker's: its image embeddings against its trained descriptions, what its
+parity check compares, while serving ranks them against the descriptions of the
+moment). :func:`export_runtime`
 exports ``forward`` to ONNX when a version is registered, runs the version's
 validation images through both torch and ONNX Runtime, and stores the model
 beside the weights with a record of the check (``runtime.json``): the largest

@@ -118,7 +118,11 @@ STAGES: dict[str, Stage] = {
             exportable=True,
         ),
         Stage(
-            RERANKER, "models.reranker:Reranker", deployment="Reranker", needs="labelled-defects"
+            RERANKER,
+            "models.reranker:Reranker",
+            deployment="Reranker",
+            needs="labelled-defects",
+            exportable=True,
         ),
         Stage(
             LOCALIZER,

@@ -231,7 +231,7 @@ def rerank(
     started = time.perf_counter()
     model = stage.model
     with torch.inference_mode():
-        image_embeddings = model.encode_images(batched_inputs(model, images))
+        image_embeddings = stage.forward(batched_inputs(model, images)).float()
     answers = []
     for i in range(len(images)):
         names, text_embeddings = texts.get(model_id, stage, registered[i])

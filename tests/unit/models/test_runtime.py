@@ -7,8 +7,16 @@ from models.artifacts import ArtifactError
 from models.inspection import compute
 from models.inspection.compute import batched_inputs
 from models.runtime import ONNX_FILE, export_runtime, runtime_record
-from models.stages import CLASSIFIER, DETECTOR, ROUTER, SHARED_CATEGORY, VERIFIER, load_stage
-from tests.tiny_models import add_classifier
+from models.stages import (
+    CLASSIFIER,
+    DETECTOR,
+    RERANKER,
+    ROUTER,
+    SHARED_CATEGORY,
+    VERIFIER,
+    load_stage,
+)
+from tests.tiny_models import add_classifier, add_reranker
 
 
 def _export(registry, category, stage, images, **options):
@@ -19,11 +27,19 @@ def _export(registry, category, stage, images, **options):
 
 @pytest.mark.parametrize(
     ("category", "stage"),
-    [("sure", DETECTOR), ("unsure", VERIFIER), ("sure", CLASSIFIER), (SHARED_CATEGORY, ROUTER)],
+    [
+        ("sure", DETECTOR),
+        ("unsure", VERIFIER),
+        ("sure", CLASSIFIER),
+        (SHARED_CATEGORY, ROUTER),
+        ("sure", RERANKER),
+    ],
 )
 def test_an_export_answers_as_torch_does_and_is_served(registry, images, category, stage):
     if stage == CLASSIFIER:
         add_classifier(registry, category)
+    if stage == RERANKER:
+        add_reranker(registry, category, fusion_weight=0.5)
     if stage == DETECTOR:  # a head that tells images apart, not a constant
         loaded = load_stage(registry, category, stage)
         torch.manual_seed(0)
@@ -52,6 +68,18 @@ def test_an_export_answers_as_torch_does_and_is_served(registry, images, categor
         ours = torch_stage.model.answer(torch_stage.forward(inputs)).probabilities
         theirs = served.model.answer(served.forward(inputs)).probabilities
     assert float((ours - theirs).abs().max()) <= 1e-4
+    if stage == RERANKER:  # served: the same ranking, a registered type included
+        registered = [{"name": "stain", "description": "a dark blot on the surface"}]
+        scores = [{"crack": 0.7, "scratch": 0.3}] * len(images)
+        ranked = [
+            compute.rerank(s, "sure@1", images, scores, [registered] * len(images), texts)
+            for s, texts in ((torch_stage, compute.TypeTexts()), (served, compute.TypeTexts()))
+        ]
+        for ours_ranked, theirs_ranked in zip(*ranked, strict=True):
+            ours_scores = {t.name: t.score for t in ours_ranked.ranked}
+            theirs_scores = {t.name: t.score for t in theirs_ranked.ranked}
+            assert set(ours_scores) == set(theirs_scores) == {"crack", "scratch", "stain"}
+            assert all(abs(ours_scores[n] - theirs_scores[n]) <= 1e-4 for n in ours_scores)
     if stage == DETECTOR:
         assert float(ours.std()) > 1e-3  # the check compared answers that differ
         answers = compute.detect(served, images, [False] * (len(images) - 1) + [True])
