@@ -660,8 +660,8 @@ class RouterCore:
             )
             names = [category] if category is not None else sorted(plan.categories)
             ranked = [n for n in names if n in plan.categories and plan.categories[n].has(RERANKER)]
-            now, cached = await asyncio.to_thread(self.store.lookup, key, ranked, _types_tag)
-            cache = (key, _types_tag(now))
+            now, tag, cached = await asyncio.to_thread(self.store.lookup, key, ranked, _types_tag)
+            cache = (key, tag)
 
             async def registered(name: str) -> list[dict[str, Any]]:
                 return now[name] if name in now else await self._registered(name)

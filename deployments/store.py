@@ -315,7 +315,7 @@ class RedisStore:
 
     def lookup(
         self, key: str, categories: Sequence[str], tag: Callable[[Mapping[str, list[dict]]], str]
-    ) -> tuple[dict[str, list[dict]], dict | None]:
+    ) -> tuple[dict[str, list[dict]], str, dict | None]:
         """Everything an inspection reads before it runs, in one round trip.
 
         Args:
@@ -326,8 +326,9 @@ class RedisStore:
 
         Returns:
             Each category's registered descriptions (as :meth:`descriptions`;
-            while Redis is down, the last ones seen), and the cached result, or
-            ``None`` on a miss or while Redis is down.
+            while Redis is down, the last ones seen), their tag, and the result
+            cached under the key and that tag, or ``None`` on a miss or while
+            Redis is down.
         """
 
         def read(r: redis.Redis) -> list[Any]:
@@ -341,12 +342,13 @@ class RedisStore:
             *found, entry = self._call(read)
         except StoreUnavailable:
             seen = {c: list(self._descriptions.get(c, [])) for c in categories}
-            return seen, None
+            return seen, tag(seen), None
         described = {}
         for category, raw in zip(categories, found, strict=True):
             self._descriptions[category] = _sorted_descriptions(raw)
             described[category] = list(self._descriptions[category])
-        return described, self._cached(key, tag(described), entry)
+        tagged = tag(described)
+        return described, tagged, self._cached(key, tagged, entry)
 
     def put_cached(self, key: str, result: Mapping[str, Any], tag: str = "") -> None:
         """Cache ``result`` under ``key`` and ``tag`` for ``cache_ttl_s``.

@@ -23,11 +23,6 @@ TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 SERVE_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
-def _set_defaults(values: dict[str, str]) -> None:
-    for name, value in values.items():
-        os.environ.setdefault(name, value)
-
-
 def set_train_poll_env() -> None:
     """Before this process starts a Ray cluster: its training runs poll 4x a second.
 
@@ -35,7 +30,8 @@ def set_train_poll_env() -> None:
     elsewhere (``RAY_ADDRESS``, KubeRay) keeps its own setting, and a value the
     user set wins.
     """
-    _set_defaults(TRAIN_POLL_ENV)
+    for name, value in TRAIN_POLL_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def serve_ingress_env() -> dict[str, str]:

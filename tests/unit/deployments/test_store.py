@@ -85,8 +85,8 @@ def test_lookup_reads_descriptions_and_the_cache_in_one_round_trip(
     key = RedisStore.cache_key("ab" * 32, "bottle", {}, {"plan": "p1"})
     assert store.publish(result("r-1"), cache_key=key, cache_tag="bottle:scratch")
     redis_client.config_resetstat()
-    described, cached = store.lookup(key, ["bottle", "screw"], tag)
-    assert described == {"bottle": [scratch], "screw": []}
+    described, tagged, cached = store.lookup(key, ["bottle", "screw"], tag)
+    assert described == {"bottle": [scratch], "screw": []} and tagged == "bottle:scratch"
     assert cached == result("r-1")
     calls = {
         name.removeprefix("cmdstat_"): stats["calls"]
@@ -96,11 +96,12 @@ def test_lookup_reads_descriptions_and_the_cache_in_one_round_trip(
     assert calls == {"hgetall": 2, "hmget": 1}  # nothing else was read
     # A type registered since: the answer no longer stands for this image.
     store.register_description("bottle", {"name": "dent", "description": "a dip"})
-    described, cached = store.lookup(key, ["bottle"], tag)
+    described, tagged, cached = store.lookup(key, ["bottle"], tag)
     assert [d["name"] for d in described["bottle"]] == ["dent", "scratch"] and cached is None
+    assert tagged == "bottle:dent,bottle:scratch"
     # Redis down: the descriptions last seen, and a miss.
     down = RedisStore(dead_url(), tmp_path / "down", prefix=PREFIX, socket_timeout_s=0.2)
-    assert down.lookup(key, ["bottle"], tag) == ({"bottle": []}, None)
+    assert down.lookup(key, ["bottle"], tag) == ({"bottle": []}, "", None)
     down.close()
     assert store.lookup(key, ["bottle"], tag)[0] == described
 

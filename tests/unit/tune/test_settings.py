@@ -105,3 +105,7 @@ def test_a_cluster_this_process_serves_on_takes_requests_through_haproxy_unless_
         assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in os.environ
+    # A value overwritten for the block (the bench's Serve-proxy variant) comes back too.
+    with environment({"RAY_SERVE_ENABLE_HA_PROXY": "1"}):
+        assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
