@@ -232,7 +232,14 @@ class Reranker(ModelStage):
         self, registry_uri: str, device: str = "auto", runtimes: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(registry_uri, device, runtimes)
-        self._texts = compute.TypeTexts()
+        self.texts = compute.TypeTexts()
+        for model_id, stage in self._warm.items():
+            # The trained descriptions' embeddings now, not in the first defect's answer.
+            try:
+                self.texts.get(model_id, stage, ())
+            except Exception as error:  # as a model that cannot load: the replica is unhealthy
+                self._failed[model_id] = f"{type(error).__name__}: {error}"
+                log.error("%s: could not embed %s's descriptions: %s", self.stage, model_id, error)
 
     def batched_method(self) -> Any:
         """See :class:`ModelStage`."""
@@ -248,7 +255,7 @@ class Reranker(ModelStage):
         model_id = serve.get_multiplexed_model_id()
         stage = await self._model()
         return await asyncio.to_thread(
-            compute.rerank, stage, model_id, images, classifier_scores, registered, self._texts
+            compute.rerank, stage, model_id, images, classifier_scores, registered, self.texts
         )
 
     async def predict(

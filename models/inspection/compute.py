@@ -189,6 +189,10 @@ class TypeTexts:
         self._entries: dict[tuple[str, str], tuple[tuple[str, ...], torch.Tensor]] = {}
         self.max_entries = max_entries
 
+    def has(self, model_id: str, registered: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether the embeddings of this model and registered set are computed already."""
+        return (model_id, catalog_key(registered)) in self._entries
+
     def get(
         self, model_id: str, stage: LoadedStage, registered: Sequence[Mapping[str, Any]]
     ) -> tuple[tuple[str, ...], torch.Tensor]:

@@ -195,7 +195,7 @@ class LocalStageCalls(StageCalls):
         self.max_models = max_models
         self.fault_delay_s = 0.0  # a fault drill's injected slowness before each call
         self._models: OrderedDict[tuple[str, str], LoadedStage] = OrderedDict()
-        self._texts = compute.TypeTexts()
+        self.texts = compute.TypeTexts()
 
     def model(self, stage: str, model_id: str) -> LoadedStage:
         """Load (once) the stage model a multiplexed id names."""
@@ -206,6 +206,9 @@ class LocalStageCalls(StageCalls):
         category, version = split_model_id(model_id)
         runtime = self.runtimes.get(stage, "torch")
         loaded = load_stage(self.registry, category, stage, version, self.device, runtime)
+        if stage == RERANKER:
+            # Its trained descriptions' embeddings now, not in a line's first defect's answer.
+            self.texts.get(model_id, loaded, ())
         self._models[key] = loaded
         while len(self._models) > self.max_models:
             self._models.popitem(last=False)
@@ -270,7 +273,7 @@ class LocalStageCalls(StageCalls):
 
         def run(model: LoadedStage, items: list[tuple[Any, Any, Any]]) -> list[Reranked]:
             images, scores, described = zip(*items, strict=True)
-            return compute.rerank(model, model_id, images, scores, described, self._texts)
+            return compute.rerank(model, model_id, images, scores, described, self.texts)
 
         return await self._call(RERANKER, model_id, run, (image, classifier_scores, registered))
 

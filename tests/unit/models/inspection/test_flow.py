@@ -24,6 +24,7 @@ from models.inspection import (
 )
 from models.inspection.local import LocalStageCalls
 from models.inspection.plan import load_plan
+from models.stages import RERANKER
 from tests.tiny_models import SIZE, add_classifier, add_localizer, add_reranker, detector, save
 
 
@@ -226,6 +227,17 @@ def test_concurrent_inspections_run_each_stage_as_one_batch(registry, images):
     for a, b in zip(together, alone, strict=True):
         assert a.anomaly_score == pytest.approx(b.anomaly_score, abs=1e-5)
         assert a.verifier_score == pytest.approx(b.verifier_score, abs=1e-5)
+
+
+def test_a_reranker_embeds_its_trained_descriptions_when_it_loads(registry, images):
+    add_classifier(registry, "sure")
+    add_reranker(registry, "sure", fusion_weight=0.5)
+    model_id = load_plan(registry).categories["sure"].model_id(RERANKER)
+    calls = LocalStageCalls(registry)
+    assert not calls.texts.has(model_id, [])
+    calls.model(RERANKER, model_id)
+    # Ready before a line's first defect, whose answer would otherwise wait for the text tower.
+    assert calls.texts.has(model_id, [])
 
 
 def test_the_flow_runs_over_any_stage_calls(registry, images):
