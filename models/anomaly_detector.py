@@ -7,7 +7,7 @@ by category. At 3.4 M parameters (14 MB) a model per category costs little.
 
 Trained two ways (``models.training``): supervised when the category's training
 split has labelled defects, normal-only otherwise, on good images with synthesised
-anomalies (CutPaste / DRAEM, :mod:`models.synth_anomalies`).
+anomalies (CutPaste, DRAEM, thin strokes and shaded dents, :mod:`models.synth_anomalies`).
 """
 
 from __future__ import annotations

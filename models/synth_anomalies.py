@@ -2,7 +2,7 @@
 
 When a product category has only good training images (the MVTec AD layout), the
 detector is trained as a binary classifier: good images against the same good
-images carrying a synthesised anomaly. Three kinds are implemented:
+images carrying a synthesised anomaly. Five kinds are implemented:
 
 - ``"cutpaste"``: CutPaste (Li, Sohn, Yoon & Pfister, "CutPaste: Self-Supervised
   Learning for Anomaly Detection and Localization", CVPR 2021). A rectangle of
@@ -11,6 +11,20 @@ images carrying a synthesised anomaly. Three kinds are implemented:
 - ``"scar"``: the CutPaste-Scar variant of the same paper. A thin long rectangle
   (width 2-16 px, length 10-25 % of the shorter side) is cut, colour-jittered,
   rotated by -45..45 degrees and pasted.
+- ``"stroke"``: a thin curved line lighter or darker than the surface, with a
+  soft (Gaussian) cross-section: the scratches and hairline cracks that CutPaste's
+  scar, a strip of the surface's own texture, cannot show on a busy surface
+  (speckled stone, cast metal), where a strip of texture looks like texture. It is
+  a smooth random walk of 15-50 % of the shorter side, 1-3.5 px wide at 224 px,
+  that changes the brightness by 12-45 % at its centre line; the mask is where
+  that change is at least a quarter of its peak.
+- ``"dent"``: a shallow dent or bulge seen only through its shading, the faint,
+  low-contrast defect no kind above makes: a smooth (Gaussian) height bump of 4-12 %
+  of the shorter side, round or elongated, lit from a random side, so one slope
+  brightens and the other darkens by 5-25 % at most (Lambertian shading), or by
+  1-2.5 times the relative contrast of a busy surface's texture, which would
+  otherwise hide it. The mask is the bump out to where its shading has fallen to
+  about 5 % of its peak, so no edge is left at the mask's border.
 - ``"draem"``: DRAEM (Zavrtanik, Kristan & Skocaj, "DRAEM - A Discriminatively
   Trained Reconstruction Embedding for Surface Anomaly Detection", ICCV 2021). A
   thresholded, rotated Perlin-noise mask selects where a source texture is blended
@@ -31,7 +45,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-ANOMALY_KINDS = ("cutpaste", "scar", "draem")
+ANOMALY_KINDS = ("cutpaste", "scar", "stroke", "dent", "draem")
 
 MIN_SIDE = 32
 """Smallest accepted image height and width, in pixels."""
@@ -42,6 +56,18 @@ SCAR_WIDTH_PX = (2, 16)
 SCAR_LENGTH = (0.10, 0.25)  # fraction of the shorter side
 SCAR_ANGLE_DEG = (-45.0, 45.0)
 JITTER = 0.1  # CutPaste's ColorJitter(0.1, 0.1, 0.1, 0.1)
+
+STROKE_LENGTH = (0.15, 0.5)  # fraction of the shorter side
+STROKE_HALF_WIDTH_PX = (0.5, 1.75)  # Gaussian sigma at 224 px, in proportion above
+STROKE_BEND_RAD = (-1.5, 1.5)  # total turn along the stroke
+STROKE_CONTRAST = (0.12, 0.45)  # relative brightness change at the centre line
+STROKE_MASK_LEVEL = 0.25
+
+DENT_SIGMA = (0.04, 0.12)  # fraction of the shorter side, along the longer axis
+DENT_ASPECT = (0.4, 1.0)  # shorter over longer axis
+DENT_SHADING = (0.05, 0.25)  # brightness change on the steepest slope facing the light
+DENT_MAX_SHADING = 0.5  # on the busiest surfaces
+DENT_REACH = 3.0  # sigmas: the mask's edge, where the shading is about 5 % of its peak
 
 PERLIN_MAX_SCALE_EXP = 5  # DRAEM: 2**0 .. 2**5 lattice cells per side
 PERLIN_MIN_CELL_PX = 4  # small images get fewer cells, so a cell spans >= 4 px
@@ -189,6 +215,89 @@ def _scar(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor
     out = image.clone()
     out[:, mask] = pixels  # boolean indexing is row-major, like inside's pixel order
     return out, mask
+
+
+def _stroke(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A thin curved line, lighter or darker than the surface (a scratch or hairline crack)."""
+    _, height, width = image.shape
+    side = min(height, width)
+    length = _uniform(generator, *STROKE_LENGTH) * side
+    sigma = _uniform(generator, *STROKE_HALF_WIDTH_PX) * max(1.0, side / 224)
+    bend = _uniform(generator, *STROKE_BEND_RAD)
+    heading = _uniform(generator, 0.0, 2 * math.pi)
+    # The centre line: points every half pixel along a path whose heading turns
+    # smoothly (a constant bend plus a slow wobble), its middle inside the image
+    # (so the mask is never empty).
+    steps = max(2, math.ceil(2 * length))
+    t = torch.linspace(0.0, 1.0, steps, device=image.device)
+    wobble = _uniform(generator, -0.3, 0.3) * torch.sin(
+        2 * math.pi * (t * _uniform(generator, 0.5, 2.0) + _uniform(generator, 0.0, 1.0))
+    )
+    angle = heading + bend * t + wobble
+    step = length / (steps - 1)
+    zero = torch.zeros(1, device=image.device)
+    x = torch.cat([zero, (step * angle[:-1].cos()).cumsum(0)])
+    y = torch.cat([zero, (step * angle[:-1].sin()).cumsum(0)])
+    middle = steps // 2  # placed inside the image: most of the stroke is seen
+    x = x - x[middle] + _uniform(generator, 0, width - 1)
+    y = y - y[middle] + _uniform(generator, 0, height - 1)
+    # Only the pixels of the stroke's bounding box (with 3 sigma of margin) are measured.
+    reach = 3 * sigma
+    y0, y1 = max(0, math.floor(y.min() - reach)), min(height, math.ceil(y.max() + reach) + 1)
+    x0, x1 = max(0, math.floor(x.min() - reach)), min(width, math.ceil(x.max() + reach) + 1)
+    yy, xx = torch.meshgrid(
+        torch.arange(y0, y1, device=image.device, dtype=torch.float32),
+        torch.arange(x0, x1, device=image.device, dtype=torch.float32),
+        indexing="ij",
+    )
+    pixels = torch.stack([yy.flatten(), xx.flatten()], 1)  # (P, 2)
+    distance = torch.cdist(pixels, torch.stack([y, x], 1)).min(dim=1).values  # (P,)
+    profile = torch.exp(-0.5 * (distance / sigma) ** 2).view(yy.shape)
+    contrast = _uniform(generator, *STROKE_CONTRAST)
+    window = image[:, y0:y1, x0:x1]
+    if _uniform(generator, 0, 1) < 0.5:  # lighter: a scratch catching the light
+        changed = window + contrast * profile * (1 - window)
+    else:  # darker: a groove or crack in shadow
+        changed = window * (1 - contrast * profile)
+    out = image.clone()
+    out[:, y0:y1, x0:x1] = changed
+    mask = torch.zeros((height, width), dtype=torch.bool, device=image.device)
+    mask[y0:y1, x0:x1] = profile >= STROKE_MASK_LEVEL
+    return out, mask
+
+
+def _dent(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shallow dent or bulge: a smooth height bump seen only through its shading."""
+    _, height, width = image.shape
+    side = min(height, width)
+    sigma_u = _uniform(generator, *DENT_SIGMA) * side
+    sigma_v = sigma_u * _uniform(generator, *DENT_ASPECT)
+    angle = _uniform(generator, 0.0, math.pi)
+    light = _uniform(generator, 0.0, 2 * math.pi)
+    strength = _uniform(generator, *DENT_SHADING)
+    cy, cx = _uniform(generator, 0, height - 1), _uniform(generator, 0, width - 1)
+    yy, xx = torch.meshgrid(
+        torch.arange(height, device=image.device, dtype=torch.float32) - cy,
+        torch.arange(width, device=image.device, dtype=torch.float32) - cx,
+        indexing="ij",
+    )
+    cos, sin = math.cos(angle), math.sin(angle)
+    u, v = xx * cos + yy * sin, -xx * sin + yy * cos  # along and across the bump
+    bump = torch.exp(-0.5 * ((u / sigma_u) ** 2 + (v / sigma_v) ** 2))
+    # The height's gradient, back in image axes; a dent and a bulge are the same
+    # shading with the light on the other side, so the light's angle covers both.
+    grad_u, grad_v = -u / sigma_u**2 * bump, -v / sigma_v**2 * bump
+    grad_x, grad_y = grad_u * cos - grad_v * sin, grad_u * sin + grad_v * cos
+    facing = grad_x * math.cos(light) + grad_y * math.sin(light)
+    mask = ((u / sigma_u) ** 2 + (v / sigma_v) ** 2) <= DENT_REACH**2
+    # A dent shallower than the surface's own texture is hidden by it: a label
+    # with nothing to see. On a busy surface it is drawn at 1-2.5 times the
+    # texture's relative contrast under it.
+    luma = (image * torch.tensor(_GRAY, device=image.device)[:, None, None]).sum(0)[mask]
+    texture = float(luma.std() / luma.mean().clamp_min(1e-6)) if luma.numel() > 1 else 0.0
+    strength = min(DENT_MAX_SHADING, max(strength, _uniform(generator, 1.0, 2.5) * texture))
+    shading = strength * facing / facing.abs().max().clamp_min(1e-12)
+    return image * (1 + shading), mask
 
 
 def _centre_range(side: int, extent: int) -> tuple[int, int]:
@@ -412,4 +521,4 @@ _RECOLOR_OPS: tuple[Callable[[torch.Tensor, torch.Generator], torch.Tensor], ...
 
 _SYNTHESIZERS: dict[
     str, Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-] = {"cutpaste": _cutpaste, "scar": _scar, "draem": _draem}
+] = {"cutpaste": _cutpaste, "scar": _scar, "stroke": _stroke, "dent": _dent, "draem": _draem}

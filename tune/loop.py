@@ -190,7 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "world_size": world,
         }
         history.append(metrics)
-        if improved(metrics, state["best"], family.monitor):
+        if family.keeps_last_epoch or improved(metrics, state["best"], family.monitor):
             state["best"], state["stale"] = dict(metrics), 0
             state["best_state"] = {
                 k: v.detach().cpu().clone() for k, v in core.state_dict().items()

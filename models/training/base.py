@@ -59,6 +59,16 @@ class TrainingFamily(abc.ABC):
     # bank): the family then has ``features`` and ``fit`` instead of a loss.
     gradient_free: ClassVar[bool] = False
 
+    @property
+    def keeps_last_epoch(self) -> bool:
+        """Whether the run trains its whole schedule and keeps its last epoch.
+
+        False (the default): the epoch with the best ``monitor`` on validation is
+        kept, and the run stops after ``patience`` epochs without a better one. A
+        family returns True where its validation split cannot judge it.
+        """
+        return False
+
     def repeat(self, n_items: int) -> int:
         """Passes per epoch over ``n_items`` training images."""
         return max(1, math.ceil(self.min_items_per_epoch / max(1, n_items)))

@@ -23,8 +23,10 @@ import pytest
 from cluster.cli import main
 from models.artifacts import ArtifactRegistry
 from models.data import load_dataset
+from models.data.dataset import Dataset
 from models.data.synthetic import DEFECT_TYPES, generate
 from models.stages import SHARED_CATEGORY
+from models.training.families import NORMAL_ONLY
 from tune.ray_env import TRAIN_POLL_ENV
 from tune.trainer import (
     DEFAULT_LR,
@@ -283,6 +285,21 @@ def test_a_held_out_type_is_ranked_from_its_description(ray_cluster, synth_root,
     fusion = registry.manifest(CATEGORY, "reranker").metrics["fusion"]
     assert fusion["classifier_version"] == registry.manifest(CATEGORY, "classifier").version
     assert fusion["ranked_by_classifier_alone"] == ["perforation"]
+
+
+def test_a_normal_only_detector_trains_its_whole_schedule_and_keeps_the_last_epoch(
+    ray_cluster, synth_root, tmp_path
+):
+    # Good parts only: validated on a few of them and their synthetic anomalies,
+    # which cannot choose an epoch; patience 1 would stop a run judged by them.
+    found = load_dataset("synthetic", synth_root)
+    goods = Dataset(found.name, tuple(s for s in found.samples if s.label == "good"))
+    registry = ArtifactRegistry(str(tmp_path / "registry"))
+    train_stage(registry, goods, "detector", CATEGORY, _settings(tmp_path, epochs=4, patience=1))
+    manifest = registry.manifest(CATEGORY, "detector")
+    assert manifest.config["training"]["mode"] == NORMAL_ONLY
+    assert [h["epoch"] for h in manifest.metrics["history"]] == [1, 2, 3, 4]
+    assert manifest.metrics["epoch"] == 4  # the weights kept are the last epoch's
 
 
 def test_two_workers_train_with_ddp(ray_cluster, synth_root, tmp_path):

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,8 +13,10 @@ from models.synth_anomalies import ANOMALY_KINDS, MIN_MASK_FRACTION, synthesize_
 SIZES = [(224, 224), (64, 160), (97, 32)]
 # Mean absolute change inside the mask on a uniform-noise image. CutPaste and the scar
 # paste content from elsewhere (about 1/3 expected); DRAEM blends with opacity < 0.8,
-# so at least 0.2 of a change of about 1/3.
-MIN_CHANGE = {"cutpaste": 0.1, "scar": 0.1, "draem": 0.02}
+# so at least 0.2 of a change of about 1/3. A stroke changes brightness by 12-45 %
+# at its centre line, a quarter of that at the mask's edge; a dent's shading is at
+# most 5-25 % on its steepest slope and fades out to its mask's edge.
+MIN_CHANGE = {"cutpaste": 0.1, "scar": 0.1, "stroke": 0.01, "dent": 0.002, "draem": 0.02}
 
 
 def textured(height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -83,6 +88,38 @@ def test_kinds_are_drawn_from_the_given_selection() -> None:
         assert mask.sum() == box
 
 
+def test_a_stroke_is_a_thin_long_line_lighter_or_darker_than_the_surface() -> None:
+    image = torch.full((3, 224, 224), 0.5)
+    lighter = darker = 0
+    for seed in range(20):
+        out, mask = synth(image, seed, "stroke")
+        ys, xs = mask.nonzero(as_tuple=True)
+        extent = math.hypot(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+        # Long (its middle is inside, so at least about half of 15 % of the side
+        # shows) and thin (at most 3.5 px of sigma: under 12 px across).
+        assert extent >= 0.07 * 224, (seed, extent)
+        assert mask.sum() <= 12 * extent, (seed, int(mask.sum()), extent)
+        change = (out - image)[:, mask].mean()
+        lighter += bool(change > 0)
+        darker += bool(change < 0)
+    assert lighter and darker
+
+
+def test_a_dent_is_shading_only_one_slope_lighter_the_other_darker_no_edge() -> None:
+    image = torch.full((3, 224, 224), 0.5)
+    for seed in range(10):
+        out, mask = synth(image, seed, "dent")
+        change = (out - image)[0]
+        assert change.max() > 0 > change.min()  # lit on one side, shaded on the other
+        assert change.abs().max() <= 0.25 * 0.5 + 1e-6
+        # At the mask's border the shading has faded: no step a model could learn
+        # instead of the bump.
+        outside = (~mask)[None, None].float()
+        border = mask & F.max_pool2d(outside, 3, stride=1, padding=1)[0, 0].bool()
+        if border.any():
+            assert change[border].abs().max() <= 0.1 * change.abs().max(), seed
+
+
 def test_draem_mask_covers_the_minimum_area() -> None:
     image = textured(128, 128)
     for seed in range(10):
@@ -99,7 +136,7 @@ def test_float64_input_keeps_dtype_and_exact_background() -> None:
 
 @pytest.mark.parametrize("kinds", [("cutpaste", "blur"), (), ("CutPaste",)])
 def test_unknown_or_no_kind_raises_naming_the_allowed_kinds(kinds) -> None:
-    with pytest.raises(ValueError, match=r"cutpaste.*scar.*draem"):
+    with pytest.raises(ValueError, match=r"cutpaste.*scar.*stroke.*dent.*draem"):
         synthesize_anomaly(textured(64, 64), torch.Generator(), kinds)
 
 

@@ -35,7 +35,7 @@ def _spec(stage, samples, category="part"):
 def test_detector_is_supervised_with_defects_and_weights_them(tmp_path):
     samples = _samples(tmp_path, {"train": ["good"] * 6 + ["crack"] * 2, "val": ["good", "crack"]})
     family = build_family(_spec("detector", samples))
-    assert family.mode == SUPERVISED
+    assert family.mode == SUPERVISED and not family.keeps_last_epoch  # real defects judge epochs
     model = family.build_model(pretrained=False)
     train, val = family.datasets(model)
     assert len(train.samples) == 8 and train.synthesis == "none" and len(val) == 2
@@ -66,8 +66,10 @@ def test_detector_is_normal_only_without_defects_and_synthesises(tmp_path):
     samples = _samples(tmp_path, {"train": ["good"] * 4, "val": ["good"] * 2})
     family = build_family(_spec("detector", samples))
     assert family.mode == NORMAL_ONLY and family.describe()["mode"] == NORMAL_ONLY
+    assert family.keeps_last_epoch  # its validation cannot choose an epoch
     train, val = family.datasets(family.build_model(pretrained=False))
     assert train.synthesis == "random" and train.augment == "d4"
+    assert len(train) == 2 * 320  # twice the passes: each draws fresh anomalies
     # Validation gets synthetic defects so AUROC is defined.
     assert val.synthesis == "pairs" and len(val) == 4
 
