@@ -58,7 +58,7 @@ SCAR_ANGLE_DEG = (-45.0, 45.0)
 JITTER = 0.1  # CutPaste's ColorJitter(0.1, 0.1, 0.1, 0.1)
 
 STROKE_LENGTH = (0.15, 0.5)  # fraction of the shorter side
-STROKE_HALF_WIDTH_PX = (0.5, 1.75)  # Gaussian sigma at 224 px, in proportion above
+STROKE_SIGMA_PX = (0.5, 1.75)  # Gaussian sigma at 224 px (lines 2 sigma wide), scaled above
 STROKE_BEND_RAD = (-1.5, 1.5)  # total turn along the stroke
 STROKE_CONTRAST = (0.12, 0.45)  # relative brightness change at the centre line
 STROKE_MASK_LEVEL = 0.25
@@ -222,7 +222,7 @@ def _stroke(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tens
     _, height, width = image.shape
     side = min(height, width)
     length = _uniform(generator, *STROKE_LENGTH) * side
-    sigma = _uniform(generator, *STROKE_HALF_WIDTH_PX) * max(1.0, side / 224)
+    sigma = _uniform(generator, *STROKE_SIGMA_PX) * max(1.0, side / 224)
     bend = _uniform(generator, *STROKE_BEND_RAD)
     heading = _uniform(generator, 0.0, 2 * math.pi)
     # The centre line: points every half pixel along a path whose heading turns
