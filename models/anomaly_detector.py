@@ -120,9 +120,12 @@ class AnomalyDetector(BackboneStage):
         """
         if self.training or not self.config.test_flips or not self._flips:
             return self.head(self.backbone(images)).squeeze(-1)  # backbone: (B, 1280) pooled
+        return self.flip_logits(images).mean(1)
+
+    def flip_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 4)`` logits of each image and its flips, in the order of ``FLIPS``."""
         views = torch.cat([images, images.flip(3), images.flip(2), images.flip((2, 3))])
-        logits = self.head(self.backbone(views)).squeeze(-1)
-        return logits.view(len(FLIPS), -1).mean(0)
+        return self.head(self.backbone(views)).squeeze(-1).view(len(FLIPS), -1).T
 
     @property
     def explain_layer(self) -> nn.Module:

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from models.anomaly_detector import AnomalyDetector
 from models.artifacts import ArtifactRegistry
 from models.backbone import Preprocessing
 from models.data import load_dataset
@@ -41,23 +42,15 @@ from models.decision import _best_threshold
 from models.stages import load_stage
 
 
-def flip_logits(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
-    """``(B, 4)`` logits of the image and its horizontal, vertical and double flips."""
-    views = torch.cat([images, images.flip(3), images.flip(2), images.flip((2, 3))])
-    views = views.contiguous(memory_format=torch.channels_last)
-    logits = model.head(model.backbone(views)).squeeze(-1)
-    return logits.view(4, -1).T.float().numpy()
-
-
 @torch.no_grad()
-def score(model: torch.nn.Module, samples: list, preprocessing: Preprocessing) -> np.ndarray:
+def score(model: AnomalyDetector, samples: list, preprocessing: Preprocessing) -> np.ndarray:
     """Four-flip logits of every sample, in order."""
     transform = preprocessing.transform()
     out = []
     for start in range(0, len(samples), 16):
         batch = samples[start : start + 16]
         images = torch.stack([transform(Image.open(s.image_path).convert("RGB")) for s in batch])
-        out.append(flip_logits(model, images))
+        out.append(model.flip_logits(images.contiguous(memory_format=torch.channels_last)).numpy())
     return np.concatenate(out)
 
 
@@ -93,9 +86,9 @@ def measure(name: str, logits: np.ndarray, meta: dict[str, np.ndarray]) -> dict:
     row: dict = {"variant": name}
     hits, graded_hits = 0, 0
     test = split == "test"
+    prob = 1.0 / (1.0 + np.exp(-logits))
     for cat in np.unique(category):
         val, tst = (split == "val") & (category == cat), test & (category == cat)
-        prob = 1.0 / (1.0 + np.exp(-logits))
         threshold = _best_threshold(prob[val], truth[val], 0.5)
         right = (prob[tst] >= threshold) == truth[tst]
         row[f"accuracy_{cat}"] = round(float(right.mean()), 4)

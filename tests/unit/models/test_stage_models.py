@@ -55,6 +55,8 @@ def test_detector_test_flips_average_the_four_flips_when_judging_only(images):
         views = [images, images.flip(3), images.flip(2), images.flip((2, 3))]
         expected = torch.stack([plain(v) for v in views]).mean(0)
         assert torch.allclose(flipped(images), expected, atol=1e-5)
+        per_view = torch.stack([plain(v) for v in views], 1)  # what scripts score view by view
+        assert torch.allclose(flipped.flip_logits(images), per_view, atol=1e-5)
         assert not torch.allclose(flipped(images), plain(images), atol=1e-4)
     explained = flipped.predict(images, explain=True)  # the map of the image as sent
     assert explained.heatmap.shape == (3, SIZE, SIZE)
