@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.arguments import add_command, dataset_choices, dataset_root, print_json, registry
-from models.stages import STAGES
+from models.stages import DETECTOR, STAGES
 
 ALL = "all"
 SWEEPABLE = tuple(name for name, stage in STAGES.items() if stage.sweepable)
@@ -107,7 +107,7 @@ def config_fields(stage: str) -> set[str]:
 
 
 def _check_options(overrides: dict[str, Any], stage: str) -> None:
-    """Refuse a model-config override that the stage (with ``all``: every stage) lacks."""
+    """Refuse an override the stage's config lacks (``all``: every stage's) or refuses."""
     from models.config import ConfigError
 
     for key in overrides:
@@ -119,6 +119,14 @@ def _check_options(overrides: dict[str, Any], stage: str) -> None:
             raise ConfigError(f"the {stage} has no option {key!r}; it has {fields}")
         names = ", ".join(having[:-1]) + " and " + having[-1] if len(having) > 1 else having[0]
         raise ConfigError(f"{OPTION_OF[key]} applies to the {names}, not the {stage}")
+    for name in STAGES if stage == ALL else (stage,):  # and a value each config refuses
+        given = {k: v for k, v in overrides.items() if k in config_fields(name)}
+        try:
+            STAGES[name].config_type(**given)
+        except TypeError:
+            continue  # a field only the training fills in (the router's categories)
+        except ValueError as error:
+            raise ConfigError(f"the {name}: {error}") from error
 
 
 def stage_settings(settings: Any, stage: str) -> Any:
@@ -148,6 +156,10 @@ def train_settings(args: argparse.Namespace, epochs: int) -> Any:
     if args.freeze_stages is not None:
         overrides["freeze_stages"] = args.freeze_stages
     _check_options(overrides, args.stage)
+    if getattr(args, "balance_classes", False) and args.stage not in (DETECTOR, ALL):
+        from models.config import ConfigError
+
+        raise ConfigError(f"--balance-classes applies to the {DETECTOR}, not the {args.stage}")
     return TrainSettings(
         epochs=epochs,
         num_workers=args.num_workers,
@@ -163,6 +175,7 @@ def train_settings(args: argparse.Namespace, epochs: int) -> Any:
         model_config=overrides,
         augment=args.augment,
         pool_categories=getattr(args, "pool_categories", False),
+        balance_classes=getattr(args, "balance_classes", False),
     )
 
 
@@ -673,6 +686,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="one detector and one classifier learn from every trained category's images "
         "and serve each (product types that look alike, such as ELPV's mono and poly cells)",
+    )
+    train.add_argument(
+        "--balance-classes",
+        action="store_true",
+        help="the detector sees each image of a rare class round(sqrt(n_max / n)) times an "
+        "epoch (ELPV's 1/3 and 2/3 levels; else a rare defect type)",
     )
 
     tune = add(commands, "tune", cmd_tune)

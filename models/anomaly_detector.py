@@ -23,6 +23,25 @@ from models.backbone import BackboneStage, Preprocessing, create_backbone
 from models.gradcam import grad_cam
 
 FLIPS = ("none", "horizontal", "vertical", "both")  # the views ``test_flips`` averages
+POOLINGS = ("avg", "gem")
+
+
+class GeneralizedMeanPool(nn.Module):
+    """``(B, C, H, W)`` -> ``(B, C)``: the mean of ``x**p`` over positions, to the ``1/p``.
+
+    ``p = 1`` is average pooling and a large ``p`` tends to max pooling; ``p`` is
+    learnt with the head (Radenović et al., "Fine-tuning CNN image retrieval with no
+    human annotation", TPAMI 2019). The input is clamped to ``eps`` from below: the
+    backbone's features end in a ReLU6 and are not negative.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return features.clamp(min=self.eps).pow(self.p).mean((2, 3)).pow(1.0 / self.p)
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,11 @@ class AnomalyDetectorConfig:
             and its horizontal, vertical and double flips: four passes per image,
             for parts whose defects look the same flipped (a model trained with
             flip augmentation has learnt that they do).
+        pooling: how the last feature map becomes one vector: ``avg`` (the mean
+            over positions, ImageNet's) or ``gem`` (a generalised mean whose
+            exponent is learnt, from 3: between the mean and the maximum, so a
+            crack a few pixels wide is not averaged away by the clean area around
+            it; see :class:`GeneralizedMeanPool`).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -52,6 +76,11 @@ class AnomalyDetectorConfig:
     dropout: float = 0.2
     autocontrast: float = 0.0
     test_flips: bool = False
+    pooling: str = "avg"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not one of {sorted(POOLINGS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -104,14 +133,19 @@ class AnomalyDetector(BackboneStage):
         self.backbone, _ = create_backbone(config.backbone, pretrained=pretrained, num_classes=0)
         blocks = self.backbone.blocks[: config.freeze_stages]
         self.freeze(self.backbone.conv_stem, self.backbone.bn1, *blocks)
+        self.pool: nn.Module = nn.Identity()  # avg: the backbone's own pooling
+        if config.pooling == "gem":
+            self.backbone.global_pool = nn.Identity()  # the backbone returns its last map
+            self.pool = GeneralizedMeanPool()
         self.head = nn.Sequential(
             nn.Dropout(config.dropout), nn.Linear(self.backbone.num_features, 1)
         )
         self._flips = True  # off while Grad-CAM explains the image as sent
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the freshly initialised head."""
-        return self.head.parameters()
+        """Parameters of the freshly initialised head (and the pooling's exponent)."""
+        yield from self.pool.parameters()
+        yield from self.head.parameters()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Anomaly logits ``(B,)`` for normalized images ``(B, 3, H, W)``.
@@ -119,13 +153,17 @@ class AnomalyDetector(BackboneStage):
         In eval mode with ``test_flips`` the logit is the mean over the four flips.
         """
         if self.training or not self.config.test_flips or not self._flips:
-            return self.head(self.backbone(images)).squeeze(-1)  # backbone: (B, 1280) pooled
+            return self.logits(images)
         return self.flip_logits(images).mean(1)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` logits of one view of each image."""
+        return self.head(self.pool(self.backbone(images))).squeeze(-1)  # pooled: (B, 1280)
 
     def flip_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 4)`` logits of each image and its flips, in the order of ``FLIPS``."""
         views = torch.cat([images, images.flip(3), images.flip(2), images.flip((2, 3))])
-        return self.head(self.backbone(views)).squeeze(-1).view(len(FLIPS), -1).T
+        return self.logits(views).view(len(FLIPS), -1).T
 
     @property
     def explain_layer(self) -> nn.Module:

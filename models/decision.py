@@ -170,7 +170,7 @@ def _centre(value: float, threshold: float, target: float = 0.5) -> float:
     return target + (1.0 - target) * (value - threshold) / (1.0 - threshold)
 
 
-def _best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
+def best_threshold(scores: np.ndarray, truth: np.ndarray, default: float) -> float:
     """The cut maximising accuracy; among equals, the one nearest ``default``."""
     candidates = np.unique(np.concatenate([[default], scores, np.nextafter(scores, 2.0)]))
     candidates = candidates[(candidates >= 0.0) & (candidates <= 1.0)]
@@ -210,7 +210,7 @@ def fit_decision_rule(
     y = np.asarray(is_anomalous, dtype=bool)
     if p.shape != y.shape or p.size == 0:
         raise ValueError(f"need as many labels as probabilities, got {y.shape} and {p.shape}")
-    threshold = _best_threshold(p, y, 0.5)
+    threshold = best_threshold(p, y, 0.5)
     detector_accuracy = float(((p >= threshold) == y).mean())
     rule = DecisionRule(threshold=threshold, lo=threshold, hi=threshold)
     best = (detector_accuracy, 0.0)
@@ -226,7 +226,7 @@ def fit_decision_rule(
                 outside = ((p >= threshold) == y)[~band].sum()
                 for w in (0.0, 0.25, 0.5, 0.75):
                     fused = w * p[band] + (1.0 - w) * v[band]
-                    cut = _best_threshold(fused, y[band], 0.5)
+                    cut = best_threshold(fused, y[band], 0.5)
                     accuracy = float((outside + ((fused >= cut) == y[band]).sum()) / y.size)
                     if accuracy - call_cost * call_rate > best[0] - call_cost * best[1] + 1e-9:
                         best = (accuracy, call_rate)
@@ -261,9 +261,9 @@ def ensemble_rule(
             f"need one verifier score and label per probability, "
             f"got {v.shape}, {y.shape} and {p.shape}"
         )
-    threshold = _best_threshold(p, y, 0.5)
+    threshold = best_threshold(p, y, 0.5)
     fused = 0.5 * p + 0.5 * v
-    cut = _best_threshold(fused, y, 0.5)
+    cut = best_threshold(fused, y, 0.5)
     rule = DecisionRule(threshold, 0.0, 1.0, 0.5, cut)
     return rule, {
         "val_accuracy_detector": float(((p >= threshold) == y).mean()),
@@ -329,7 +329,7 @@ def fit_scorers(
         right = 0
         for train, held in splits:
             score = scores(fit(train))
-            cut = _best_threshold(score[train], y[train], 0.5)
+            cut = best_threshold(score[train], y[train], 0.5)
             right += int(((score[held] >= cut) == y[held]).sum())
         accuracy[name] = right / sum(len(held) for _, held in splits)
         figures[f"cv_accuracy_{name}"] = accuracy[name]

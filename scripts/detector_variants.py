@@ -38,7 +38,7 @@ from models.anomaly_detector import AnomalyDetector
 from models.artifacts import ArtifactRegistry
 from models.backbone import Preprocessing
 from models.data import load_dataset
-from models.decision import _best_threshold
+from models.decision import best_threshold
 from models.stages import load_stage
 
 
@@ -89,7 +89,7 @@ def measure(name: str, logits: np.ndarray, meta: dict[str, np.ndarray]) -> dict:
     prob = 1.0 / (1.0 + np.exp(-logits))
     for cat in np.unique(category):
         val, tst = (split == "val") & (category == cat), test & (category == cat)
-        threshold = _best_threshold(prob[val], truth[val], 0.5)
+        threshold = best_threshold(prob[val], truth[val], 0.5)
         right = (prob[tst] >= threshold) == truth[tst]
         row[f"accuracy_{cat}"] = round(float(right.mean()), 4)
         hits += int(right.sum())

@@ -82,6 +82,10 @@ class TrainSettings:
             (each category's decision rule is still fitted on its own validation
             images): for product types that look alike, such as ELPV's mono and
             poly cells.
+        balance_classes: the detector sees each image of a rare class (ELPV's ⅓
+            and ⅔ levels; else a rare defect type) more often in an epoch, by
+            ``round(sqrt(n_max / n))``
+            (:meth:`~models.training.base.TrainingFamily.balanced`).
     """
 
     epochs: int = 8
@@ -102,6 +106,7 @@ class TrainSettings:
     model_config: dict[str, Any] = field(default_factory=dict)
     augment: str = "d4"
     pool_categories: bool = False
+    balance_classes: bool = False
 
 
 # The stages one model may learn for several categories (the verifier and the
@@ -314,6 +319,7 @@ def family_spec(
         "seed": settings.seed,
         "augment": settings.augment,
         "pooled_with": list(pooled_with),
+        "balance_classes": settings.balance_classes,
     }
 
 

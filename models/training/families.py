@@ -110,6 +110,7 @@ class DetectorFamily(TrainingFamily):
         train, val = self.split("train"), self.split("val")
         if self.mode == NORMAL_ONLY:
             train = [s for s in train if s.label == GOOD]
+        train = self.balanced(train)
         train_ds = ImageTensorDataset(
             train,
             [self.target(s) for s in train],

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from models.artifacts import ArtifactError
 from models.inspection import compute
 from models.inspection.compute import batched_inputs
@@ -16,7 +17,7 @@ from models.stages import (
     VERIFIER,
     load_stage,
 )
-from tests.tiny_models import add_classifier, add_reranker
+from tests.tiny_models import SIZE, add_classifier, add_reranker, save
 
 
 def _export(registry, category, stage, images, **options):
@@ -100,3 +101,20 @@ def test_a_refused_export_is_served_in_torch_and_a_changed_file_is_refused(regis
         load_stage(registry, "sure", DETECTOR, runtime="tensorrt")
     with pytest.raises(ArtifactError, match="beside an artifact"):
         registry.write_extra(manifest, "weights.safetensors", b"")
+
+
+def test_a_gem_pooled_detector_exports_and_is_served(registry, images):
+    torch.manual_seed(0)
+    config = AnomalyDetectorConfig(input_size=SIZE, pooling="gem", test_flips=True)
+    model = AnomalyDetector(config, pretrained=False)
+    torch.nn.init.normal_(model.head[1].weight, std=0.02)
+    save(registry, "sure", DETECTOR, model)
+    record = _export(registry, "sure", DETECTOR, images)
+    assert record["accepted"] and record["max_abs_diff"] <= 1e-4, record
+    served = load_stage(registry, "sure", DETECTOR, runtime="onnxruntime")
+    assert served.runtime is not None and served.model.config.pooling == "gem"
+    inputs = batched_inputs(served.model, images)
+    with torch.inference_mode():
+        theirs = served.model.answer(served.forward(inputs)).probabilities
+        ours = model.eval().answer(model(inputs)).probabilities
+    assert float(ours.std()) > 1e-3 and float((ours - theirs).abs().max()) <= 1e-4

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
+from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig, GeneralizedMeanPool
 from models.autoencoder_verifier import (
     AutoencoderVerifier,
     AutoencoderVerifierConfig,
@@ -68,10 +68,41 @@ def test_detector_test_flips_average_the_four_flips_when_judging_only(images):
 
 
 def test_detector_config_roundtrip_and_unknown_key():
-    config = AnomalyDetectorConfig(input_size=160, freeze_stages=3, test_flips=True)
+    config = AnomalyDetectorConfig(input_size=160, freeze_stages=3, test_flips=True, pooling="gem")
     assert AnomalyDetectorConfig.from_dict(config.to_dict()) == config
     with pytest.raises(TypeError):
         AnomalyDetectorConfig.from_dict({"no_such_field": 1})
+
+
+def test_generalized_mean_pool_spans_the_mean_and_the_maximum():
+    features = torch.rand(2, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    features[0, :, 1, 2] = 3.0  # one bright spot on a dim map
+    pool = GeneralizedMeanPool()
+    with torch.no_grad():
+        pool.p.fill_(1.0)
+        assert torch.allclose(pool(features), features.mean((2, 3)), atol=1e-6)
+        pool.p.fill_(60.0)
+        assert torch.allclose(pool(features), features.amax((2, 3)), rtol=0.05)
+        pool.p.fill_(3.0)
+        between = pool(features)
+    assert (between > features.mean((2, 3))).all() and (between < features.amax((2, 3))).all()
+
+
+def test_detector_gem_pooling_learns_its_exponent_with_the_head(images):
+    model = AnomalyDetector(AnomalyDetectorConfig(input_size=SIZE, pooling="gem")).train()
+    model(images).sum().backward()
+    assert model.pool.p.grad is not None and torch.isfinite(model.pool.p.grad)
+    assert any(p is model.pool.p for p in model.head_parameters())
+    assert not any(p is model.pool.p for p in model.backbone_parameters())
+    model.eval()
+    with torch.no_grad():  # the pooled vector is the GeM of the last feature map
+        features = model.backbone.forward_features(images)
+        expected = model.head(model.pool.forward(features)).squeeze(-1)
+        assert torch.allclose(model(images), expected, atol=1e-5)
+    average = AnomalyDetector(AnomalyDetectorConfig(input_size=SIZE), pretrained=False)
+    assert "pool.p" in model.state_dict() and "pool.p" not in average.state_dict()
+    with pytest.raises(ValueError, match="pooling 'max' is not one of"):
+        AnomalyDetectorConfig(pooling="max")
 
 
 def test_verifier_backbone_frozen_autoencoder_trains(images):

@@ -140,26 +140,54 @@ def test_parts_imaged_the_same_way_up_train_with_flips_only(tmp_path):
         assert family.describe()["augment"] == "flips"
 
 
-def test_graded_severity_is_the_detector_target(tmp_path):
-    samples = _samples(tmp_path, {"train": ["good", "d33", "d67", "d100"], "val": ["good", "d100"]})
-    levels = {"good": 0.0, "d33": 1 / 3, "d67": 2 / 3, "d100": 1.0}
-    samples = [
+LEVELS = {"good": 0.0, "d33": 1 / 3, "d67": 2 / 3, "d100": 1.0}
+
+
+def _graded(samples):
+    """The samples with ELPV-style graded severities, by label (``d33`` is 1/3)."""
+    return [
         Sample(
             s.image_path,
             s.category,
             s.label,
             s.split,
-            severity=levels[s.label],
+            severity=LEVELS[s.label],
             sample_id=s.sample_id,
         )
         for s in samples
     ]
+
+
+def test_graded_severity_is_the_detector_target(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good", "d33", "d67", "d100"], "val": ["good", "d100"]})
+    samples = _graded(samples)
     family = build_family(_spec("detector", samples))
     assert family.soft_targets and family.describe()["soft_targets"]
     train, val = family.datasets(family.build_model(pretrained=False))
     assert sorted(set(train.targets)) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
     # Validation keeps the binary truth (defective from 0.5 up).
     assert sorted(val.targets) == [0.0, 1.0]
+
+
+def test_balanced_classes_repeat_rare_levels_by_the_square_root_of_their_rarity(tmp_path):
+    counts = {"good": 16, "d33": 4, "d67": 1, "d100": 9}
+    labels = [label for label, n in counts.items() for _ in range(n)]
+    samples = _samples(tmp_path, {"train": labels, "val": ["good", "d100"]})
+    samples = _graded(samples)
+    plain = build_family(_spec("detector", samples))
+    family = build_family(_spec("detector", samples) | {"balance_classes": True})
+    assert family.describe()["balance_classes"] and "balance_classes" not in plain.describe()
+    train, val = family.datasets(family.build_model(pretrained=False))
+    seen = {level: train.targets.count(value) for level, value in LEVELS.items()}
+    # sqrt(16/4) = 2, sqrt(16/1) = 4, sqrt(16/9) = 1.33 -> 1; the largest class once.
+    assert seen == {"good": 16, "d33": 8, "d67": 4, "d100": 9}
+    assert len({id(s) for s in train.samples}) == sum(counts.values())  # repeats, not copies
+    assert len(plain.datasets(plain.build_model(pretrained=False))[0].samples) == 30
+    assert sorted(val.targets) == [0.0, 1.0]  # validation is never rebalanced
+    # Without graded levels the classes are the labels.
+    by_label = [s for s in samples if s.label in ("good", "d67")]
+    by_label = [Sample(s.image_path, s.category, s.label, s.split) for s in by_label]
+    assert len(family.balanced(by_label)) == 16 + 1 + 4  # val's good too: sqrt(17/1) -> 4
 
 
 def test_classifier_trains_on_two_views_and_validates_against_prototypes(tmp_path):
