@@ -45,7 +45,7 @@ class TrainingFamily(abc.ABC):
         pooled_with: other categories whose images this model also learns from
             (one model for several product types, registered under each).
         balance_classes: repeat the training images of rare classes (see
-            :meth:`balanced`); the families that learn from defects use it.
+            :meth:`balanced`); the detector's family uses it.
     """
 
     stage: ClassVar[str]

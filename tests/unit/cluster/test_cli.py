@@ -187,12 +187,16 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
 def test_train_all_gives_each_stage_only_the_options_its_model_has():
     from cluster.cli import build_parser
     from cluster.training_commands import stage_settings, train_settings
+    from models.data import load_dataset
+    from tune.trainer import family_spec
 
-    args = build_parser().parse_args(
-        ["train", "all", "--dataset", "elpv", "--autocontrast", "1", "--freeze-stages", "1"]
-    )
-    settings = train_settings(args, 1)
+    argv = ["train", "all", "--dataset", "elpv", "--autocontrast", "1", "--freeze-stages", "1"]
+    settings = train_settings(build_parser().parse_args(argv), 1)
     assert settings.model_config == {"autocontrast": 1.0, "freeze_stages": 1}
+    assert not settings.balance_classes
+    balanced = train_settings(build_parser().parse_args([*argv, "--balance-classes"]), 1)
+    spec = family_spec(load_dataset("elpv"), "detector", "solar_cell_mono", balanced)
+    assert balanced.balance_classes and spec["balance_classes"]  # it reaches the family
     assert stage_settings(settings, "detector") is settings
     assert stage_settings(settings, "verifier").model_config == {"autocontrast": 1.0}
     assert stage_settings(settings, "localizer").model_config == {"freeze_stages": 1}

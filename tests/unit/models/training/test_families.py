@@ -185,9 +185,9 @@ def test_balanced_classes_repeat_rare_levels_by_the_square_root_of_their_rarity(
     assert len(plain.datasets(plain.build_model(pretrained=False))[0].samples) == 30
     assert sorted(val.targets) == [0.0, 1.0]  # validation is never rebalanced
     # Without graded levels the classes are the labels.
-    by_label = [s for s in samples if s.label in ("good", "d67")]
+    by_label = [s for s in family.split("train") if s.label in ("good", "d67")]
     by_label = [Sample(s.image_path, s.category, s.label, s.split) for s in by_label]
-    assert len(family.balanced(by_label)) == 16 + 1 + 4  # val's good too: sqrt(17/1) -> 4
+    assert len(family.balanced(by_label)) == 16 + 4  # sqrt(16/1) = 4
 
 
 def test_classifier_trains_on_two_views_and_validates_against_prototypes(tmp_path):
