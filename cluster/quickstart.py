@@ -10,7 +10,10 @@ the running Ray cluster models that need little or no gradient training:
   decision rule is fitted on it) and a defect classifier whose embedding is
   fitted, not trained (``embedding: patch``: frozen patch features weighted by
   their distance to the good ones, one prototype per type);
-- per ELPV module type: a memory bank of its good cells.
+- per ELPV module type: a detector whose head is fitted (a logistic regression on
+  the frozen backbone's features of every training cell of its type, good and
+  defective, at 224 px): ELPV labels its cells, and that head ranks them better
+  than a memory bank of the good ones (test AUROC 0.89 and 0.88 against 0.81).
 
 Nothing runs epochs of gradient training, so the set is ready in a few minutes
 on a laptop. ``QuickSet(fitted=False)`` trains the older, slower set instead
@@ -35,6 +38,7 @@ from typing import Any
 from models.artifacts import ArtifactRegistry
 from models.data import Dataset, load_dataset
 from models.data.synthetic import generate
+from models.heads import FITTED
 from models.stages import (
     CLASSIFIER,
     DETECTOR,
@@ -62,6 +66,8 @@ class QuickSet:
         input_size: model input side of the trained stages.
         fitted_input_size: model input side of the fitted stages (memory banks, the
             router and the patch classifiers).
+        cell_input_size: model input side of the ELPV detectors' fitted heads (a
+            crack one or two pixels wide is lost at 128 px).
         max_bank: the most patches a memory bank keeps (bounds its fit and its
             serving cost).
         epochs: epochs of each trained stage but the detector.
@@ -78,6 +84,7 @@ class QuickSet:
     elpv_train: int = 96
     input_size: int = 96  # the localizer's 100 queries need 189 proposals: 96 px gives them
     fitted_input_size: int = 128
+    cell_input_size: int = 224
     max_bank: int = 2048
     epochs: int = 2
     detector_epochs: int = 5
@@ -117,7 +124,7 @@ def quick_plan(
 ) -> list[tuple[Dataset, str, str]]:
     """Every (dataset, stage, category) run of the quick set, in training order.
 
-    A fitted ELPV memory bank remembers every good training cell of its type (a
+    A fitted ELPV detector's head learns from every training cell of its type (a
     pass over them costs seconds), not only the router's share.
     """
     both = Dataset("quickstart", synthetic.samples + elpv.samples)
@@ -126,7 +133,7 @@ def quick_plan(
         for category in synthetic.categories:
             runs += [(synthetic, MEMORY_BANK, category), (synthetic, CLASSIFIER, category)]
         every_cell = load_dataset("elpv", None)
-        runs += [(every_cell, MEMORY_BANK, category) for category in elpv.categories]
+        runs += [(every_cell, DETECTOR, category) for category in elpv.categories]
         return runs
     for category in synthetic.categories:
         runs += [(synthetic, stage, category) for stage in (DETECTOR, VERIFIER, CLASSIFIER)]
@@ -142,11 +149,14 @@ def stage_settings(settings: Any, spec: QuickSet, stage: str) -> Any:
     if spec.fitted and stage == MEMORY_BANK:
         config = {"input_size": spec.fitted_input_size, "max_bank": spec.max_bank}
         return replace(settings, model_config=config)
+    if spec.fitted and stage == DETECTOR:  # only ELPV's: its cells are labelled
+        config = {"input_size": spec.cell_input_size, "head": FITTED}
+        return replace(settings, model_config=config)
     if spec.fitted and stage == CLASSIFIER:
         config = {"input_size": spec.fitted_input_size, "embedding": "patch"}
         return replace(settings, model_config=config)
     if stage == ROUTER:  # a linear head on frozen features: fitted, in either set
-        config = {"input_size": spec.fitted_input_size, "head": "fitted"}
+        config = {"input_size": spec.fitted_input_size, "head": FITTED}
         return replace(settings, model_config=config)
     epochs = spec.detector_epochs if stage == DETECTOR else spec.epochs
     return replace(settings, epochs=epochs, patience=epochs)

@@ -8,6 +8,8 @@ by category. At 3.4 M parameters (14 MB) a model per category costs little.
 Trained two ways (``models.training``): supervised when the category's training
 split has labelled defects, normal-only otherwise, on good images with synthesised
 anomalies (CutPaste, DRAEM, thin strokes and shaded dents, :mod:`models.synth_anomalies`).
+A supervised detector's head can instead be fitted in one pass (``head: fitted``): a
+logistic regression on the frozen backbone's pooled features, in seconds.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.backbone import BackboneStage, Preprocessing, create_backbone
 from models.gradcam import grad_cam
+from models.heads import HEADS, TRAINED, fit_linear
 
 FLIPS = ("none", "horizontal", "vertical", "both")  # the views ``test_flips`` averages
 POOLINGS = ("avg", "gem")
@@ -67,6 +71,10 @@ class AnomalyDetectorConfig:
             exponent is learnt, from 3: between the mean and the maximum, so a
             crack a few pixels wide is not averaged away by the clean area around
             it; see :class:`GeneralizedMeanPool`).
+        head: how the head is learnt: ``"trained"`` with the backbone's later blocks
+            by the training loop, or ``"fitted"`` in one pass, the whole backbone
+            frozen (:meth:`AnomalyDetector.fit_head`): a weaker judge than a trained
+            one, ready in seconds.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -77,10 +85,13 @@ class AnomalyDetectorConfig:
     autocontrast: float = 0.0
     test_flips: bool = False
     pooling: str = "avg"
+    head: str = TRAINED
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r} is not one of {sorted(POOLINGS)}")
+        if self.head not in HEADS:
+            raise ValueError(f"head {self.head!r} is not one of {sorted(HEADS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -158,7 +169,45 @@ class AnomalyDetector(BackboneStage):
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """``(B,)`` logits of one view of each image."""
-        return self.head(self.pool(self.backbone(images))).squeeze(-1)  # pooled: (B, 1280)
+        return self.head(self.features(images)).squeeze(-1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled features ``(B, F)`` the head reads (1,280 for EfficientNet-Lite0)."""
+        return self.pool(self.backbone(images))
+
+    def fit_head(
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        pos_weight: float = 1.0,
+        l2: float = 1e-2,
+        steps: int = 200,
+    ) -> dict[str, float]:
+        """Fit the head to pooled ``features`` ``(N, F)`` of images with ``targets`` ``(N,)``.
+
+        A logistic regression: the trained head's loss (binary cross-entropy on
+        the targets in [0, 1], graded severities included, defects weighted by
+        ``pos_weight``) plus ``l2`` times the squared weights, minimised by
+        L-BFGS. The default ``l2`` is a strong prior on 1,280 features and a
+        thousand images: on ELPV's validation cells 1e-2 ranked better than 5e-4
+        (AUROC 0.937 and 0.857 for mono and poly, against 0.901 and 0.850).
+
+        Returns:
+            ``{"images", "train_loss"}`` of the fit.
+        """
+        targets = targets.float()
+        weight = torch.tensor(float(pos_weight))
+        head, loss = fit_linear(
+            features,
+            1,
+            lambda logits: F.binary_cross_entropy_with_logits(
+                logits.squeeze(-1), targets, pos_weight=weight
+            ),
+            l2,
+            steps,
+        )
+        self.head[-1].load_state_dict(head.state_dict())
+        return {"images": len(targets), "train_loss": loss}
 
     def flip_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 4)`` logits of each image and its flips, in the order of ``FLIPS``."""

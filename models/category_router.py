@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbone import BackboneStage, Preprocessing, create_backbone
-
-TRAINED, FITTED = "trained", "fitted"
-HEADS = (TRAINED, FITTED)
+from models.heads import HEADS, TRAINED, fit_linear
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ class CategoryRouterConfig:
     backbone: str = "efficientnet_lite0"
     input_size: int = 224
     autocontrast: float = 0.0
-    head: str = "trained"
+    head: str = TRAINED
 
     def __post_init__(self) -> None:
         if len(self.categories) < 1 or len(set(self.categories)) != len(self.categories):
@@ -112,33 +110,22 @@ class CategoryRouter(BackboneStage):
         Returns:
             ``{"images", "train_loss", "train_accuracy"}`` of the fit.
         """
-        features, labels = features.float(), labels.long()
+        labels = labels.long()
         counts = torch.bincount(labels, minlength=len(self.config.categories)).clamp(min=1)
         weights = (counts.sum() / counts / len(counts)).float()
-        head = nn.Linear(features.shape[1], len(self.config.categories))
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        optimizer = torch.optim.LBFGS(
-            head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe"
+        head, loss = fit_linear(
+            features,
+            len(self.config.categories),
+            lambda logits: F.cross_entropy(logits, labels, weight=weights),
+            l2,
+            steps,
         )
-
-        def objective() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(head(features), labels, weight=weights)
-            loss = loss + l2 * head.weight.square().sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimizer.step(objective)
         self.head.load_state_dict(head.state_dict())
         with torch.no_grad():
-            logits = head(features)
-            loss = F.cross_entropy(logits, labels, weight=weights)
-            accuracy = (logits.argmax(dim=1) == labels).float().mean()
+            accuracy = (head(features.float()).argmax(dim=1) == labels).float().mean()
         return {
             "images": len(labels),
-            "train_loss": float(loss),
+            "train_loss": loss,
             "train_accuracy": float(accuracy),
         }
 

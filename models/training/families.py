@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
-from models.category_router import FITTED, CategoryRouter, CategoryRouterConfig
+from models.category_router import CategoryRouter, CategoryRouterConfig
 from models.data.sample import GOOD, DataError, Sample
 from models.data.tensors import (
     NONE,
@@ -35,6 +35,7 @@ from models.defect_classifier import (
     supervised_contrastive_loss,
 )
 from models.descriptions import BUILTIN, DescriptionCatalog, DescriptionError
+from models.heads import FITTED
 from models.metrics import image_auroc
 from models.reranker import Reranker, RerankerConfig
 from models.stages import CLASSIFIER, DETECTOR, RERANKER, ROUTER, VERIFIER
@@ -45,16 +46,35 @@ SUPERVISED, NORMAL_ONLY = "supervised", "normal-only"
 
 @register_family
 class DetectorFamily(TrainingFamily):
-    """AnomalyDetector: supervised if the training split has defects, else normal-only."""
+    """AnomalyDetector: supervised if the training split has defects, else normal-only.
+
+    With ``head: fitted`` (supervised only) nothing runs epochs: the training
+    images' pooled features, each with its target (:meth:`features`), fit the
+    head in one pass (:meth:`fit`).
+    """
 
     stage = DETECTOR
     default_lr = 3e-3
     min_items_per_epoch = 320
 
+    def _check(self) -> None:
+        super()._check()
+        if self.gradient_free and self.mode == NORMAL_ONLY:
+            raise DataError(
+                f"category {self.category!r} has no defective training images, and a "
+                "fitted head learns from good and defective ones: train the detector's "
+                "head (head: trained) or fit a memory bank"
+            )
+
     @property
     def mode(self) -> str:
         """``supervised`` or ``normal-only``, chosen by the training data."""
         return SUPERVISED if any(s.is_anomalous for s in self.split("train")) else NORMAL_ONLY
+
+    @property
+    def gradient_free(self) -> bool:  # type: ignore[override]
+        """Whether the head is fitted in one pass (``head: fitted``) rather than trained."""
+        return self.model_config.get("head") == FITTED
 
     def describe(self) -> dict[str, Any]:  # noqa: D102
         return super().describe() | {"mode": self.mode, "soft_targets": self.soft_targets}
@@ -106,28 +126,54 @@ class DetectorFamily(TrainingFamily):
     def build_model(self, pretrained: bool = True) -> AnomalyDetector:  # noqa: D102
         return AnomalyDetector(AnomalyDetectorConfig.from_dict(self.model_config), pretrained)
 
-    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:  # noqa: D102
+    def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+        """Training images (augmented, unless the head is fitted) and validation images."""
         train, val = self.split("train"), self.split("val")
         if self.mode == NORMAL_ONLY:
             train = [s for s in train if s.label == GOOD]
         train = self.balanced(train)
+        fitted = self.gradient_free
         train_ds = ImageTensorDataset(
             train,
             [self.target(s) for s in train],
             model.preprocessing,
-            augment=self.augment,
+            augment=NONE if fitted else self.augment,
             synthesis=RANDOM if self.mode == NORMAL_ONLY else NONE,
             seed=self.seed,
-            repeat=self.repeat(len(train)),
+            repeat=1 if fitted else self.repeat(len(train)),
         )
         return train_ds, validation_dataset(val, model.preprocessing)
 
+    def features(self, model: nn.Module, loader: DataLoader) -> torch.Tensor:
+        """Rows ``(N, F + 1)``: each training image's pooled features, then its target.
+
+        The target travels in the row so that the rows of several workers
+        gathered together still carry their own targets.
+        """
+        detector = unwrap(model).eval()  # the backbone's ImageNet batch statistics
+        device = next(detector.parameters()).device
+        with torch.no_grad():
+            rows = [
+                torch.cat([detector.features(images.to(device)).cpu(), target[:, None].float()], 1)
+                for images, target in loader
+            ]
+        return torch.cat(rows)
+
+    def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:
+        """Fit the head to the rows of :meth:`features`, defects weighted as in :meth:`loss`."""
+        targets = features[:, -1]
+        return unwrap(model).fit_head(
+            features[:, :-1], targets, pos_weight=self.pos_weight(targets.numpy())
+        )
+
+    def pos_weight(self, targets: np.ndarray) -> float:
+        """The weight of a defect in the loss: the good:defect ratio when supervised, else 1."""
+        n_pos = int((targets >= 0.5).sum())
+        return (len(targets) - n_pos) / n_pos if self.mode == SUPERVISED and n_pos else 1.0
+
     def loss(self, train: ImageTensorDataset) -> Loss:
         """Binary cross-entropy, defects weighted by the good:defect ratio (class weights)."""
-        targets = np.asarray(train.targets) >= 0.5
-        n_pos = targets.sum()
-        ratio = (len(targets) - n_pos) / n_pos if self.mode == SUPERVISED and n_pos else 1.0
-        pos_weight = torch.tensor(float(ratio))
+        pos_weight = torch.tensor(self.pos_weight(np.asarray(train.targets)))
 
         def bce(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             logits = model(images).float()

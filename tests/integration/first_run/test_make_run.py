@@ -75,13 +75,21 @@ def test_serve_fits_the_quick_set_serves_it_well_and_keeps_the_console_quiet(tmp
     print(json.dumps({"summary": summary, "served": served}, indent=1))
     assert process.returncode == 0 and stdout == ""  # no --json: nothing on stdout
 
-    # What it fitted: no detector, verifier, reranker or localizer trained by gradient.
+    # What it fitted: nothing trained by gradient. The surfaces' memory banks and
+    # classifiers; the solar cells' detectors, their heads fitted in one pass.
     trained = {(t["stage"], t["category"]) for t in summary["quick_set"]["trained"]}
     assert {("memory-bank", s) for s in QUICK_SURFACES} <= trained
     assert {("classifier", s) for s in QUICK_SURFACES} <= trained
-    assert not {stage for stage, _ in trained} & {"detector", "verifier", "reranker", "localizer"}
-    router = ArtifactRegistry(str(tmp_path / "registry")).manifest(SHARED_CATEGORY, "router")
+    assert not {stage for stage, _ in trained} & {"verifier", "reranker", "localizer"}
+    registry = ArtifactRegistry(str(tmp_path / "registry"))
+    router = registry.manifest(SHARED_CATEGORY, "router")
     assert router.config["head"] == "fitted"  # no epochs: its head fitted in one pass
+    cells = load_dataset("elpv").categories
+    assert {c for stage, c in trained if stage == "detector"} == set(cells)
+    for cell in cells:
+        detector = registry.manifest(cell, "detector")
+        assert detector.config["head"] == "fitted" and detector.metrics["epochs_run"] == 1
+        assert detector.metrics["val_auroc"] >= 0.82, (cell, detector.metrics)  # 0.94, 0.86
     assert summary["timings"]["ready_s"] < 600
 
     # Its answers over HTTP, on the generated held-out test images.

@@ -120,6 +120,45 @@ def test_a_fitted_router_head_learns_the_categories_in_one_pass(tmp_path):
         build_family(spec | {"model_config": {"head": "guessed"}}).build_model(pretrained=False)
 
 
+def test_a_fitted_detector_head_learns_graded_defects_in_one_pass(tmp_path):
+    torch.manual_seed(0)  # the untrained backbone's weights
+    rng = np.random.default_rng(2)
+    samples = []
+    for split, n in (("train", 8), ("val", 3)):
+        for i in range(n):
+            defective = i % 2 == 1
+            path = tmp_path / f"cell-{split}-{i}.png"
+            low = 170 if defective else 0  # defects are bright: the features separate them
+            Image.fromarray(rng.integers(low, low + 80, (40, 40, 3), dtype=np.uint8)).save(path)
+            severity = (2 / 3 if i % 4 == 1 else 1.0) if defective else 0.0
+            label = "defective" if defective else "good"
+            sample = Sample(path, "cell", label, split, sample_id=path.stem, severity=severity)
+            samples.append(sample)
+    spec = _spec("detector", samples, category="cell")
+    assert not build_family(spec).gradient_free  # trained by default
+    family = build_family(spec | {"model_config": {"input_size": 32, "head": "fitted"}})
+    assert family.gradient_free and family.mode == SUPERVISED
+    model = family.build_model(pretrained=False)
+    train, val = family.datasets(model)
+    assert train.augment == "none" and len(train) == 8  # every image once, as it is
+    rows = family.features(model, DataLoader(train, batch_size=3))
+    assert rows.shape == (8, model.backbone.num_features + 1)
+    assert sorted(rows[:, -1].tolist()) == pytest.approx(sorted(train.targets))  # soft targets
+    before = model.head[-1].weight.clone()
+    fitted = family.fit(model, rows, DataLoader(val, batch_size=4))
+    assert fitted["images"] == 8 and not torch.equal(before, model.head[-1].weight)
+    assert fitted["train_loss"] < math.log(2)  # below the zero head's loss
+    assert family.evaluate(model, DataLoader(val, batch_size=4))["val_auroc"] == 1.0
+    with pytest.raises(ValueError, match="head 'guessed' is not one of"):
+        build_family(spec | {"model_config": {"head": "guessed"}}).build_model(pretrained=False)
+
+
+def test_a_fitted_detector_head_needs_defective_training_images(tmp_path):
+    samples = _samples(tmp_path, {"train": ["good"] * 4, "val": ["good"] * 2})
+    with pytest.raises(DataError, match="no defective training images, and a fitted head"):
+        build_family(_spec("detector", samples) | {"model_config": {"head": "fitted"}})
+
+
 def test_bad_specs_are_refused(tmp_path):
     samples = _samples(tmp_path, {"train": ["good"] * 2})
     with pytest.raises(ValueError, match="no val images"):
