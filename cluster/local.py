@@ -145,18 +145,20 @@ class LocalCluster:
         started = time.perf_counter()
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
-            from tune.ray_env import environment, set_train_poll_env
+            from tune.ray_env import environment, set_train_poll_env, state_api_env
 
             set_train_poll_env()  # the quick set and retraining run on this cluster
             address = os.environ.get("RAY_ADDRESS")
             if not self.verbose:
                 self._driver_logs_to_file()
-            with environment(self._ingress_env() if address is None else {}):
+            dashboard_port = free_port()
+            own = self._ingress_env() | (state_api_env(dashboard_port) if self.dashboard else {})
+            with environment(own if address is None else {}):
                 context = ray.init(
                     address=address,
                     include_dashboard=self.dashboard if address is None else None,
                     dashboard_host="127.0.0.1",
-                    dashboard_port=free_port() if address is None else None,
+                    dashboard_port=dashboard_port if address is None else None,
                     _metrics_export_port=free_port() if address is None else None,
                     configure_logging=False,
                     log_to_driver=self.verbose,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.arguments import add_command, dataset_choices, dataset_root, print_json, registry
-from models.stages import DETECTOR, STAGES
+from models.stages import CLASSIFIER, DETECTOR, STAGES
 
 ALL = "all"
 SWEEPABLE = tuple(name for name, stage in STAGES.items() if stage.sweepable)
@@ -156,10 +156,13 @@ def train_settings(args: argparse.Namespace, epochs: int) -> Any:
     if args.freeze_stages is not None:
         overrides["freeze_stages"] = args.freeze_stages
     _check_options(overrides, args.stage)
-    if getattr(args, "balance_classes", False) and args.stage not in (DETECTOR, ALL):
+    if getattr(args, "balance_classes", False) and args.stage not in (DETECTOR, CLASSIFIER, ALL):
         from models.config import ConfigError
 
-        raise ConfigError(f"--balance-classes applies to the {DETECTOR}, not the {args.stage}")
+        raise ConfigError(
+            f"--balance-classes applies to the {DETECTOR} and the {CLASSIFIER}, "
+            f"not the {args.stage}"
+        )
     return TrainSettings(
         epochs=epochs,
         num_workers=args.num_workers,
@@ -690,7 +693,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--balance-classes",
         action="store_true",
-        help="the detector sees each image of a rare class round(sqrt(n_max / n)) times an "
+        help="the detector and the classifier see each image of a rare class "
+        "round(sqrt(n_max / n)) times an "
         "epoch (ELPV's 1/3 and 2/3 levels; else a rare defect type)",
     )
 

@@ -34,6 +34,22 @@ def set_train_poll_env() -> None:
         os.environ.setdefault(name, value)
 
 
+def state_api_env(dashboard_port: int) -> dict[str, str]:
+    """Where the processes of a Ray cluster this process starts find its state API.
+
+    Ray Train's placement-group cleaner frees a run's CPUs when the run's
+    controller dies without doing so itself, as when Tune stops a trial early.
+    It asks the state API whether the controller lives, and without an address
+    it looks for the one Ray instance on the machine: beside a second one (a
+    service on one cluster, a training on another) it fails, stops watching,
+    and the stopped trial's CPUs stay held, so the next run waits for them for
+    ever. With the dashboard on ``dashboard_port`` (it serves the state API) the
+    cluster's processes ask their own. A value the user set wins.
+    """
+    name = "RAY_API_SERVER_ADDRESS"
+    return {} if name in os.environ else {name: f"http://127.0.0.1:{dashboard_port}"}
+
+
 def serve_ingress_env() -> dict[str, str]:
     """The HAProxy ingress settings for a Ray cluster this process starts to serve on.
 

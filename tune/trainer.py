@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -44,7 +45,7 @@ from models.stages import (
 from models.training import FAMILIES, build_family
 from models.training.decision import fit_decision, validation_scores
 from tune.loop import CHECKPOINT_FILE, fit_in_one_pass, train_loop_per_worker
-from tune.ray_env import set_train_poll_env
+from tune.ray_env import environment, set_train_poll_env, state_api_env
 from tune.tracking import record_training
 
 # Learning rates that suit each family with AdamW (the head; the backbone gets less).
@@ -82,9 +83,9 @@ class TrainSettings:
             (each category's decision rule is still fitted on its own validation
             images): for product types that look alike, such as ELPV's mono and
             poly cells.
-        balance_classes: the detector sees each image of a rare class (ELPV's ⅓
-            and ⅔ levels; else a rare defect type) more often in an epoch, by
-            ``round(sqrt(n_max / n))``
+        balance_classes: the detector and the classifier see each image of a rare
+            class (ELPV's ⅓ and ⅔ levels; else a rare defect type) more often in
+            an epoch, by ``round(sqrt(n_max / n))``
             (:meth:`~models.training.base.TrainingFamily.balanced`).
     """
 
@@ -142,12 +143,26 @@ class FitResult:
 
 
 def ensure_ray() -> None:
-    """Start (or join, with ``RAY_ADDRESS``) a Ray cluster for this process."""
-    if not ray.is_initialized():
-        set_train_poll_env()
+    """Start (or join, with ``RAY_ADDRESS``) a Ray cluster for this process.
+
+    A cluster it starts has its dashboard (the state API Ray Train's cleanup asks)
+    on a free local port its processes are told of (:func:`state_api_env`).
+    """
+    if ray.is_initialized():
+        return
+    set_train_poll_env()
+    address = os.environ.get("RAY_ADDRESS")
+    if address is not None:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        return
+    with socket.socket() as probe:  # a port free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with environment(state_api_env(port)):
         ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
-            include_dashboard=None,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
             log_to_driver=True,
             configure_logging=False,
         )

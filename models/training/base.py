@@ -30,6 +30,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def pooled_feature_rows(model: nn.Module, loader: DataLoader) -> torch.Tensor:
+    """Rows ``(N, F + 1)``: each image's pooled features (``model.features``), then its target.
+
+    The model runs in eval mode (its frozen backbone keeps its ImageNet batch
+    statistics) without gradients. The target travels in the row so that the
+    rows of several workers gathered together still carry their own targets.
+    """
+    inner = unwrap(model).eval()
+    device = next(inner.parameters()).device
+    with torch.no_grad():
+        rows = [
+            torch.cat([inner.features(images.to(device)).cpu(), target[:, None].float()], dim=1)
+            for images, target in loader
+        ]
+    return torch.cat(rows)
+
+
 class TrainingFamily(abc.ABC):
     """Base of the families: the stage name, the monitored metric and defaults.
 
@@ -45,7 +62,7 @@ class TrainingFamily(abc.ABC):
         pooled_with: other categories whose images this model also learns from
             (one model for several product types, registered under each).
         balance_classes: repeat the training images of rare classes (see
-            :meth:`balanced`); the detector's family uses it.
+            :meth:`balanced`); the detector's and the classifier's families use it.
     """
 
     stage: ClassVar[str]

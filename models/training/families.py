@@ -39,7 +39,13 @@ from models.heads import FITTED
 from models.metrics import image_auroc
 from models.reranker import Reranker, RerankerConfig
 from models.stages import CLASSIFIER, DETECTOR, RERANKER, ROUTER, VERIFIER
-from models.training.base import Loss, TrainingFamily, register_family, unwrap
+from models.training.base import (
+    Loss,
+    TrainingFamily,
+    pooled_feature_rows,
+    register_family,
+    unwrap,
+)
 
 SUPERVISED, NORMAL_ONLY = "supervised", "normal-only"
 
@@ -145,19 +151,8 @@ class DetectorFamily(TrainingFamily):
         return train_ds, validation_dataset(val, model.preprocessing)
 
     def features(self, model: nn.Module, loader: DataLoader) -> torch.Tensor:
-        """Rows ``(N, F + 1)``: each training image's pooled features, then its target.
-
-        The target travels in the row so that the rows of several workers
-        gathered together still carry their own targets.
-        """
-        detector = unwrap(model).eval()  # the backbone's ImageNet batch statistics
-        device = next(detector.parameters()).device
-        with torch.no_grad():
-            rows = [
-                torch.cat([detector.features(images.to(device)).cpu(), target[:, None].float()], 1)
-                for images, target in loader
-            ]
-        return torch.cat(rows)
+        """Rows ``(N, F + 1)``: each training image's pooled features, then its target."""
+        return pooled_feature_rows(model, loader)
 
     def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:
         """Fit the head to the rows of :meth:`features`, defects weighted as in :meth:`loss`."""
@@ -262,18 +257,8 @@ class RouterFamily(TrainingFamily):
         return self.model_config.get("head") == FITTED
 
     def features(self, model: nn.Module, loader: DataLoader) -> torch.Tensor:
-        """Rows ``(N, F + 1)``: each training image's pooled features, then its class.
-
-        The class travels in the row so that the rows of several workers
-        gathered together still carry their own labels.
-        """
-        router = unwrap(model)
-        device = next(router.parameters()).device
-        rows = [
-            torch.cat([router.features(images.to(device)).cpu(), target[:, None].float()], dim=1)
-            for images, target in loader
-        ]
-        return torch.cat(rows)
+        """Rows ``(N, F + 1)``: each training image's pooled features, then its class."""
+        return pooled_feature_rows(model, loader)
 
     def fit(self, model: nn.Module, features: torch.Tensor, val: DataLoader) -> dict[str, Any]:
         """Fit the head to the rows of :meth:`features`."""
@@ -386,7 +371,12 @@ class ClassifierFamily(TrainingFamily):
         return [self.classes.index(s.label) for s in samples]
 
     def datasets(self, model: nn.Module) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-        """Two augmented views of each training image (``patch``: the good ones, plain)."""
+        """Two augmented views of each training image (``patch``: the good ones, plain).
+
+        With ``balance_classes`` each image of a rare class is shown more often
+        (:meth:`balanced`); the prototypes are still the mean of each class's
+        images, each once.
+        """
         if self.gradient_free:
             goods = [s for s in self.split("train") if s.label == GOOD]
             if not goods:
@@ -396,9 +386,8 @@ class ClassifierFamily(TrainingFamily):
                 ImageTensorDataset(goods, [0] * len(goods), model.preprocessing),
                 ImageTensorDataset(val, self.targets(val), model.preprocessing),
             )
-        return self.labelled_datasets(
-            model, self.split("train"), self.split("val"), self.targets, views=2
-        )
+        train = self.balanced(self.split("train"))
+        return self.labelled_datasets(model, train, self.split("val"), self.targets, views=2)
 
     def loss(self, train: ImageTensorDataset) -> Loss:
         """SupCon over both views of every image in the batch."""

@@ -313,6 +313,29 @@ def test_two_workers_train_with_ddp(ray_cluster, synth_root, tmp_path):
     assert history[0]["world_size"] == 2
 
 
+def _assert_every_cpu_comes_back(ray: Any, within_s: float = 60.0) -> None:
+    """Fail, naming what holds them, unless the cluster's CPUs are all free again.
+
+    A training run that ends, killed workers included, gives back every CPU;
+    one that does not would leave the next run waiting for CPUs for ever.
+    """
+    from ray.util.state import list_actors, list_placement_groups
+
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + within_s
+    while ray.available_resources().get("CPU", 0.0) < total:
+        if time.monotonic() > deadline:
+            address = ray.get_runtime_context().gcs_address
+            alive = list_actors(address=address, filters=[("state", "=", "ALIVE")])
+            groups = list_placement_groups(address=address, filters=[("state", "=", "CREATED")])
+            pytest.fail(
+                f"{ray.available_resources().get('CPU', 0.0)} of {total} CPUs free after "
+                f"{within_s:.0f} s; alive actors: {[a.class_name for a in alive]}; "
+                f"placement groups: {[(g.name, g.bundles) for g in groups]}"
+            )
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def _service_holding_all_cpus_but_half_of_one(ray: Any) -> Iterator[None]:
     """An actor that holds the cluster's CPUs but 0.5, as a service's replicas do."""
@@ -445,14 +468,68 @@ def test_killed_worker_resumes_from_its_last_checkpoint(
     # so only floating-point noise may differ.
     assert abs(final["val_auroc"] - alone["val_auroc"]) <= 0.05, (final, alone)
     assert abs(final["val_loss"] - alone["val_loss"]) <= 0.01 * alone["val_loss"], (final, alone)
+    _assert_every_cpu_comes_back(ray_cluster)
+
+
+@contextlib.contextmanager
+def _another_ray_instance() -> Iterator[None]:
+    """A second Ray instance on this machine, as a service's beside a training's."""
+    up = "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True)"
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"{up}; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "up"
+        yield
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()  # its Ray shuts down as the script ends
+        process.wait(timeout=120)
+
+
+def test_a_run_stopped_from_outside_gives_back_its_cpus_beside_another_ray(
+    ray_cluster, synth_root, tmp_path
+):
+    """As when Tune stops a trial early: the actor that started a run is killed.
+
+    The run's controller dies with it, and Ray Train's cleaner must free the
+    run's CPUs; with a second Ray instance on the machine it used to fail to
+    find its own cluster's state API, and the CPUs stayed held for ever.
+    """
+    dataset = load_dataset("synthetic", synth_root)
+    settings = _settings(tmp_path, epochs=50, patience=100)
+    spec = family_spec(dataset, "detector", CATEGORY, settings)
+
+    @ray_cluster.remote(num_cpus=0)
+    class Trial:
+        def fit(self) -> None:
+            fit_family(spec, settings, "stopped")
+
+    snapshot = tmp_path / "runs" / "stopped" / "checkpoint_manager_snapshot.json"
+    with _another_ray_instance():
+        trial = Trial.remote()
+        trial.fit.remote()
+        # Stopped after its first epoch, as Tune's scheduler stops a trial.
+        deadline = time.monotonic() + 240
+        while not _registered_checkpoints(snapshot):
+            assert time.monotonic() < deadline, "the run never finished an epoch"
+            time.sleep(0.1)
+        assert ray_cluster.available_resources().get("CPU", 0.0) == 0  # the run holds them
+        ray_cluster.kill(trial)
+        _assert_every_cpu_comes_back(ray_cluster, within_s=60)
 
 
 def test_tune_sweep_promotes_the_best_trial(ray_cluster, synth_root, tmp_path):
     from tune.sweep import sweep_stage
 
+    _assert_every_cpu_comes_back(ray_cluster)
     dataset = load_dataset("synthetic", synth_root)
     registry = ArtifactRegistry(str(tmp_path / "registry"))
     result = sweep_stage(registry, dataset, "detector", CATEGORY, 2, _settings(tmp_path))
+    _assert_every_cpu_comes_back(ray_cluster)  # trials stopped early included
     assert len(result["trials"]) == 2
     assert sum(t["best"] for t in result["trials"]) == 1
     for trial in result["trials"]:

@@ -158,7 +158,8 @@ def test_training_commands_refuse_bad_input_before_starting_ray(tmp_path, capsys
     assert main([*detector_args, "--model-option", "pooling=max"]) == 2
     assert "the detector: pooling 'max' is not one of ['avg', 'gem']" in capsys.readouterr().err
     assert main([*args, "--balance-classes"]) == 2
-    assert "--balance-classes applies to the detector, not the reranker" in capsys.readouterr().err
+    refusal = "--balance-classes applies to the detector and the classifier, not the reranker"
+    assert refusal in capsys.readouterr().err
     assert main([*args, "--hold-out", "no_such_label"]) == 2
     assert "no label(s) ['no_such_label']" in capsys.readouterr().err
     # Reviews retrain only what a held-out figure can judge, from an export.

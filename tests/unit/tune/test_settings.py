@@ -9,7 +9,13 @@ from ray import tune
 
 from models.anomaly_detector import AnomalyDetector, AnomalyDetectorConfig
 from tune.loop import build_optimizer, improved, warmup_cosine
-from tune.ray_env import SERVE_INGRESS_ENV, environment, serve_ingress_env, set_train_poll_env
+from tune.ray_env import (
+    SERVE_INGRESS_ENV,
+    environment,
+    serve_ingress_env,
+    set_train_poll_env,
+    state_api_env,
+)
 from tune.sweep import BATCH_SIZES, OPTIMIZERS, search_space
 from tune.trainer import DEFAULT_LR, TrainSettings, loop_config
 
@@ -109,3 +115,10 @@ def test_a_cluster_this_process_serves_on_takes_requests_through_haproxy_unless_
     with environment({"RAY_SERVE_ENABLE_HA_PROXY": "1"}):
         assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+def test_a_cluster_this_process_starts_tells_its_processes_where_its_state_api_is(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert state_api_env(8312) == {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8312"}
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.5:8265")  # the user's, kept
+    assert state_api_env(8312) == {}

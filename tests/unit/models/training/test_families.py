@@ -1,4 +1,5 @@
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,20 @@ def test_classifier_trains_on_two_views_and_validates_against_prototypes(tmp_pat
     expected = (predicted == torch.tensor(family.targets(val.samples))).float().mean()
     assert metrics["val_accuracy"] == pytest.approx(float(expected))
     assert family.fit_prototypes(model) == {"good": 3, "crack": 3, "scratch": 3}
+
+
+def test_balanced_classifier_shows_rare_levels_more_often_but_fits_prototypes_once(tmp_path):
+    counts = {"good": 16, "d33": 4, "d67": 1, "d100": 9}
+    labels = [label for label, n in counts.items() for _ in range(n)]
+    samples = _graded(_samples(tmp_path, {"train": labels, "val": ["good", "d100"]}))
+    family = build_family(_spec("classifier", samples) | {"balance_classes": True})
+    assert family.describe()["balance_classes"]
+    model = family.build_model(pretrained=False)
+    train, val = family.datasets(model)
+    seen = Counter(model.config.classes[int(t)] for t in train.targets)
+    assert seen == {"good": 16, "d33": 8, "d67": 4, "d100": 9}
+    assert len(val) == 2  # validation is never rebalanced
+    assert family.fit_prototypes(model.eval()) == counts
 
 
 def test_classifier_refuses_parts_without_labelled_defects(tmp_path):
