@@ -1,7 +1,7 @@
 """``inspectray bench``: the DAG beside a naive server and the hardware ceiling.
 
 In one run on one machine, with the same models and the same traffic: the
-detectors alone (the ceiling), the naive baseline and the DAG on the local
+first-line models alone (the ceiling), the naive baseline and the DAG on the local
 cluster, each under the same Locust users (:mod:`loadtests.bench` has the
 parts). Prints JSON (``ceiling_rps``, ``dag_rps``, ``naive_rps``,
 ``dag_p50_ms``, ``dag_p99_ms``, ``naive_p99_ms``, ``dag_error_rate``,
@@ -200,7 +200,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
 
     ceiling = None
     if "ceiling" not in settings.skip:
-        print("bench: ceiling (the detectors alone, batched)", file=sys.stderr)
+        print("bench: ceiling (the first-line models alone, batched)", file=sys.stderr)
         ceiling = measure_ceiling(registry_uri, traffic)
         result["ceiling_rps"] = ceiling["rps"]
         result["ceiling"] = ceiling

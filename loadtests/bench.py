@@ -3,8 +3,9 @@
 ``inspectray bench`` (:mod:`cluster.bench`) runs them in one run on one machine,
 with the same models and the same traffic:
 
-1. the ceiling: the anomaly detectors alone, batched, in this process, on
-   decoded images of the mix (images/s at the best batch size and thread count);
+1. the ceiling: the first-line models (anomaly detectors, memory banks) alone,
+   batched, in this process, on decoded images of the mix (images/s at the best
+   batch size and thread count);
 2. the naive baseline (:mod:`loadtests.naive_server`) under Locust;
 3. the DAG (``inspectray serve``'s local cluster) under Locust.
 
@@ -86,13 +87,17 @@ def measure_ceiling(
     seconds: float = 30.0,
     batch_sizes: Sequence[int] = (1, 8, 16),
 ) -> dict[str, Any]:
-    """The detectors alone, batched, in this process: images/s at their best setting.
+    """The first-line models alone, batched, in this process: images/s at their best.
 
-    Images are drawn from the mix and decoded beforehand (decoding is not the
-    detector's work); each batch is one category's, as the DAG batches them.
-    Every batch size is tried with one thread and with every core, in torch and
-    in ONNX Runtime (where every detector has an accepted export): the ceiling is
-    the fastest, so a served runtime's speed does not flatter the ratio.
+    A category's first line is what its decision rule reads for every part: its
+    anomaly detector, its memory bank, or both (the quick set judges its
+    generated surfaces by memory banks). Images are drawn from the mix and
+    decoded beforehand (decoding is not the models' work); each batch is one
+    category's, as the DAG batches them. Every batch size is tried with one
+    thread and with every core, in torch and in ONNX Runtime (where any
+    first-line model has an accepted export; one without runs in torch, as it
+    is served, and the row names it): the ceiling is the fastest, so a served
+    runtime's speed does not flatter the ratio.
     """
     import random
 
@@ -102,7 +107,7 @@ def measure_ceiling(
     from models.artifacts import ArtifactRegistry
     from models.inspection import compute, load_plan
     from models.inspection.plan import split_model_id
-    from models.stages import DETECTOR, RUNTIMES, load_stage
+    from models.stages import DETECTOR, MEMORY_BANK, RUNTIMES, load_stage
 
     registry = ArtifactRegistry(registry_uri)
     plan = load_plan(registry)
@@ -112,24 +117,46 @@ def measure_ceiling(
         drawn = traffic.draw(rng)
         pools.setdefault(drawn.image.category, []).append(decode_image(drawn.body).image)
 
-    loaded: dict[tuple[str, int], dict[str, Any] | None] = {}
+    runs = {DETECTOR: compute.detect, MEMORY_BANK: compute.score_patches}
+    first_lines = {}
+    for category in pools:
+        models = plan.categories[category]
+        used = {DETECTOR: models.rule.uses_detector, MEMORY_BANK: models.rule.uses_bank}
+        first_lines[category] = [s for s in runs if models.has(s) and used[s]]
+        if not first_lines[category]:
+            raise ValueError(f"category {category!r} has no detector and no memory bank")
+    loaded: dict[tuple[str, int], dict[str, list[tuple[str, Any]]] | None] = {}
+    in_torch: dict[tuple[str, int], list[str]] = {}
 
-    def detectors(runtime: str, threads: int) -> dict[str, Any] | None:
-        """Each category's detector in ``runtime``, loaded once per thread count.
+    def first_line(runtime: str, threads: int) -> dict[str, list[tuple[str, Any]]] | None:
+        """Each category's first-line models in ``runtime``, loaded once per thread count.
 
-        None when one has no such runtime (its export missing or refused).
+        None when none has such an export (the row would be torch's again).
         """
         if (runtime, threads) not in loaded:
-            found = {}
-            for category in pools:
-                model_id = plan.categories[category].model_id(DETECTOR)
-                category_id, version = split_model_id(model_id)
-                found[category] = load_stage(
-                    registry, category_id, DETECTOR, version, "cpu", runtime, threads
-                )
-            exported = runtime == "torch" or all(s.runtime for s in found.values())
+            found: dict[str, list[tuple[str, Any]]] = {}
+            for category, stages in first_lines.items():
+                found[category] = []
+                for stage in stages:
+                    category_id, version = split_model_id(plan.categories[category].model_id(stage))
+                    model = load_stage(
+                        registry, category_id, stage, version, "cpu", runtime, threads
+                    )
+                    found[category].append((stage, model))
+            torch_only = sorted(
+                f"{stage} {category}"
+                for category, models in found.items()
+                for stage, model in models
+                if not model.runtime
+            )
+            exported = runtime == "torch" or len(torch_only) < sum(map(len, found.values()))
             loaded[runtime, threads] = found if exported else None
+            in_torch[runtime, threads] = torch_only if runtime != "torch" else []
         return loaded[runtime, threads]
+
+    def judge(models: list[tuple[str, Any]], images: list[Any]) -> None:
+        for stage, model in models:
+            runs[stage](model, images, [False] * len(images))
 
     threads_before = torch.get_num_threads()
     settings = [
@@ -143,12 +170,12 @@ def measure_ceiling(
     try:
         for runtime, threads, batch in settings:
             torch.set_num_threads(threads)
-            stages = detectors(runtime, threads)
+            stages = first_line(runtime, threads)
             if stages is None:
                 continue
             categories = sorted(pools)
             for category in categories:  # warm each model at this batch size
-                compute.detect(stages[category], pools[category][:batch], [False] * batch)
+                judge(stages[category], pools[category][:batch])
             images, i = 0, 0
             started = time.perf_counter()
             while time.perf_counter() - started < per_setting:
@@ -156,18 +183,14 @@ def measure_ceiling(
                 pool = pools[category]
                 offset = (i * batch) % max(len(pool) - batch, 1)
                 chunk = pool[offset : offset + batch]
-                compute.detect(stages[category], chunk, [False] * len(chunk))
+                judge(stages[category], chunk)
                 images += len(chunk)
                 i += 1
             rate = images / (time.perf_counter() - started)
-            tried.append(
-                {
-                    "runtime": runtime,
-                    "threads": threads,
-                    "batch": batch,
-                    "images_per_s": round(rate, 2),
-                }
-            )
+            row = {"runtime": runtime, "threads": threads, "batch": batch}
+            if in_torch[runtime, threads]:
+                row["in_torch"] = in_torch[runtime, threads]
+            tried.append(row | {"images_per_s": round(rate, 2)})
     finally:
         torch.set_num_threads(threads_before)
     best = max(tried, key=lambda t: t["images_per_s"])

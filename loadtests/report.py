@@ -89,7 +89,9 @@ def _plots(
         if runs:
             ax.plot([r.users for r in runs], [r.rps for r in runs], "o-", color=color, label=name)
     if ceiling_rps:
-        ax.axhline(ceiling_rps, color="black", linestyle="--", label="ceiling: detectors alone")
+        ax.axhline(
+            ceiling_rps, color="black", linestyle="--", label="ceiling: first-line models alone"
+        )
         ax.axhline(0.7 * ceiling_rps, color="gray", linestyle=":", label="70 % of the ceiling")
     ax.set_xscale("log", base=2)
     _finish(fig, ax, curve, "concurrent users (log scale)", "inspections per second", "Throughput")
@@ -240,8 +242,9 @@ def write_report(
         best = result["ceiling"]["best"]
         rows.append(
             [
-                f"ceiling: detectors alone, {best.get('runtime', 'torch')}, batch {best['batch']}, "
-                f"{best['threads']} thread(s)",
+                f"ceiling: first-line models alone, {best.get('runtime', 'torch')}"
+                + (f" ({', '.join(best['in_torch'])} in torch)" if best.get("in_torch") else "")
+                + f", batch {best['batch']}, {best['threads']} thread(s)",
                 f"{result['ceiling_rps']:.1f}",
                 "—",
                 "—",

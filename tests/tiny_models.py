@@ -54,6 +54,18 @@ def detector(probability: float) -> AnomalyDetector:
     return model
 
 
+def add_exported_detector(registry: ArtifactRegistry, category: str) -> Manifest:
+    """:func:`detector` (0.3) saved and exported to ONNX Runtime, checked on a few images."""
+    from models.inspection.compute import batched_inputs
+    from models.runtime import export_runtime
+
+    manifest = save(registry, category, "detector", detector(0.3))
+    model = detector(0.3)
+    inputs = batched_inputs(model, random_images())
+    assert export_runtime(registry, manifest, model, inputs)["accepted"]
+    return manifest
+
+
 def good_verifier() -> AutoencoderVerifier:
     """A verifier whose calibrated score is sigmoid(-5) for every image: good."""
     verifier = AutoencoderVerifier(AutoencoderVerifierConfig(input_size=SIZE), pretrained=False)

@@ -14,10 +14,8 @@ from cluster.redis_server import free_port
 from models.artifacts import ArtifactRegistry
 from models.autoencoder_verifier import AutoencoderVerifier, AutoencoderVerifierConfig
 from models.decision import DecisionRule
-from models.inspection.compute import batched_inputs
-from models.runtime import export_runtime
 from models.stages import save_decision
-from tests.tiny_models import SIZE, detector, random_images, save
+from tests.tiny_models import SIZE, add_exported_detector, save
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +30,7 @@ SMALL = {  # every deployment fits on the 2-core machine beside the load generat
 def test_bench_prints_every_figure_and_writes_the_report(tmp_path):
     # real architectures, untrained, for a synthetic surface the bench can generate images of
     registry = ArtifactRegistry(str(tmp_path / "registry"))
-    manifest = save(registry, "brushed_metal", "detector", detector(0.3))
-    # Exported to ONNX Runtime (checked on a few images): the ceiling tries both runtimes.
-    model = detector(0.3)
-    inputs = batched_inputs(model, random_images())
-    assert export_runtime(registry, manifest, model, inputs)["accepted"]
+    add_exported_detector(registry, "brushed_metal")  # the ceiling tries both runtimes
     verifier = AutoencoderVerifier(AutoencoderVerifierConfig(input_size=SIZE), pretrained=False)
     save(registry, "brushed_metal", "verifier", verifier)
     rule = DecisionRule(threshold=0.5, lo=0.4, hi=0.6, fusion_weight=0.5, fused_threshold=0.5)
