@@ -471,57 +471,6 @@ def test_killed_worker_resumes_from_its_last_checkpoint(
     _assert_every_cpu_comes_back(ray_cluster)
 
 
-@contextlib.contextmanager
-def _another_ray_instance() -> Iterator[None]:
-    """A second Ray instance on this machine, as a service's beside a training's."""
-    up = "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True)"
-    process = subprocess.Popen(
-        [sys.executable, "-c", f"{up}; sys.stdin.read()"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "up"
-        yield
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()  # its Ray shuts down as the script ends
-        process.wait(timeout=120)
-
-
-def test_a_run_stopped_from_outside_gives_back_its_cpus_beside_another_ray(
-    ray_cluster, synth_root, tmp_path
-):
-    """As when Tune stops a trial early: the actor that started a run is killed.
-
-    The run's controller dies with it, and Ray Train's cleaner must free the
-    run's CPUs; with a second Ray instance on the machine it used to fail to
-    find its own cluster's state API, and the CPUs stayed held for ever.
-    """
-    dataset = load_dataset("synthetic", synth_root)
-    settings = _settings(tmp_path, epochs=50, patience=100)
-    spec = family_spec(dataset, "detector", CATEGORY, settings)
-
-    @ray_cluster.remote(num_cpus=0)
-    class Trial:
-        def fit(self) -> None:
-            fit_family(spec, settings, "stopped")
-
-    snapshot = tmp_path / "runs" / "stopped" / "checkpoint_manager_snapshot.json"
-    with _another_ray_instance():
-        trial = Trial.remote()
-        trial.fit.remote()
-        # Stopped after its first epoch, as Tune's scheduler stops a trial.
-        deadline = time.monotonic() + 240
-        while not _registered_checkpoints(snapshot):
-            assert time.monotonic() < deadline, "the run never finished an epoch"
-            time.sleep(0.1)
-        assert ray_cluster.available_resources().get("CPU", 0.0) == 0  # the run holds them
-        ray_cluster.kill(trial)
-        _assert_every_cpu_comes_back(ray_cluster, within_s=60)
-
-
 def test_tune_sweep_promotes_the_best_trial(ray_cluster, synth_root, tmp_path):
     from tune.sweep import sweep_stage
 
