@@ -151,14 +151,17 @@ class LocalCluster:
             address = os.environ.get("RAY_ADDRESS")
             if not self.verbose:
                 self._driver_logs_to_file()
-            dashboard_port = free_port()
-            own = self._ingress_env() | (state_api_env(dashboard_port) if self.dashboard else {})
-            with environment(own if address is None else {}):
+            # Joining a cluster (RAY_ADDRESS): its own ports and settings stand.
+            dashboard_port = free_port() if address is None else None
+            own = self._ingress_env() if address is None else {}
+            if dashboard_port is not None and self.dashboard:
+                own |= state_api_env(dashboard_port)
+            with environment(own):
                 context = ray.init(
                     address=address,
                     include_dashboard=self.dashboard if address is None else None,
                     dashboard_host="127.0.0.1",
-                    dashboard_port=dashboard_port if address is None else None,
+                    dashboard_port=dashboard_port,
                     _metrics_export_port=free_port() if address is None else None,
                     configure_logging=False,
                     log_to_driver=self.verbose,

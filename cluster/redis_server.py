@@ -8,9 +8,7 @@ free port, with its files in a private folder, stopped on exit.
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +16,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+
+from tune.ray_env import free_port
 
 BINARY_ENV = "INSPECTRAY_REDIS_SERVER"
 
@@ -43,36 +43,6 @@ def find_redis_server() -> str:
             "redis-server is not installed; run `make setup` (installs the Debian package)"
         )
     return found
-
-
-# Ports handed out here are drawn below the kernel's ephemeral range (32768 and up on
-# Linux, where outgoing connections and "any free port" binds land) and above Ray's
-# worker ports (10002-19999), so nothing else takes one between our check and its use.
-_PORT_RANGE = (20_000, 32_000)
-_handed_out: set[int] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago and that nothing else picks.
-
-    Each port is handed out once per process. Falls back to one the OS picks when the
-    whole range is taken.
-    """
-    draw = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(200):
-        port = draw.randrange(*_PORT_RANGE)
-        if port in _handed_out:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

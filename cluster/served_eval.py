@@ -9,8 +9,10 @@ The figures, overall and per category: ``image_auroc`` of the answered
 ``anomaly_score``; ``binary_accuracy`` of the verdicts; ``type_top1``, the share of
 true defects answered "defective" whose first defect type is right, and
 ``type_top1_strict``, the same over every true defect (a defect answered "ok"
-counts as wrong), both None where no answer names a type; ``failed`` requests
-(none should fail).
+counts as wrong), both None where no answer names a type; where the answers
+carry a grade (a category trained on graded labels, such as ELPV's four levels),
+``four_class_accuracy``, the share of images graded at their level; ``failed``
+requests (none should fail).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class ServedAnswer:
     anomaly_score: float | None = None
     verdict: str | None = None
     defect_type: str | None = None
+    grade: str | None = None
     error: str | None = None
 
 
@@ -42,6 +45,12 @@ def _figures(answers: Sequence[ServedAnswer]) -> dict[str, Any]:
     defects = [a for a in answered if a.sample.is_anomalous]
     typed = [a for a in defects if a.verdict == "defective" and a.defect_type is not None]
     right = sum(a.defect_type == a.sample.label for a in typed)
+    graded = [a for a in answered if a.grade is not None]
+    levels = (
+        {"four_class_accuracy": sum(a.grade == a.sample.label for a in graded) / len(graded)}
+        if graded
+        else {}
+    )
     return {
         "images": len(answers),
         "failed": len(answers) - len(answered),
@@ -60,7 +69,7 @@ def _figures(answers: Sequence[ServedAnswer]) -> dict[str, Any]:
         "type_top1": right / len(typed) if typed else None,
         "type_top1_strict": right / len(defects) if typed else None,
         "typed_defects": len(typed),
-    }
+    } | levels
 
 
 def evaluate_served(
@@ -101,7 +110,7 @@ def evaluate_served(
         except Exception as error:  # a failed request is a figure, not a crash
             return ServedAnswer(sample, error=f"{type(error).__name__}: {error}")
         top = found.defect_types[0].name if found.defect_types else None
-        return ServedAnswer(sample, found.anomaly_score, found.verdict, top)
+        return ServedAnswer(sample, found.anomaly_score, found.verdict, top, found.grade)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max(1, concurrency)) as pool:

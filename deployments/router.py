@@ -945,6 +945,7 @@ class Router(RouterCore):
             defect_type=result.defect_types[0].name if result.defect_types else "",
             latency_ms=result.latency_ms,
             result_json=result.model_dump_json(),
+            grade=result.grade or "",
         )
 
     async def check_health(self) -> None:

@@ -144,6 +144,13 @@ class InspectionResult(_Schema):
         "category's rule says); verifier: the score was inside the band and the "
         "autoencoder's score was fused in."
     )
+    grade: str | None = Field(
+        default=None,
+        description="The part's level, for a category trained on graded labels (a solar "
+        "cell's defect probability: good, defect_p33, defect_p67, defect_p100): one of the "
+        "levels of functional parts (good, defect_p33) for a part judged ok, of defective "
+        "ones (defect_p67, defect_p100) for a defective part; null elsewhere.",
+    )
     defect_types: list[DefectTypeScore] = Field(
         default_factory=list, description="Ranked defect types, best first (defective parts)."
     )
@@ -207,6 +214,7 @@ class InspectionResult(_Schema):
             verdict=inspection.verdict,
             anomaly_score=inspection.anomaly_score,
             decided_by=inspection.decided_by,  # type: ignore[arg-type]
+            grade=inspection.grade,
             defect_types=[
                 DefectTypeScore(
                     name=t.name, score=t.score, description=inspection.descriptions.get(t.name)

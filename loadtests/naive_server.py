@@ -37,6 +37,7 @@ def naive_answer(inspection: Inspection, latency_ms: float) -> dict[str, Any]:
         "verdict": inspection.verdict,
         "anomaly_score": inspection.anomaly_score,
         "decided_by": inspection.decided_by,
+        "grade": inspection.grade,
         "defect_types": [{"name": t.name, "score": t.score} for t in inspection.defect_types],
         "boxes": [
             {"defect_type": b.defect_type, "score": b.score, "box": list(b.box)}

@@ -199,30 +199,36 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch distances ``(B, h, w)`` and raw image scores ``(B,)`` of normalized images."""
+        """Patch distances ``(B, h, w)`` and raw image scores ``(B,)`` of normalized images.
+
+        Written for any batch size once exported (:mod:`models.runtime`): shapes are
+        read from tensors, rows picked by ``gather``, never by Python indices.
+        """
         if len(self.bank) == 0:
             raise RuntimeError("the memory bank is empty: fit it first")
         features = self.embed(images)  # (B, C, h, w)
-        b, c, h, w = features.shape
-        patches = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
-        distances, nearest = nearest_neighbours(patches, self.bank)
-        distances, nearest = distances.view(b, h * w), nearest.view(b, h * w)
-        scores = self._image_scores(patches.view(b, h * w, c), distances, nearest)
-        return distances.view(b, h, w), scores
+        patches = features.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        distances, nearest = nearest_neighbours(patches.flatten(0, 1), self.bank)
+        distances = distances.view(patches.shape[:2])
+        nearest = nearest.view(patches.shape[:2])
+        scores = self._image_scores(patches, distances, nearest)
+        return distances.view(features.shape[0], *features.shape[2:]), scores
 
     def _image_scores(
         self, patches: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor
     ) -> torch.Tensor:
         """The farthest patch distance, weighted by the density of the bank near it (eq. 7)."""
-        rows = torch.arange(len(patches))
-        worst = distances.argmax(dim=1)  # (B,)
-        score = distances[rows, worst]
+        worst = distances.argmax(dim=1, keepdim=True)  # (B, 1)
+        score = distances.gather(1, worst).squeeze(1)
         k = min(self.config.neighbours, len(self.bank))
         if k == 1:
             return score
-        anchor = self.bank[nearest[rows, worst]]  # (B, C): the worst patch's nearest entry
-        support = torch.cdist(anchor, self.bank).topk(k, largest=False).indices  # (B, k)
-        spread = torch.cdist(patches[rows, worst].unsqueeze(1), self.bank[support]).squeeze(1)
+        anchor = self.bank[nearest.gather(1, worst).squeeze(1)]  # (B, C): its nearest entry
+        around = _squared_distances(anchor, self.bank)  # (B, M)
+        support = around.topk(k, dim=1, largest=False).indices  # (B, k)
+        channels = patches.shape[-1:]
+        farthest = patches.gather(1, worst.unsqueeze(-1).expand(-1, -1, *channels))  # (B, 1, C)
+        spread = (farthest - self.bank[support]).pow(2).sum(-1).sqrt()  # (B, k)
         weight = 1.0 - torch.softmax(spread, dim=1)[:, 0]
         return weight * score
 
@@ -276,12 +282,21 @@ def nearest_neighbours(
     """
     bank_sq = bank.pow(2).sum(dim=1)  # (M,)
     distances, indices = [], []
-    for part in queries.split(chunk):
+    # An exported graph takes the whole batch at once (a chunking traced at one
+    # batch size would not fit another).
+    parts = (queries,) if torch.onnx.is_in_onnx_export() else queries.split(chunk)
+    for part in parts:
         squared = torch.addmm(bank_sq, part, bank.T, alpha=-2.0)  # |b|² - 2 q·b
         best, index = squared.min(dim=1)
         distances.append((best + part.pow(2).sum(dim=1)).clamp_min(0.0).sqrt())
         indices.append(index)
     return torch.cat(distances), torch.cat(indices)
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``(N, M)`` between rows of ``a`` and ``b``."""
+    squared = torch.addmm(b.pow(2).sum(dim=1), a, b.T, alpha=-2.0)
+    return (squared + a.pow(2).sum(dim=1, keepdim=True)).clamp_min(0.0)
 
 
 def greedy_coreset(

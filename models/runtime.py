@@ -1,8 +1,9 @@
 """A faster CPU runtime for the CNN stages: ONNX Runtime, exported and parity-checked.
 
-The detector, the verifier, the defect classifier, the category router and the
-reranker's image tower each split their work into :meth:`forward` (the network:
-nearly all the time) and ``answer`` (a few tensor operations on its output; the
+The detector, the verifier, the memory bank, the defect classifier, the category
+router and the reranker's image tower each split their work into :meth:`forward`
+(the network, and the memory bank's nearest-neighbour search: nearly all the
+time) and ``answer`` (a few tensor operations on its output; the
 reranker's: its image embeddings against its trained descriptions, what its
 parity check compares, while serving ranks them against the descriptions of the
 moment). :func:`export_runtime`
@@ -65,27 +66,33 @@ class OnnxForward:
         )
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """The forward pass's output for a batch."""
+    def __call__(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The forward pass's output for a batch (a tuple where ``forward`` returns one)."""
         array = np.ascontiguousarray(images.detach().cpu().float().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input: array})[0])
+        outputs = [torch.from_numpy(x) for x in self.session.run(None, {self.input: array})]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def export_onnx(model: torch.nn.Module, input_size: int) -> bytes:
-    """``model.forward`` as ONNX, with a dynamic batch axis."""
+    """``model.forward`` as ONNX, with a dynamic batch axis (on each output too)."""
+    model = model.float().eval()
     example = torch.zeros(2, 3, input_size, input_size)
+    with torch.no_grad():
+        traced = model(example)
+    count = len(traced) if isinstance(traced, tuple) else 1
+    names = ["output"] if count == 1 else [f"output{i}" for i in range(count)]
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter warns it is the older one
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.float().eval(),
+            model,
             (example,),
             buffer,
             dynamo=False,
             opset_version=OPSET,
             input_names=["images"],
-            output_names=["output"],
-            dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+            output_names=names,
+            dynamic_axes={"images": {0: "batch"}} | {name: {0: "batch"} for name in names},
         )
     return buffer.getvalue()
 

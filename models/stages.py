@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from models.artifacts import ArtifactRegistry, Manifest
     from models.decision import DecisionRule
+    from models.grading import Grading
 
 DETECTOR, VERIFIER, ROUTER, DECISION = "detector", "verifier", "router", "decision"
 CLASSIFIER, RERANKER, LOCALIZER = "classifier", "reranker", "localizer"
@@ -109,6 +110,7 @@ STAGES: dict[str, Stage] = {
             "models.memory_bank:MemoryBank",
             deployment="MemoryBank",
             sweepable=False,
+            exportable=True,
         ),
         Stage(
             CLASSIFIER,
@@ -227,16 +229,18 @@ def save_decision(
     *,
     fitted_on: Mapping[str, Any],
     metrics: Mapping[str, Any],
+    grading: Grading | None = None,
 ) -> Manifest:
-    """Store a category's decision rule as its ``decision`` artifact (promoted)."""
+    """Store a category's decision rule (and grading) as its ``decision`` artifact (promoted)."""
     import torch
 
     values = torch.tensor(list(rule.to_dict().values()), dtype=torch.float64)
+    graded = {"grading": grading.to_dict()} if grading is not None else {}
     return registry.save(
         category,
         DECISION,
         {"rule": values},
-        config={"rule": rule.to_dict(), **fitted_on},
+        config={"rule": rule.to_dict(), **graded, **fitted_on},
         preprocessing={},
         data=dict(fitted_on),
         metrics=dict(metrics),

@@ -1,9 +1,12 @@
-"""Settings of the Ray clusters this process starts (a light module: no Ray import)."""
+"""Settings and ports of the Ray clusters this process starts (a light module: no Ray import)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
+import socket
+import time
 from collections.abc import Iterator, Mapping
 
 # Ray Train's controller polls its workers every 2 s by default, and a run's start
@@ -77,3 +80,33 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# Ports handed out here are drawn below the kernel's ephemeral range (32768 and up on
+# Linux, where outgoing connections and "any free port" binds land) and above Ray's
+# worker ports (10002-19999), so nothing else takes one between our check and its use.
+_PORT_RANGE = (20_000, 32_000)
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago and that nothing else picks.
+
+    Each port is handed out once per process. Falls back to one the OS picks when the
+    whole range is taken.
+    """
+    draw = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = draw.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

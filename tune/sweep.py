@@ -60,11 +60,17 @@ def _trial(
 
     ``cpus``: what each of its workers asks for (:func:`~tune.trainer.requested_cpus`).
     """
+    # A failed run fails its trial and Tune retries the trial (the sweep's
+    # FailureConfig), not Ray Train: when the scheduler stops a trial, its run's
+    # controller dies with the trial, and one still able to retry could start a
+    # new worker group after Ray Train's cleaner freed the old one's CPUs,
+    # holding them with nobody left to free them.
     trial_settings = dataclasses.replace(
         settings,
         lr=float(config["lr"]),
         batch_size=int(config["batch_size"]),
         optimizer=str(config["optimizer"]),
+        max_failures=0,
     )
     name = f"trial-{tune.get_context().get_trial_id()}"
     make_trainer(spec, trial_settings, name, [TuneReportCallback()], cpus=cpus).fit()
@@ -128,7 +134,10 @@ def sweep_stage(
             max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_uri(settings.storage_path), callbacks=callbacks
+            name=name,
+            storage_path=storage_uri(settings.storage_path),
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         ),
     )
     grid = tuner.fit()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +26,7 @@ from models.autoencoder_verifier import calibrate
 from models.data import GOOD, DataError, Dataset, Sample
 from models.data.fingerprint import fingerprint_samples
 from models.data.tensors import ImageTensorDataset, predict_all
+from models.grading import graded_levels
 from models.reranker import fit_fusion_weight
 from models.runtime import export_runtime
 from models.stages import (
@@ -45,7 +45,7 @@ from models.stages import (
 from models.training import FAMILIES, build_family
 from models.training.decision import fit_decision, validation_scores
 from tune.loop import CHECKPOINT_FILE, fit_in_one_pass, train_loop_per_worker
-from tune.ray_env import environment, set_train_poll_env, state_api_env
+from tune.ray_env import environment, free_port, set_train_poll_env, state_api_env
 from tune.tracking import record_training
 
 # Learning rates that suit each family with AdamW (the head; the backbone gets less).
@@ -155,9 +155,7 @@ def ensure_ray() -> None:
     if address is not None:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
         return
-    with socket.socket() as probe:  # a port free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with environment(state_api_env(port)):
         ray.init(
             include_dashboard=True,
@@ -488,7 +486,11 @@ def register_fit(
     if not promote:
         return summary
     scoring = {DETECTOR, MEMORY_BANK} & set(registry.stages(spec["category"]))
-    if spec["stage"] in (DETECTOR, VERIFIER, MEMORY_BANK) and scoring:
+    # A graded category weighs its classifier's levels in its grading: refitted with it.
+    own = [s for s in family.samples if s.category == spec["category"]]
+    graded = graded_levels([(s.label, s.severity, s.is_anomalous) for s in own]) is not None
+    refits = (DETECTOR, VERIFIER, MEMORY_BANK) + ((CLASSIFIER,) if graded else ())
+    if spec["stage"] in refits and scoring:
         summary["decision"] = fit_decision(registry, family.samples, spec["category"])
     if spec["stage"] == CLASSIFIER and RERANKER in registry.stages(spec["category"]):
         summary["reranker_fusion"] = refit_fusion(registry, family.samples, spec["category"])

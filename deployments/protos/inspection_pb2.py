@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#deployments/protos/inspection.proto\x12\rinspectray.v1\"Q\n\x0eInspectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\x12\r\n\x05\x62oxes\x18\x04 \x01(\x08\"\xae\x01\n\x0cInspectReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x15\n\ranomaly_score\x18\x04 \x01(\x01\x12\x12\n\ndecided_by\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x66\x65\x63t_type\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\x13\n\x0bresult_json\x18\x08 \x01(\t2S\n\nInspection\x12\x45\n\x07Inspect\x12\x1d.inspectray.v1.InspectRequest\x1a\x1b.inspectray.v1.InspectReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#deployments/protos/inspection.proto\x12\rinspectray.v1\"Q\n\x0eInspectRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\x12\r\n\x05\x62oxes\x18\x04 \x01(\x08\"\xbd\x01\n\x0cInspectReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12\x15\n\ranomaly_score\x18\x04 \x01(\x01\x12\x12\n\ndecided_by\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x66\x65\x63t_type\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\x13\n\x0bresult_json\x18\x08 \x01(\t\x12\r\n\x05grade\x18\t \x01(\t2S\n\nInspection\x12\x45\n\x07Inspect\x12\x1d.inspectray.v1.InspectRequest\x1a\x1b.inspectray.v1.InspectReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSPECTREQUEST']._serialized_start=54
   _globals['_INSPECTREQUEST']._serialized_end=135
   _globals['_INSPECTREPLY']._serialized_start=138
-  _globals['_INSPECTREPLY']._serialized_end=312
-  _globals['_INSPECTION']._serialized_start=314
-  _globals['_INSPECTION']._serialized_end=397
+  _globals['_INSPECTREPLY']._serialized_end=327
+  _globals['_INSPECTION']._serialized_start=329
+  _globals['_INSPECTION']._serialized_end=412
 # @@protoc_insertion_point(module_scope)

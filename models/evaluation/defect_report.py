@@ -126,6 +126,42 @@ def _class_confusion(out_dir: Path, category: str, group: Sequence[ImageRecord])
     ]
 
 
+def grade_section(out_dir: Path, records: Sequence[ImageRecord]) -> list[str]:
+    """Markdown lines (and a figure per category) about the grades the service answered.
+
+    Empty when no category is graded (:mod:`models.grading`).
+    """
+    graded = [r for r in records if r.grade is not None]
+    if not graded:
+        return []
+    lines = [
+        "## Grades",
+        "",
+        "The level each test image was graded at, as the service answers it (among the "
+        "levels on its verdict's side, from the category's fitted cuts on the final score or "
+        "its classifier, whichever graded its validation split better), against its label.",
+        "",
+    ]
+    for category in sorted({r.category for r in graded}):
+        group = [r for r in graded if r.category == category]
+        accuracy, name = _count_matrix(
+            out_dir,
+            f"grades_confusion_{slug(category)}.png",
+            [(r.label, r.grade) for r in group],  # type: ignore[misc]
+            ("grade answered", "true level"),
+            lambda share, category=category: f"{category}\ngrades: accuracy {share:.3f}",
+        )
+        lines += [
+            f"### {category}",
+            "",
+            f"Graded right: {accuracy:.3f} of {len(group)} images.",
+            "",
+            f"![Grade confusion matrix of {category}]({name})",
+            "",
+        ]
+    return lines
+
+
 def _natural(name: str) -> tuple[bool, list[int | str]]:
     """Sort key: ``good`` first, then by name with numbers compared as numbers (p33 < p100)."""
     return name != "good", [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

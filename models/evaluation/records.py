@@ -29,6 +29,8 @@ class ImageRecord:
         classifier_defect_type: the classifier's own top defect type, when it ran.
         predicted_class: the classifier's most probable class (``good`` and
             graded levels included), when it ran.
+        grade: the level the service answers, for a graded category
+            (:mod:`models.grading`).
         embedding: the classifier's embedding of the image, when it ran.
     """
 
@@ -48,6 +50,7 @@ class ImageRecord:
     defect_type: str | None = None
     classifier_defect_type: str | None = None
     predicted_class: str | None = None
+    grade: str | None = None
     embedding: tuple[float, ...] | None = None
 
     @property

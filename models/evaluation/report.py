@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
-from models.evaluation.defect_report import defect_type_section
+from models.evaluation.defect_report import defect_type_section, grade_section
 from models.evaluation.figures import (
     DPI,
     draw_counts,
@@ -132,6 +132,7 @@ def write_report(
     lines += _confusion_section(out_dir, groups)
     lines += _stage_section(records)
     lines += defect_type_section(out_dir, records)
+    lines += grade_section(out_dir, records)
     lines += _localizer_section(metrics)
     lines += _score_section(out_dir, groups, metrics)
     lines += _heatmap_section(out_dir, maps, {r.sample_id: r for r in records})

@@ -94,7 +94,9 @@ def defect_type_metrics(
     mistakes of each. ``open_vocabulary_top1`` is ``defect_type_top1`` over the
     images of types known only by their description (``described_only``:
     category → types). ``four_class_accuracy`` (ELPV) is the share of every
-    image whose most probable class is its probability level.
+    image whose grade, as the service answers it (:mod:`models.grading`), is its
+    probability level; ``four_class_accuracy_classifier`` the share whose
+    classifier's most probable class is (the figure before the service graded).
     """
     typed = [r for r in records if r.is_anomalous and r.defect_type is not None]
     metrics: dict[str, Any] = {"n_typed": len(typed)}
@@ -113,11 +115,14 @@ def defect_type_metrics(
     if novel:
         metrics["n_open_vocabulary"] = len(novel)
         metrics["open_vocabulary_top1"] = sum(r.defect_type == r.label for r in novel) / len(novel)
-    graded = [r for r in records if r.predicted_class is not None]
-    if dataset == "elpv" and graded:
-        metrics["four_class_accuracy"] = sum(r.predicted_class == r.label for r in graded) / len(
-            graded
-        )
+    if dataset == "elpv":
+        for key, answer in (
+            ("four_class_accuracy", "grade"),
+            ("four_class_accuracy_classifier", "predicted_class"),
+        ):
+            graded = [r for r in records if getattr(r, answer) is not None]
+            if graded:
+                metrics[key] = sum(getattr(r, answer) == r.label for r in graded) / len(graded)
     return metrics
 
 
@@ -151,6 +156,7 @@ def record(sample: Sample, found: Inspection) -> ImageRecord:
         defect_type=ranking[0].name if ranking else None,
         classifier_defect_type=classified.ranked[0].name if classified else None,
         predicted_class=classified.predicted_class if classified else None,
+        grade=found.grade,
         embedding=tuple(classified.embedding.tolist()) if classified else None,
     )
 

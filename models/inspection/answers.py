@@ -212,6 +212,8 @@ class Inspection:
         anomaly_score: the final score in [0, 1] (see :mod:`models.decision`).
         decided_by: what decided: ``detector``, ``memory-bank``, both
             (``detector+memory-bank``) or ``verifier``.
+        grade: the part's level, for a category whose labels are graded
+            (:mod:`models.grading`; None elsewhere).
         first_score: the first-line score the category's threshold and band
             apply to (see :meth:`~models.decision.DecisionRule.first_score`).
         detected: the detector's answer, when it ran.
@@ -237,6 +239,7 @@ class Inspection:
     verdict: Verdict
     anomaly_score: float
     decided_by: str
+    grade: str | None = None
     first_score: float | None = None
     detected: Detected | None = None
     banked: Banked | None = None

@@ -7,6 +7,7 @@
     → verdict and final anomaly score (:class:`~models.decision.DecisionRule`)
     → for a part judged defective: DefectClassifier ∥ DefectLocalizer (boxes asked for)
     → Reranker: the classifier's types fused with CLIP image-description similarity
+    → a graded category's grade (:mod:`models.grading`): from the final score, or the classifier
 
 Plain async Python with no Ray in it. How a stage is reached is a
 :class:`StageCalls`: Serve's router calls the stage deployments through their
@@ -204,11 +205,16 @@ async def inspect(
         request, models, plan, calls, registered, coverage, defective, runs
     )
     served = ranking(typed.classified, typed.reranked) if defective else ()
+    grade = None
+    if models.grading is not None:
+        scores = typed.classified.class_scores if typed.classified is not None else None
+        grade = models.grading.grade(decision.anomaly_score, scores)
     return Inspection(
         category=category,
         verdict=DEFECTIVE if defective else OK,
         anomaly_score=float(decision.anomaly_score),
         decided_by=decision.decided_by,
+        grade=grade,
         first_score=first,
         detected=detected,
         banked=banked,

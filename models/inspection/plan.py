@@ -19,6 +19,7 @@ from typing import Any
 
 from models.artifacts import ArtifactError, ArtifactRegistry
 from models.decision import DecisionRule
+from models.grading import Grading
 from models.stages import (
     CATEGORY_STAGES,
     CLASSIFIER,
@@ -64,6 +65,8 @@ class CategoryModels:
         classifier_types: the defect types its classifier was trained on.
         drift_reference: the good validation parts' final scores its drift is
             measured against (:mod:`models.drift`; empty without a fitted rule).
+        grading: how it grades its parts, where its labels are graded levels
+            (:mod:`models.grading`; None elsewhere).
     """
 
     category: str
@@ -74,6 +77,7 @@ class CategoryModels:
     )
     classifier_types: tuple[str, ...] = ()
     drift_reference: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    grading: Grading | None = None
 
     def model_id(self, stage: str) -> str:
         """The multiplexed model id of one of its stages."""
@@ -215,11 +219,14 @@ def _category_models(
     # Without a fitted rule: the detector's probability, else the memory bank's score.
     rule = DecisionRule()
     reference: Mapping[str, Any] = {}
+    grading = None
     if DETECTOR not in versions:
         rule = DecisionRule(detector_weight=0.0, bank_weight=1.0)
     if DECISION in versions:
         rule, decision = load_decision(registry, category, versions[DECISION])
         reference = decision.metrics.get("drift_reference") or {}
+        if "grading" in decision.config:
+            grading = Grading.from_dict(decision.config["grading"])
     if overrides:
         rule = DecisionRule.from_dict(rule.to_dict() | dict(overrides))
     if VERIFIER not in versions:  # no verifier: no band
@@ -238,4 +245,6 @@ def _category_models(
     if CLASSIFIER in versions:
         config = registry.manifest(category, CLASSIFIER, versions[CLASSIFIER]).config
         classifier_types = tuple(config.get("defect_types", ()))
-    return CategoryModels(category, versions, rule, descriptions, classifier_types, reference)
+    return CategoryModels(
+        category, versions, rule, descriptions, classifier_types, reference, grading
+    )

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from models.data.sample import Sample
 from models.data.tensors import AUGMENTATIONS, D4, ImageTensorDataset
+from models.heads import FITTED
 from models.stages import STAGES
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,9 +76,16 @@ class TrainingFamily(abc.ABC):
     min_items_per_epoch: ClassVar[int] = 0
     # Epoch cap: a linear head on frozen features converges in a few epochs.
     max_epochs: ClassVar[int] = 1000
-    # Fitted in one pass over the training images, with no optimizer (the memory
-    # bank): the family then has ``features`` and ``fit`` instead of a loss.
-    gradient_free: ClassVar[bool] = False
+
+    @property
+    def gradient_free(self) -> bool:
+        """Whether the model is fitted in one pass over the training images, not trained.
+
+        The family then has ``features`` and ``fit`` instead of a loss. By default:
+        a family whose config asks for a fitted head (``head: fitted``: the
+        detector, the router); the memory bank always is.
+        """
+        return self.model_config.get("head") == FITTED
 
     @property
     def keeps_last_epoch(self) -> bool:

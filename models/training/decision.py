@@ -14,7 +14,8 @@ from models.data.sample import Sample
 from models.data.tensors import predict_all, validation_dataset
 from models.decision import DecisionRule, ensemble_rule, fit_decision_rule, fit_scorers
 from models.drift import score_reference
-from models.stages import DETECTOR, MEMORY_BANK, VERIFIER, load_stage, save_decision
+from models.grading import Grading, fit_grading, graded_levels
+from models.stages import CLASSIFIER, DETECTOR, MEMORY_BANK, VERIFIER, load_stage, save_decision
 
 
 def validation_scores(
@@ -49,6 +50,11 @@ def fit_decision(
     bank's 0.933 and every fusion's at most 0.958, and 0.993 once the detector
     learnt strokes and dents (docs/memory-bank.md). A
     category with a memory bank and no detector is judged by the memory bank.
+
+    A category whose labels are graded levels (ELPV's defect probabilities) also
+    gets its grading, fitted on the same validation parts' final scores and, where
+    it has a classifier, weighed against the classifier's levels
+    (:func:`~models.grading.fit_grading`).
 
     Returns:
         The rule and its validation figures.
@@ -101,11 +107,41 @@ def fit_decision(
         (s for s, bad in zip(finals, truth, strict=True) if not bad),
         defective_share=float(judged[real].mean()),
     )
+    grading = None
+    graded = graded_levels(
+        [(s.label, s.severity, s.is_anomalous) for s in samples if s.category == category]
+    )
+    if graded is not None:
+        grading, figures["grading_fit"] = _fit_grading(registry, category, val, finals, *graded)
+        if CLASSIFIER in stages:
+            fitted_on["classifier_version"] = registry.manifest(category, CLASSIFIER).version
     manifest = save_decision(
         registry,
         category,
         rule,
         fitted_on=fitted_on,
         metrics=figures | {"n_val": len(truth), "drift_reference": reference},
+        grading=grading,
     )
-    return {"category": category, "version": manifest.version, "rule": rule.to_dict(), **figures}
+    answer = {"category": category, "version": manifest.version, "rule": rule.to_dict()}
+    if grading is not None:
+        answer["grading"] = grading.to_dict()
+    return answer | figures
+
+
+def _fit_grading(
+    registry: ArtifactRegistry,
+    category: str,
+    val: Sequence[Sample],
+    finals: Sequence[float],
+    levels: Sequence[str],
+    defective_from: int,
+) -> tuple[Grading, dict[str, Any]]:
+    """The grading of a graded category, with the classifier's levels where it has one."""
+    class_scores = None
+    if CLASSIFIER in registry.stages(category):
+        classifier = load_stage(registry, category, CLASSIFIER)
+        probabilities, _ = validation_scores(classifier.model, val, lambda out: out.scores)
+        classes = classifier.model.config.classes
+        class_scores = [dict(zip(classes, row.tolist(), strict=True)) for row in probabilities]
+    return fit_grading(finals, [s.label for s in val], levels, defective_from, class_scores)

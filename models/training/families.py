@@ -35,7 +35,6 @@ from models.defect_classifier import (
     supervised_contrastive_loss,
 )
 from models.descriptions import BUILTIN, DescriptionCatalog, DescriptionError
-from models.heads import FITTED
 from models.metrics import image_auroc
 from models.reranker import Reranker, RerankerConfig
 from models.stages import CLASSIFIER, DETECTOR, RERANKER, ROUTER, VERIFIER
@@ -76,11 +75,6 @@ class DetectorFamily(TrainingFamily):
     def mode(self) -> str:
         """``supervised`` or ``normal-only``, chosen by the training data."""
         return SUPERVISED if any(s.is_anomalous for s in self.split("train")) else NORMAL_ONLY
-
-    @property
-    def gradient_free(self) -> bool:  # type: ignore[override]
-        """Whether the head is fitted in one pass (``head: fitted``) rather than trained."""
-        return self.model_config.get("head") == FITTED
 
     def describe(self) -> dict[str, Any]:  # noqa: D102
         return super().describe() | {"mode": self.mode, "soft_targets": self.soft_targets}
@@ -251,11 +245,6 @@ class RouterFamily(TrainingFamily):
         """The categories, sorted."""
         return tuple(sorted({s.category for s in self.samples}))
 
-    @property
-    def gradient_free(self) -> bool:  # type: ignore[override]
-        """Whether the head is fitted in one pass (``head: fitted``) rather than trained."""
-        return self.model_config.get("head") == FITTED
-
     def features(self, model: nn.Module, loader: DataLoader) -> torch.Tensor:
         """Rows ``(N, F + 1)``: each training image's pooled features, then its class."""
         return pooled_feature_rows(model, loader)
@@ -346,7 +335,7 @@ class ClassifierFamily(TrainingFamily):
         self._prototype_ds: ImageTensorDataset | None = None
 
     @property
-    def gradient_free(self) -> bool:  # type: ignore[override]
+    def gradient_free(self) -> bool:
         """Whether the embedding is fitted (``patch``) rather than trained."""
         return self.model_config.get("embedding") == PATCH
 

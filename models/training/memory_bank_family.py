@@ -9,7 +9,7 @@ their coreset and calibrates it (:meth:`MemoryBankFamily.fit`).
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ class MemoryBankFamily(TrainingFamily):
     """MemoryBank: a coreset of the good training images' patch features."""
 
     stage = MEMORY_BANK
-    gradient_free: ClassVar[bool] = True
+    gradient_free = True  # type: ignore[assignment]  # always fitted, never trained
 
     def goods(self) -> list:
         """The good training images the bank remembers."""

@@ -66,7 +66,13 @@ def test_serve_fits_the_quick_set_serves_it_well_and_keeps_the_console_quiet(tmp
         _wait_for_line(console, process, READY, timeout_s=900)
         summary = json.loads((work / "serve.json").read_text())
         synthetic = load_dataset("synthetic", work / "quickstart-synth")
-        served = evaluate_served(HttpClient(f"http://127.0.0.1:{port}"), synthetic)
+        client = HttpClient(f"http://127.0.0.1:{port}")
+        served = evaluate_served(client, synthetic)
+        cells = load_dataset("elpv")
+        some_cells = cells.select(cells.categories[0], "test")[:6]
+        graded = [
+            client.inspect(s.image_path.read_bytes(), category=s.category) for s in some_cells
+        ]
     finally:
         process.send_signal(signal.SIGINT)
         stdout, _ = process.communicate(timeout=180)
@@ -97,6 +103,12 @@ def test_serve_fits_the_quick_set_serves_it_well_and_keeps_the_console_quiet(tmp
     assert served["images"] == len(synthetic.select(QUICK_SURFACES[0], "test")) * 2
     assert served["image_auroc"] >= 0.9, served
     assert served["type_top1"] >= 0.8, served
+    # A solar cell's answer grades it at one of the four levels, in step with the verdict
+    # (a cell is defective from 2/3 on).
+    functional, defective = ("good", "defect_p33"), ("defect_p67", "defect_p100")
+    for answer in graded:
+        assert answer.grade in (functional if answer.verdict == "ok" else defective), answer
+    assert served.get("four_class_accuracy") is None  # the surfaces are not graded
 
     # A quiet console: a line per step and per model, the URLs last; Ray's logs in a file.
     urls = summary["urls"]

@@ -11,13 +11,21 @@ from models.runtime import ONNX_FILE, export_runtime, runtime_record
 from models.stages import (
     CLASSIFIER,
     DETECTOR,
+    MEMORY_BANK,
     RERANKER,
     ROUTER,
     SHARED_CATEGORY,
     VERIFIER,
     load_stage,
 )
-from tests.tiny_models import SIZE, add_classifier, add_reranker, save
+from tests.tiny_models import (
+    SIZE,
+    add_classifier,
+    add_memory_bank,
+    add_reranker,
+    random_images,
+    save,
+)
 
 
 def _export(registry, category, stage, images, **options):
@@ -118,3 +126,25 @@ def test_a_gem_pooled_detector_exports_and_is_served(registry, images):
         theirs = served.model.answer(served.forward(inputs)).probabilities
         ours = model.eval().answer(model(inputs)).probabilities
     assert float(ours.std()) > 1e-3 and float((ours - theirs).abs().max()) <= 1e-4
+
+
+def test_a_memory_bank_exports_with_its_search_and_answers_any_batch_as_torch(registry):
+    # Exported at a batch of two: the nearest-neighbour search and the score's
+    # reweighting must still answer batches of one and of seven as torch does.
+    add_memory_bank(registry, "sure")
+    images = random_images(7)
+    record = _export(registry, "sure", MEMORY_BANK, images)
+    assert record["accepted"] and record["max_abs_diff"] <= 1e-4, record
+    torch_stage = load_stage(registry, "sure", MEMORY_BANK)
+    served = load_stage(registry, "sure", MEMORY_BANK, runtime="onnxruntime")
+    assert served.runtime is not None
+    for batch in (images[:1], images):
+        inputs = batched_inputs(served.model, batch)
+        with torch.inference_mode():
+            ours = torch_stage.model.answer(torch_stage.forward(inputs))
+            theirs = served.model.answer(served.forward(inputs))
+        assert float((ours.score - theirs.score).abs().max()) <= 1e-4
+        assert float((ours.anomaly_map - theirs.anomaly_map).abs().max()) <= 1e-4
+    assert float(ours.raw_score.std()) > 0  # the images' scores differ: a real comparison
+    answers = compute.score_patches(served, images, [True] * len(images))
+    assert all(a.anomaly_map is not None and a.anomaly_map.shape == (SIZE, SIZE) for a in answers)

@@ -140,6 +140,12 @@ def _records(tmp_path: Path, cases=CASES, typed: bool = False) -> list[ImageReco
                 classifier_defect_type=by_classifier if classified else None,
                 predicted_class=(by_classifier if anomalous else "good") if classified else None,
                 embedding=tuple(rng.normal(size=8).tolist()) if classified else None,
+                # "solar" is graded: good for a part judged ok, its label (or crack) above.
+                grade=(
+                    ("good" if verdict == "ok" else label if anomalous else "crack")
+                    if typed and category == "solar"
+                    else None
+                ),
             )
         )
     return records
@@ -207,6 +213,7 @@ def test_sections_come_in_order(full_report):
         "Confusion matrix",
         "Which stage decided",
         "Defect types",
+        "Grades",
         "Score distributions",
         "Heatmap examples",
         "Worst false positives",
@@ -238,6 +245,15 @@ def test_defect_types_show_confusions_and_the_embedding_map(full_report):
         "classes_confusion_metal",
     ):
         assert f"({figure}.png)" in section
+
+
+def test_grades_show_their_confusion_per_graded_category(full_report):
+    _, text = full_report
+    section = _section(text, "Grades")
+    assert "### solar" in section and "### metal" not in section
+    # h03 (good, judged defective) and e02 (a defect judged ok) are graded wrong.
+    assert "Graded right: 0.800 of 10 images." in section
+    assert "(grades_confusion_solar.png)" in section
 
 
 def test_worst_false_positives_by_descending_score(full_report):

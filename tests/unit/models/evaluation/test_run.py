@@ -6,7 +6,9 @@ from models.evaluation.records import ImageRecord
 from models.evaluation.run import defect_type_metrics
 
 
-def _record(label, anomalous, defect_type=None, predicted_class=None, by_classifier=None):
+def _record(
+    label, anomalous, defect_type=None, predicted_class=None, by_classifier=None, grade=None
+):
     return ImageRecord(
         sample_id=label,
         image_path="x.png",
@@ -20,6 +22,7 @@ def _record(label, anomalous, defect_type=None, predicted_class=None, by_classif
         defect_type=defect_type,
         predicted_class=predicted_class,
         classifier_defect_type=by_classifier,
+        grade=grade,
     )
 
 
@@ -37,16 +40,20 @@ def test_defect_typing_counts_true_defects_only():
     assert "four_class_accuracy" not in metrics
 
 
-def test_four_class_accuracy_grades_every_elpv_cell():
+def test_four_class_accuracy_scores_the_served_grade_beside_the_classifier():
     records = [
-        _record("good", False, "defect_p100", "good"),
-        _record("defect_p33", False, "defect_p67", "good"),
-        _record("defect_p67", True, "defect_p67", "defect_p67"),
-        _record("defect_p100", True, "defect_p67", "defect_p100"),
+        _record("good", False, "defect_p100", "good", grade="good"),
+        _record("defect_p33", False, "defect_p67", "good", grade="defect_p33"),
+        _record("defect_p67", True, "defect_p67", "defect_p67", grade="defect_p100"),
+        _record("defect_p100", True, "defect_p67", "defect_p100", grade="defect_p100"),
     ]
     metrics = defect_type_metrics(records, "elpv")
     assert metrics["four_class_accuracy"] == pytest.approx(3 / 4)
+    assert metrics["four_class_accuracy_classifier"] == pytest.approx(3 / 4)
     assert metrics["defect_type_top1"] == pytest.approx(1 / 2)
+    # Without a classifier the grade is still scored; without either, nothing is.
+    no_classifier = [_record("defect_p33", True, grade="defect_p33")]
+    assert defect_type_metrics(no_classifier, "elpv") == {"n_typed": 0, "four_class_accuracy": 1}
     assert defect_type_metrics([_record("good", False)], "elpv") == {"n_typed": 0}
 
 

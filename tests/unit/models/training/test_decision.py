@@ -5,17 +5,25 @@ from PIL import Image
 
 from models.data.sample import Sample
 from models.decision import DecisionRule
+from models.grading import Grading
+from models.inspection import LocalInspector
 from models.stages import load_decision
 from models.training.decision import fit_decision
+from tests.tiny_models import add_classifier, random_images
+
+LEVELS = {"good": 0.0, "crack": 0.5, "scratch": 1.0}
 
 
-def _val_samples(tmp_path, category, labels):
+def _val_samples(tmp_path, category, labels, severity=None):
     rng = np.random.default_rng(1)
     samples = []
     for i, label in enumerate(labels):
         path = tmp_path / f"{category}-{i}.png"
         Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(path)
-        samples.append(Sample(path, category, label, "val", sample_id=f"{category}-{i}"))
+        level = severity[label] if severity else None
+        samples.append(
+            Sample(path, category, label, "val", sample_id=f"{category}-{i}", severity=level)
+        )
     return samples
 
 
@@ -51,3 +59,34 @@ def test_a_category_with_real_validation_defects_gets_a_fitted_band(registry, tm
     final = rule.decide(0.95).anomaly_score
     assert reference["good_scores"] == [round(final, 6)] * 3 and reference["n_good"] == 3
     assert reference["defective_share"] == float(final >= 0.5)
+
+
+def test_a_graded_category_gets_a_grading_the_service_answers(registry, tmp_path):
+    # Labels with a severity each (as ELPV's levels): the rule comes with a grading,
+    # weighed against the classifier's levels, and the flow answers a grade.
+    add_classifier(registry, "sure")  # classes good, crack, scratch
+    samples = _val_samples(tmp_path, "sure", list(LEVELS) * 3, LEVELS)
+    fitted = fit_decision(registry, samples, "sure")
+    grading = Grading.from_dict(fitted["grading"])
+    assert grading.levels == ("good", "crack", "scratch")
+    _, manifest = load_decision(registry, "sure")
+    assert manifest.config["grading"] == grading.to_dict()
+    assert "classifier_version" in manifest.config
+    measured = manifest.metrics["grading_fit"]
+    assert measured == fitted["grading_fit"]
+    assert measured["chosen"] == grading.source and measured["n_val"] == 9
+    assert 0.0 <= measured["val_accuracy_classifier"] <= 1.0
+    # Every part scores 0.95 ("sure"): the cuts grade all nine the same, right on three.
+    assert measured["val_accuracy_score"] == 3 / 9
+    inspector = LocalInspector(registry)
+    assert inspector.plan.categories["sure"].grading == grading
+    found = inspector.inspect_images(random_images(2), ["sure", "unsure"])
+    assert found[0].verdict == "defective" and found[0].grade in ("crack", "scratch")
+    assert found[1].grade is None  # "unsure" is not graded
+
+
+def test_an_ungraded_category_gets_no_grading(registry, tmp_path):
+    fitted = fit_decision(registry, _val_samples(tmp_path, "sure", ["good", "crack"] * 2), "sure")
+    assert "grading" not in fitted
+    assert "grading" not in load_decision(registry, "sure")[1].config
+    assert LocalInspector(registry).plan.categories["sure"].grading is None
