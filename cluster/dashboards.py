@@ -21,7 +21,7 @@ from types import FrameType
 
 import httpx
 
-from cluster.redis_server import free_port
+from tune.ray_env import free_port
 from tune.tracking import tracking_uri
 
 

@@ -32,10 +32,11 @@ from typing import Any, ClassVar
 
 import httpx
 
-from cluster.redis_server import RedisServer, free_port
+from cluster.redis_server import RedisServer
 from deployments.config import GRPC_PORT, GRPC_SERVICER
 from models.artifacts import ArtifactRegistry
 from models.stages import DETECTOR, MEMORY_BANK, SHARED_CATEGORY
+from tune.ray_env import free_port
 
 # The loggers of Ray's driver side; without --verbose they write to a file.
 # (ray.init clears the "ray" logger's handlers: "ray._private" keeps init's own notices.)

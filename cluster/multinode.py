@@ -25,7 +25,7 @@ class MultiNodeCluster:
     """
 
     def __init__(self, workers: int = 2, cpus_per_worker: float = 2) -> None:
-        from cluster.redis_server import free_port
+        from tune.ray_env import free_port
 
         # The dashboard serves the state API that tells where each replica runs.
         self.cluster = Cluster(
