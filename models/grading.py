@@ -234,7 +234,8 @@ def fit_grading(
     cuts = fit_cuts(s, y, len(levels), defective_from)
     by_score = Grading(tuple(levels), defective_from, cuts)
     figures: dict[str, Any] = {"n_val": int(y.size)}
-    figures["val_accuracy_score"] = _cut_accuracy(s, y, cuts) / y.size
+    by_cuts = _cut_accuracy(s, y, cuts)
+    figures["val_accuracy_score"] = by_cuts / y.size
     chosen = by_score
     if class_scores is not None:
         by_classifier = Grading(tuple(levels), defective_from, cuts, CLASSIFIER)
@@ -243,7 +244,7 @@ def fit_grading(
             for score, scores_of, label in zip(s, class_scores, labels, strict=True)
         )
         figures["val_accuracy_classifier"] = right / y.size
-        if right > figures["val_accuracy_score"] * y.size + 1:
+        if right > by_cuts + 1:
             chosen = by_classifier
     figures["chosen"] = chosen.source
     return chosen, figures

@@ -5,9 +5,9 @@ from PIL import Image
 
 from models.data.sample import Sample
 from models.decision import DecisionRule
-from models.grading import Grading
+from models.grading import CLASSIFIER, SCORE, Grading
 from models.inspection import LocalInspector
-from models.stages import load_decision
+from models.stages import load_decision, save_decision
 from models.training.decision import fit_decision
 from tests.tiny_models import add_classifier, random_images
 
@@ -90,3 +90,26 @@ def test_an_ungraded_category_gets_no_grading(registry, tmp_path):
     assert "grading" not in fitted
     assert "grading" not in load_decision(registry, "sure")[1].config
     assert LocalInspector(registry).plan.categories["sure"].grading is None
+
+
+def test_the_flow_grades_by_the_source_the_grading_names(registry, tmp_path):
+    # "sure" scores 0.95 (defective). Cuts chosen to name the other defective level
+    # than the classifier's: the answer shows which source graded it.
+    add_classifier(registry, "sure")
+    fit_decision(registry, _val_samples(tmp_path, "sure", list(LEVELS) * 3, LEVELS), "sure")
+    rule, _ = load_decision(registry, "sure")
+    image = random_images(1)
+    scores = LocalInspector(registry).inspect_images(image, ["sure"])[0].classified.class_scores
+    by_classifier = max(("crack", "scratch"), key=scores.__getitem__)
+    cuts = (0.5, 0.5) if by_classifier == "crack" else (0.5, 1.0)  # the cuts: the other one
+    for source in (SCORE, CLASSIFIER):
+        grading = Grading(("good", "crack", "scratch"), 1, cuts, source)
+        save_decision(registry, "sure", rule, fitted_on={}, metrics={}, grading=grading)
+        found = LocalInspector(registry).inspect_images(image, ["sure"])[0]
+        assert found.verdict == "defective" and found.classified is not None
+        expected = (
+            by_classifier
+            if source == CLASSIFIER
+            else ({"crack", "scratch"} - {by_classifier}).pop()
+        )
+        assert found.grade == expected, (source, found.grade, scores)
